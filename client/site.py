@@ -1,0 +1,301 @@
+"""What a site does with one round plan, in plain Python (no Flower).
+
+Order of a DP round (the invariants of ARCHITECTURE.md):
+1. know the site's budget (its own node config first, else the federation's);
+2. calibrate sigma ONCE per run from the whole plan (rounds x local steps);
+3. budget filter: compose everything spent with the planned round, refuse if it
+   would exceed the budget, before touching the data with a model;
+4. train with DP-SGD, record the spend in the persistent accountant, and only then
+   hand back the update.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.config import RunConfig
+from common.data import (
+    TextDataset,
+    builtin_label_names,
+    load_builtin,
+    load_site_file,
+    partition,
+)
+from common.model import build_model
+from common.privacy.accounting import (
+    PrivacyAccountant,
+    PrivacyError,
+    SubsampledGaussianEvent,
+    calibrate_noise_multiplier,
+)
+from common.text import encode
+from common.training import (
+    Batchable,
+    batches_per_epoch,
+    default_device,
+    sample_rate,
+    train_dp,
+    train_plain,
+    trainable_delta,
+)
+from common.wire import SITE_NAME, RoundPlan, SiteReport
+
+PARTITION_ID_KEY = "partition-id"
+NUM_PARTITIONS_KEY = "num-partitions"
+DATA_PATH_KEY = "data-path"
+SITE_EPSILON_KEY = "epsilon"
+SITE_DELTA_KEY = "delta"
+SITE_ID_KEY = "site-id"
+
+
+class SiteConfigError(ValueError):
+    """The site's own settings (node config) are unusable."""
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """Where the site's data comes from and what it allows itself to spend."""
+
+    site_id: str
+    data_path: str | None
+    partition_id: int | None
+    num_partitions: int | None
+    epsilon: float
+    delta: float
+
+    @classmethod
+    def from_node_config(cls, node: Mapping[str, Any], config: RunConfig) -> SiteSettings:
+        """Deployment: ``data-path`` (+ optional own ``epsilon``/``delta``).
+        Simulation: ``partition-id``/``num-partitions`` from the engine."""
+        data_path = node.get(DATA_PATH_KEY)
+        pid, num = node.get(PARTITION_ID_KEY), node.get(NUM_PARTITIONS_KEY)
+        if data_path is None and (pid is None or num is None):
+            raise SiteConfigError(
+                f"node config needs '{DATA_PATH_KEY}' (a site's data file) or "
+                f"'{PARTITION_ID_KEY}' and '{NUM_PARTITIONS_KEY}' (simulation)"
+            )
+        epsilon = float(node.get(SITE_EPSILON_KEY, config.epsilon))
+        delta = float(node.get(SITE_DELTA_KEY, config.delta))
+        if not (math.isfinite(epsilon) and epsilon > 0):
+            raise SiteConfigError(f"site epsilon budget must be positive, got {epsilon}")
+        if not 0 < delta < 1:
+            raise SiteConfigError(f"site delta must be in (0, 1), got {delta}")
+        default_id = f"site-{pid}" if data_path is None else "site"
+        site_id = str(node.get(SITE_ID_KEY, default_id))
+        if not SITE_NAME.fullmatch(site_id):
+            raise SiteConfigError(f"site-id {site_id!r}: use 1-64 letters, digits, '.', '_', '-'")
+        return cls(
+            site_id=site_id,
+            data_path=str(data_path) if data_path is not None else None,
+            partition_id=int(pid) if data_path is None and pid is not None else None,
+            num_partitions=int(num) if data_path is None and num is not None else None,
+            epsilon=epsilon,
+            delta=delta,
+        )
+
+
+def data_key(settings: SiteSettings, config: RunConfig) -> tuple[Any, ...]:
+    if settings.data_path is not None:
+        path = Path(settings.data_path)
+        stat = path.stat() if path.is_file() else None
+        return (
+            "file",
+            str(path.resolve()),
+            stat.st_mtime_ns if stat else None,
+            stat.st_size if stat else None,
+            config.dataset,
+            config.text_column,
+            config.label_column,
+            config.max_length,
+        )
+    return (
+        "partition",
+        config.dataset,
+        config.partition,
+        config.dirichlet_alpha,
+        config.min_partition_size,
+        config.seed,
+        settings.partition_id,
+        settings.num_partitions,
+        config.max_length,
+    )
+
+
+@lru_cache(maxsize=4)
+def _load(key: tuple[Any, ...]) -> tuple[Batchable, str]:
+    """The site's tokenized examples and a fingerprint of the data (cached)."""
+    if key[0] == "file":
+        _, path, _, _, dataset, text_col, label_col, max_length = key
+        labels = builtin_label_names(dataset)
+        data: TextDataset = load_site_file(
+            path, label_names=labels, text_column=text_col, label_column=label_col
+        )
+    else:
+        _, dataset, scheme, alpha, min_size, seed, pid, num, max_length = key
+        full = load_builtin(dataset, "train", seed=seed)
+        parts = partition(full, scheme, num, seed=seed, alpha=alpha, min_size=min_size)
+        if not 0 <= pid < num:
+            raise SiteConfigError(f"partition-id {pid} is outside 0..{num - 1}")
+        data = full.subset(parts[pid])
+    digest = hashlib.sha256()
+    for text, label in zip(data.texts, data.labels.tolist(), strict=True):
+        digest.update(text.encode() + b"\0" + str(label).encode() + b"\n")
+    return Batchable.from_encoded(encode(data.texts, max_length), data.labels), digest.hexdigest()
+
+
+def load_site_data(settings: SiteSettings, config: RunConfig) -> tuple[Batchable, str]:
+    return _load(data_key(settings, config))
+
+
+@dataclass
+class SiteState:
+    """What a site keeps across rounds of one run (Flower's context.state)."""
+
+    plan_key: str = ""
+    noise_multiplier: float = 0.0
+    accountant: PrivacyAccountant | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "plan_key": self.plan_key,
+                "noise_multiplier": self.noise_multiplier,
+                "accountant": (self.accountant or PrivacyAccountant()).state_dict(),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str | None) -> SiteState:
+        if not text:
+            return cls(accountant=PrivacyAccountant())
+        raw = json.loads(text)
+        return cls(
+            plan_key=str(raw["plan_key"]),
+            noise_multiplier=float(raw["noise_multiplier"]),
+            accountant=PrivacyAccountant.from_state_dict(raw["accountant"]),
+        )
+
+
+def _report(status: str, reason: str, site: str, **values: Any) -> SiteReport:
+    base: dict[str, Any] = {
+        "num_examples": 0,
+        "dp": True,
+        "epsilon": 0.0,
+        "budget": 0.0,
+        "delta": 0.0,
+        "noise_multiplier": 0.0,
+        "sample_rate": 0.0,
+        "steps": 0,
+        "total_steps": 0,
+    }
+    base.update(values)
+    return SiteReport(status=status, reason=reason, site=site, **base)  # type: ignore[arg-type]
+
+
+def run_round(
+    plan: RoundPlan,
+    global_arrays: dict[str, torch.Tensor],
+    settings: SiteSettings,
+    state: SiteState,
+    *,
+    generator: torch.Generator,
+) -> tuple[SiteReport, dict[str, torch.Tensor] | None]:
+    """One round at a site. Mutates ``state`` (the accountant) only when it trains."""
+    cfg = plan.config
+    data, _fingerprint = load_site_data(settings, cfg)
+    n = len(data)
+    label_space = len(builtin_label_names(cfg.dataset))
+    model = build_model(cfg.model_spec(label_space))
+    model.load_trainable_state(global_arrays)
+    device = default_device()
+
+    if not cfg.dp:
+        result = train_plain(
+            model,
+            data,
+            epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            generator=generator,
+            device=device,
+        )
+        delta = trainable_delta(global_arrays, model.trainable_state())
+        return _report(
+            "ok",
+            "",
+            settings.site_id,
+            num_examples=n,
+            dp=False,
+            epsilon=math.nan,
+            budget=math.nan,
+            delta=math.nan,
+            steps=result.steps,
+        ), delta
+
+    if settings.delta >= 1.0 / n:
+        raise PrivacyError(f"delta {settings.delta:g} is not below 1/n = {1.0 / n:.3g}")
+    q = sample_rate(n, cfg.batch_size)
+    steps = cfg.local_epochs * batches_per_epoch(n, cfg.batch_size)
+    plan_key = json.dumps([n, q, steps, cfg.num_server_rounds, settings.epsilon, settings.delta])
+    if state.plan_key != plan_key:
+        # Once per run: the noise that spends the whole budget at the last planned round.
+        state.noise_multiplier = calibrate_noise_multiplier(
+            target_epsilon=settings.epsilon,
+            delta=settings.delta,
+            sample_rate=q,
+            steps=steps * cfg.num_server_rounds,
+        )
+        state.plan_key = plan_key
+    accountant = state.accountant or PrivacyAccountant()
+    event = SubsampledGaussianEvent(state.noise_multiplier, q, steps)
+    common = {
+        "num_examples": n,
+        "budget": settings.epsilon,
+        "delta": settings.delta,
+        "noise_multiplier": state.noise_multiplier,
+        "sample_rate": q,
+    }
+    spent = accountant.epsilon(settings.delta)
+    after = accountant.epsilon_if(event, settings.delta)
+    if after > settings.epsilon:
+        return _report(
+            "refused",
+            f"budget {settings.epsilon:g} would reach {after:.2f}",
+            settings.site_id,
+            epsilon=spent,
+            steps=0,
+            total_steps=accountant.steps,
+            **common,
+        ), None
+    train_dp(
+        model,
+        data,
+        steps=steps,
+        sample_rate=q,
+        noise_multiplier=state.noise_multiplier,
+        clip_norm=cfg.clip_norm,
+        learning_rate=cfg.learning_rate,
+        generator=generator,
+        device=device,
+    )
+    accountant.record(event)  # the spend is recorded before the update exists outside
+    state.accountant = accountant
+    delta = trainable_delta(global_arrays, model.trainable_state())
+    return _report(
+        "ok",
+        "",
+        settings.site_id,
+        epsilon=after,
+        steps=steps,
+        total_steps=accountant.steps,
+        **common,
+    ), delta

@@ -1,0 +1,157 @@
+"""The run configuration: parsed once, frozen, unknown keys refused.
+
+Flower hands the app a flat kebab-case dict (``[tool.flwr.app.config]`` in
+pyproject.toml, overridden by ``flwr run --run-config`` or ``fedsilo simulate``). It
+is turned into a ``RunConfig`` at the edge and handlers only ever see that object.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from common.model import ModelSpec, Preset
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used; the message names it."""
+
+
+class RunConfig(BaseModel):
+    """Federation-wide settings chosen by the coordinator (a site's own budget may be
+    tighter: see client/)."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", alias_generator=_kebab, populate_by_name=True
+    )
+
+    # The federation
+    num_server_rounds: int = 30
+    fraction_train: float = 1.0
+    min_sites: int = 2
+    round_timeout: float = 600.0
+    seed: int = 0
+    # Data
+    dataset: Literal["rotten-tomatoes", "20newsgroups"] = "rotten-tomatoes"
+    partition: Literal["natural", "iid", "dirichlet"] = "natural"
+    dirichlet_alpha: float = 0.5
+    min_partition_size: int = 50
+    text_column: str = "text"
+    label_column: str = "label"
+    # Model
+    model_preset: Preset = "tiny"
+    max_length: int = 48
+    # Local training (plain SGD: local momentum/Adam flips the model under label skew)
+    local_epochs: int = 1
+    batch_size: int = 256
+    learning_rate: float = 1.0
+    # Differential privacy (per site, example-level)
+    dp: bool = True
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    clip_norm: float = 1.0
+    # Server optimizer on the averaged update
+    server_optimizer: Literal["fedavg", "fedavgm", "fedadam"] = "fedavg"
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.9
+    # Output ("" = runs/<timestamp>)
+    out_dir: str = ""
+
+    @field_validator(
+        "num_server_rounds",
+        "min_sites",
+        "local_epochs",
+        "batch_size",
+        "max_length",
+        "min_partition_size",
+    )
+    @classmethod
+    def _positive_int(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator(
+        "round_timeout", "dirichlet_alpha", "learning_rate", "clip_norm", "server_learning_rate"
+    )
+    @classmethod
+    def _positive_float(cls, v: float) -> float:
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError("must be a positive finite number")
+        return v
+
+    @field_validator("fraction_train")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError("must be in (0, 1]")
+        return v
+
+    @field_validator("epsilon")
+    @classmethod
+    def _epsilon(cls, v: float) -> float:
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError("must be a positive finite number (use dp=false for no DP)")
+        return v
+
+    @field_validator("delta")
+    @classmethod
+    def _delta(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError("must be in (0, 1)")
+        return v
+
+    @field_validator("server_momentum")
+    @classmethod
+    def _momentum(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError("must be in [0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _coherent(self) -> RunConfig:
+        if self.dataset == "20newsgroups" and self.partition == "natural":
+            raise ValueError(
+                "20newsgroups has no natural grouping column: use partition 'iid' or 'dirichlet'"
+            )
+        return self
+
+    @classmethod
+    def from_user_config(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """Parse Flower's flat kebab-case dict; any error names the key."""
+        try:
+            return cls.model_validate(dict(raw))
+        except ValidationError as err:
+            raise ConfigError(describe_validation_error(err)) from None
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> RunConfig:
+        """A copy with kebab-case overrides applied and validated again."""
+        return RunConfig.from_user_config({**self.to_user_config(), **overrides})
+
+    def to_user_config(self) -> dict[str, Any]:
+        """Back to the flat kebab-case dict (what summary.json and Flower carry)."""
+        return self.model_dump(by_alias=True)
+
+    def model_spec(self, num_classes: int) -> ModelSpec:
+        return ModelSpec.preset(
+            self.model_preset, num_classes=num_classes, max_length=self.max_length
+        )
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One line per problem: the kebab-case key and what is wrong with it."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}'")
+        else:
+            lines.append(f"config key '{key}': {e['msg']}")
+    return "; ".join(lines)

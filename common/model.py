@@ -1,0 +1,191 @@
+"""A Transformer text classifier that Opacus accepts as it is.
+
+Why this shape (see docs/model.md and ../shared/FACTS.md):
+- ``nn.TransformerEncoderLayer`` is refused by Opacus, and Opacus's own replacement
+  computes something else with ``batch_first=True``. Our layer uses one fused qkv
+  ``nn.Linear`` and ``F.scaled_dot_product_attention``; it equals a pre-LN
+  ``nn.TransformerEncoderLayer`` (tests copy weights across and compare).
+- DP-SGD learns only with few trainable parameters and a pretrained start. The word
+  embeddings are MiniLM's public pretrained ones, frozen (a per-example gradient of a
+  30k x 384 table would cost ~0.5 GB a batch); a small trainable projection brings
+  them to ``d_model``, initialised with the principal axes of the public table.
+- Residual blocks are pre-LayerNorm with their output projections zero-initialised,
+  so a fresh encoder is the identity: the model starts as a linear classifier on
+  mean-pooled embeddings, which learns from the first round, and the attention
+  layers grow in from there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from common.text import VOCAB_SIZE, pretrained_file
+
+EMBED_DIM = 384
+PRETRAINED_EMBEDDING_KEY = "embeddings.word_embeddings.weight"
+
+Preset = Literal["tiny", "small"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture of the classifier; everything a site needs to rebuild it."""
+
+    num_classes: int
+    max_length: int = 48
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    d_ff: int = 128
+    dropout: float = 0.0
+
+    @classmethod
+    def preset(cls, name: Preset, *, num_classes: int, max_length: int) -> ModelSpec:
+        sizes = {
+            "tiny": {"d_model": 64, "num_layers": 2, "num_heads": 4, "d_ff": 128},
+            "small": {"d_model": 128, "num_layers": 4, "num_heads": 4, "d_ff": 256},
+        }
+        if name not in sizes:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(sizes)}")
+        return cls(num_classes=num_classes, max_length=max_length, **sizes[name])
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN encoder block: x + attn(LN(x)), then x + FFN(LN(x))."""
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.norm1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ff1 = nn.Linear(d_model, d_ff)
+        self.ff2 = nn.Linear(d_ff, d_model)
+
+    def zero_init_residual(self) -> None:
+        """Make the block the identity map, so a fresh encoder changes nothing."""
+        for layer in (self.out, self.ff2):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``mask`` is (batch, length) bool, True where a token is real."""
+        b, length, d = x.shape
+        h = self.qkv(self.norm1(x)).view(b, length, 3, self.num_heads, d // self.num_heads)
+        q, k, v = h.permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], dropout_p=p)
+        x = x + F.dropout(self.out(a.transpose(1, 2).reshape(b, length, d)), p, self.training)
+        ff = self.ff2(F.dropout(F.gelu(self.ff1(self.norm2(x))), p, self.training))
+        return x + F.dropout(ff, p, self.training)
+
+
+class TextClassifier(nn.Module):
+    """Frozen public embeddings -> projection -> encoder -> masked mean -> LN -> head."""
+
+    def __init__(self, spec: ModelSpec, embedding: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        if embedding is None:
+            embedding = torch.zeros(VOCAB_SIZE, EMBED_DIM)
+        # Shares the (read-only, public) table's storage instead of copying 47 MB.
+        self.embed = nn.Embedding.from_pretrained(  # type: ignore[no-untyped-call]
+            embedding, freeze=True, padding_idx=0
+        )
+        self.proj = nn.Linear(EMBED_DIM, spec.d_model)
+        self.pos = nn.Embedding(spec.max_length, spec.d_model)
+        nn.init.zeros_(self.pos.weight)
+        self.layers = nn.ModuleList(
+            EncoderLayer(spec.d_model, spec.num_heads, spec.d_ff, spec.dropout)
+            for _ in range(spec.num_layers)
+        )
+        for layer in self.layers:
+            layer.zero_init_residual()  # type: ignore[operator]
+        self.norm = nn.LayerNorm(spec.d_model)
+        # Pooled features of unit norm (not sqrt(d_model)): per-example gradients then
+        # sit near the DP clip bound instead of far above it, so clipping keeps their
+        # relative sizes (all-clipped gradients push the bias towards the majority class).
+        nn.init.constant_(self.norm.weight, spec.d_model**-0.5)
+        self.head = nn.Linear(spec.d_model, spec.num_classes)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, length = ids.shape
+        # Contiguous position ids: an expand()ed view breaks Opacus ghost clipping.
+        positions = torch.arange(length, device=ids.device).repeat(b, 1)
+        x = self.proj(self.embed(ids)) + self.pos(positions)
+        for layer in self.layers:
+            x = layer(x, mask)
+        weights = mask.unsqueeze(-1).to(x.dtype)
+        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.head(self.norm(pooled))  # type: ignore[no-any-return]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The parameters that train and travel; the frozen public table stays home."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load exactly the trainable parameters; any missing/extra/misshaped is an error."""
+        own = dict(self.named_parameters())
+        expected = {n for n, p in own.items() if p.requires_grad}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"model state mismatch: missing {missing}, unexpected {extra}")
+        with torch.no_grad():
+            for name, value in state.items():
+                if tuple(value.shape) != tuple(own[name].shape):
+                    raise ValueError(
+                        f"model state {name}: shape {tuple(value.shape)}, "
+                        f"expected {tuple(own[name].shape)}"
+                    )
+                own[name].copy_(value)
+
+
+@lru_cache(maxsize=1)
+def pretrained_embedding() -> torch.Tensor:
+    """MiniLM's public word-embedding table (30,522 x 384), read once per process."""
+    with safe_open(str(pretrained_file("model.safetensors")), "pt") as f:
+        table: torch.Tensor = f.get_tensor(PRETRAINED_EMBEDDING_KEY)
+    if tuple(table.shape) != (VOCAB_SIZE, EMBED_DIM):
+        raise RuntimeError(f"unexpected pretrained embedding shape {tuple(table.shape)}")
+    return table.float()
+
+
+def principal_projection(table: torch.Tensor, d_model: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias projecting onto the top principal axes of a public table."""
+    mean = table.mean(0)
+    _, _, vh = torch.linalg.svd(table - mean, full_matrices=False)
+    weight = vh[:d_model].contiguous()
+    # Unit variance per output coordinate keeps the LayerNorm'd scale comparable.
+    scale = ((table - mean) @ weight.T).std(0).clamp(min=1e-6)
+    weight = weight / scale[:, None]
+    return weight, -(weight @ mean)
+
+
+def build_model(spec: ModelSpec, *, seed: int | None = None) -> TextClassifier:
+    """A classifier with the public embeddings; seeded initialisation when a seed is given.
+
+    Sites call this and then load the global trainable state, so only the coordinator's
+    initialisation (seeded, PCA projection) matters.
+    """
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        table = pretrained_embedding()
+        model = TextClassifier(spec, embedding=table)
+        if seed is not None and spec.d_model <= EMBED_DIM:
+            weight, bias = principal_projection(table, spec.d_model)
+            with torch.no_grad():
+                model.proj.weight.copy_(weight)
+                model.proj.bias.copy_(bias)
+    return model

@@ -1,0 +1,168 @@
+"""Privacy accounting for DP-SGD with Poisson sampling.
+
+A mechanism run is an immutable event; an accountant composes the events it has
+recorded. The state is the list of events (save/load it), the mathematics is Opacus's
+PRV accountant (tight: numerical composition of privacy-loss distributions), and the
+tests check it against Google's dp_accounting, an independent implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+from scipy.optimize import brentq
+
+AccountantName = Literal["prv", "rdp"]
+# Opacus's PRV accountant bounds its own numerical error by this much epsilon.
+PRV_EPS_ERROR = 0.01
+MAX_NOISE_MULTIPLIER = 1000.0
+MIN_NOISE_MULTIPLIER = 0.3
+
+
+class PrivacyError(ValueError):
+    """A privacy parameter or accounting state that cannot be right."""
+
+
+@dataclass(frozen=True)
+class SubsampledGaussianEvent:
+    """``steps`` DP-SGD steps: Poisson sampling at ``sample_rate``, Gaussian noise of
+    std ``noise_multiplier * clip`` on the sum of clipped per-example gradients."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise PrivacyError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
+        if not 0 < self.sample_rate <= 1:
+            raise PrivacyError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise PrivacyError(f"steps must be a non-negative integer, got {self.steps!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SubsampledGaussianEvent:
+        try:
+            return cls(
+                noise_multiplier=float(data["noise_multiplier"]),
+                sample_rate=float(data["sample_rate"]),
+                steps=int(data["steps"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise PrivacyError(f"malformed privacy event {data!r}: {err}") from err
+
+
+def _merged(events: list[SubsampledGaussianEvent]) -> list[tuple[float, float, int]]:
+    """Opacus history form, consecutive equal mechanisms merged (same composition)."""
+    history: list[tuple[float, float, int]] = []
+    for e in events:
+        if e.steps == 0:
+            continue
+        if history and history[-1][:2] == (e.noise_multiplier, e.sample_rate):
+            sigma, q, steps = history.pop()
+            history.append((sigma, q, steps + e.steps))
+        else:
+            history.append((e.noise_multiplier, e.sample_rate, e.steps))
+    return history
+
+
+def compute_epsilon(
+    events: list[SubsampledGaussianEvent], delta: float, *, accountant: AccountantName = "prv"
+) -> float:
+    """Epsilon at ``delta`` of the composition of ``events`` (0 for no steps)."""
+    if not 0 < delta < 1:
+        raise PrivacyError(f"delta must be in (0, 1), got {delta}")
+    history = _merged(events)
+    if not history:
+        return 0.0
+    if accountant == "prv":
+        prv = PRVAccountant()
+        prv.history = history
+        return float(prv.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
+    if accountant == "rdp":
+        rdp = RDPAccountant()
+        rdp.history = history
+        return float(rdp.get_epsilon(delta=delta))
+    raise PrivacyError(f"unknown accountant {accountant!r}; use 'prv' or 'rdp'")
+
+
+@lru_cache(maxsize=64)
+def calibrate_noise_multiplier(
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int
+) -> float:
+    """The noise multiplier whose ``steps`` steps spend ``target_epsilon`` (to within
+    0.1%, never above). Brent's method on log(sigma) with the PRV accountant takes
+    about ten evaluations (1-2 s); cached per distinct plan."""
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise PrivacyError(f"target epsilon must be a positive number, got {target_epsilon}")
+    if steps < 1:
+        raise PrivacyError(f"a plan needs at least one step, got {steps}")
+
+    def excess(log_sigma: float) -> float:
+        event = SubsampledGaussianEvent(math.exp(log_sigma), sample_rate, steps)
+        return compute_epsilon([event], delta) - target_epsilon
+
+    lo, hi = 0.0, 0.0  # log sigma brackets: excess(lo) > 0 >= excess(hi)
+    if excess(0.0) > 0:
+        while excess(hi) > 0:
+            lo, hi = hi, hi + math.log(2.0)
+            if hi > math.log(MAX_NOISE_MULTIPLIER):
+                raise PrivacyError(
+                    f"budget epsilon={target_epsilon} is too small for {steps} steps "
+                    f"at sample rate {sample_rate}"
+                )
+    else:
+        while excess(lo) <= 0:
+            if lo - math.log(2.0) < math.log(MIN_NOISE_MULTIPLIER):
+                return math.exp(lo)  # the budget hardly constrains: keep this noise
+            hi, lo = lo, lo - math.log(2.0)
+    root = float(brentq(excess, lo, hi, xtol=1e-5))
+    sigma = math.exp(root)
+    # Fail closed: never return a sigma that overspends by our own accountant.
+    while excess(math.log(sigma)) > 0:
+        sigma *= 1.0002
+    return sigma
+
+
+class PrivacyAccountant:
+    """The events a site has run, composable into epsilon; saved and restored whole."""
+
+    def __init__(self, events: list[SubsampledGaussianEvent] | None = None) -> None:
+        self._events: list[SubsampledGaussianEvent] = list(events or [])
+
+    @property
+    def events(self) -> tuple[SubsampledGaussianEvent, ...]:
+        return tuple(self._events)
+
+    @property
+    def steps(self) -> int:
+        return sum(e.steps for e in self._events)
+
+    def record(self, event: SubsampledGaussianEvent) -> None:
+        self._events.append(event)
+
+    def epsilon(self, delta: float, *, accountant: AccountantName = "prv") -> float:
+        return compute_epsilon(self._events, delta, accountant=accountant)
+
+    def epsilon_if(
+        self, planned: SubsampledGaussianEvent, delta: float, *, accountant: AccountantName = "prv"
+    ) -> float:
+        """Epsilon after also running ``planned``: the composition, not a sum of epsilons."""
+        return compute_epsilon([*self._events, planned], delta, accountant=accountant)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"events": [e.to_dict() for e in self._events]}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> PrivacyAccountant:
+        events = state.get("events")
+        if not isinstance(events, list):
+            raise PrivacyError("accountant state lacks its list of events")
+        return cls([SubsampledGaussianEvent.from_dict(e) for e in events])

@@ -1,0 +1,190 @@
+"""Local training and evaluation in plain torch (no Flower here).
+
+DP-SGD is Opacus's per-sample gradients (hooks) and DPOptimizer (clip, sum, add
+Gaussian noise), fed by Poisson sampling that we draw ourselves with a passed-in
+generator: each example joins each step independently with probability
+``sample_rate``, which is what the accountant assumes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from common.text import Encoded
+
+
+def default_device() -> torch.device:
+    """CUDA when there is one, the CPU otherwise."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class Batchable:
+    """A site's tokenized examples as tensors."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def from_encoded(cls, enc: Encoded, labels: object) -> Batchable:
+        y = torch.tensor(np.asarray(labels), dtype=torch.long)  # a copy: inputs may be read-only
+        if y.shape != (len(enc),):
+            raise ValueError(f"{len(enc)} texts but labels of shape {tuple(y.shape)}")
+        return cls(torch.from_numpy(enc.ids), torch.from_numpy(enc.mask), y)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device) -> Batchable:
+        return Batchable(self.ids.to(device), self.mask.to(device), self.labels.to(device))
+
+
+def batches_per_epoch(num_examples: int, batch_size: int) -> int:
+    return max(1, math.ceil(num_examples / batch_size))
+
+
+def sample_rate(num_examples: int, batch_size: int) -> float:
+    """Poisson rate giving ``batch_size`` expected examples (Opacus's 1/len(loader))."""
+    return 1.0 / batches_per_epoch(num_examples, batch_size)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    examples_seen: int
+
+
+def train_dp(
+    model: nn.Module,
+    data: Batchable,
+    *,
+    steps: int,
+    sample_rate: float,
+    noise_multiplier: float,
+    clip_norm: float,
+    learning_rate: float,
+    generator: torch.Generator,
+    device: torch.device,
+) -> TrainResult:
+    """``steps`` DP-SGD steps with plain SGD; the mechanism is exactly
+    SubsampledGaussianEvent(noise_multiplier, sample_rate, steps)."""
+    model.to(device).train()
+    data = data.to(device)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected_batch = max(1, round(sample_rate * len(data)))
+    optimizer = DPOptimizer(
+        torch.optim.SGD(params, lr=learning_rate),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=clip_norm,
+        expected_batch_size=expected_batch,
+        generator=generator,
+    )
+    seen = 0
+    try:
+        with warnings.catch_warnings():
+            # The frozen embedding feeds no input that requires grad: torch notes that
+            # the full backward hook fires on outputs; Opacus's per-sample grads are right.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(steps):
+                chosen = torch.rand(len(data), generator=generator, device=generator.device)
+                idx = (chosen < sample_rate).nonzero().squeeze(1).to(device)
+                optimizer.zero_grad(set_to_none=True)
+                if idx.numel() == 0:
+                    _noise_only_step(
+                        params,
+                        noise_multiplier * clip_norm / expected_batch,
+                        learning_rate,
+                        generator,
+                    )
+                    continue
+                logits = gsm(data.ids[idx], data.mask[idx])
+                F.cross_entropy(logits, data.labels[idx]).backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+                seen += int(idx.numel())
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        gsm._close()
+    return TrainResult(steps=steps, examples_seen=seen)
+
+
+@torch.no_grad()
+def _noise_only_step(
+    params: Sequence[torch.Tensor], std: float, learning_rate: float, generator: torch.Generator
+) -> None:
+    """An empty Poisson batch still releases noise: the sum of no gradients plus the
+    Gaussian noise, exactly the step the accountant counts (skipping it would reveal
+    that the batch was empty)."""
+    for p in params:
+        noise = torch.normal(0.0, std, p.shape, generator=generator, device=generator.device)
+        p.add_(noise.to(p.device), alpha=-learning_rate)
+
+
+def train_plain(
+    model: nn.Module,
+    data: Batchable,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    generator: torch.Generator,
+    device: torch.device,
+) -> TrainResult:
+    """Non-private baseline: shuffled mini-batches, plain SGD, no clipping, no noise."""
+    model.to(device).train()
+    data = data.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=learning_rate)
+    steps = seen = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=generator, device=generator.device)
+        for start in range(0, len(data), batch_size):
+            idx = order[start : start + batch_size].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(data.ids[idx], data.mask[idx]), data.labels[idx]).backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            steps += 1
+            seen += int(idx.numel())
+    return TrainResult(steps=steps, examples_seen=seen)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: Batchable, *, device: torch.device, batch_size: int = 1024
+) -> EvalResult:
+    model.to(device).eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        ids = data.ids[start : start + batch_size].to(device)
+        mask = data.mask[start : start + batch_size].to(device)
+        y = data.labels[start : start + batch_size].to(device)
+        logits = model(ids, mask)
+        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    n = max(1, len(data))
+    return EvalResult(loss=total_loss / n, accuracy=correct / n, num_examples=len(data))
+
+
+def trainable_delta(
+    before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """new - global, per trainable tensor, on the CPU."""
+    return {k: (after[k].detach().cpu() - before[k].detach().cpu()) for k in before}

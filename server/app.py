@@ -1,0 +1,104 @@
+"""The coordinator's ServerApp: Flower's Grid as a transport for server.federation.
+
+The same ``main`` runs under ``flwr run .`` (config from pyproject.toml and
+``--run-config``), the Simulation Engine (``fedsilo simulate`` adds its overrides),
+the Deployment Engine and the in-process test grid.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Context, Message, MessageType
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig
+from common.wire import RoundPlan, WireError, decode_reply, encode_plan
+from server.federation import SiteResult, run_federation
+from server.report import Reporter
+
+log = logging.getLogger("fedsilo.coordinator")
+
+
+class GridTransport:
+    """Sends one train message per chosen node and decodes the replies."""
+
+    def __init__(self, grid: Grid, *, timeout: float) -> None:
+        self.grid = grid
+        self.timeout = timeout
+
+    def node_ids(self) -> list[int]:
+        return list(self.grid.get_node_ids())
+
+    def train(
+        self, node_ids: list[int], plan: RoundPlan, arrays: dict[str, torch.Tensor]
+    ) -> list[SiteResult]:
+        content = encode_plan(plan, arrays)
+        messages = [
+            Message(
+                content=content,
+                dst_node_id=nid,
+                message_type=MessageType.TRAIN,
+                group_id=str(plan.round),
+            )
+            for nid in node_ids
+        ]
+        replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+        results: dict[int, SiteResult] = {}
+        for reply in replies:
+            nid = reply.metadata.src_node_id
+            if nid not in node_ids or nid in results:
+                log.warning("ignoring an unexpected reply from node %s", nid)
+                continue
+            if reply.has_error():
+                results[nid] = SiteResult(nid, None, None, f"site error {reply.error.code}")
+                continue
+            try:
+                report, update = decode_reply(reply.content)
+            except WireError as err:
+                results[nid] = SiteResult(nid, None, None, f"malformed reply: {err}")
+                continue
+            results[nid] = SiteResult(nid, report, update)
+        for nid in node_ids:
+            results.setdefault(
+                nid, SiteResult(nid, None, None, "no reply before the round timeout")
+            )
+        return [results[nid] for nid in node_ids]
+
+
+def out_dir_for(cfg: RunConfig) -> Path:
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def serve(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    cfg = RunConfig.from_user_config(run_config)
+    return run_federation(
+        cfg, GridTransport(grid, timeout=cfg.round_timeout), out_dir_for(cfg), Reporter()
+    )
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    serve(grid, context.run_config)
+
+
+def make_server_app(overrides: Mapping[str, Any]) -> ServerApp:
+    """The same ServerApp with run-config overrides: how ``fedsilo simulate`` passes its
+    options (Flower's Python simulation entry point carries no run config)."""
+    configured = ServerApp()
+
+    @configured.main()
+    def _main(grid: Grid, context: Context) -> None:
+        serve(grid, {**context.run_config, **overrides})
+
+    return configured
