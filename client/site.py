@@ -264,9 +264,9 @@ def run_round(
         "noise_multiplier": state.noise_multiplier,
         "sample_rate": q,
     }
-    spent = accountant.epsilon(settings.delta)
     after = accountant.epsilon_if(event, settings.delta)
     if after > settings.epsilon:
+        spent = accountant.epsilon(settings.delta)
         return _report(
             "refused",
             f"budget {settings.epsilon:g} would reach {after:.2f}",

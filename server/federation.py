@@ -72,6 +72,13 @@ def _check_update(update: Arrays, reference: Arrays) -> str | None:
     return None
 
 
+def _ema(average: Arrays | None, current: Arrays, decay: float) -> Arrays:
+    """Exponential moving average of the global model (starts at the first iterate)."""
+    if average is None or decay == 0:
+        return {k: v.clone() for k, v in current.items()}
+    return {k: decay * average[k] + (1 - decay) * current[k] for k in current}
+
+
 def run_federation(
     cfg: RunConfig, transport: Transport, out_dir: Path, reporter: Reporter
 ) -> dict[str, Any]:
@@ -81,6 +88,7 @@ def run_federation(
     spec = cfg.model_spec(len(test.label_names))
     model = build_model(spec, seed=cfg.seed)
     weights: Arrays = {k: v.clone() for k, v in model.trainable_state().items()}
+    shipped: Arrays | None = None  # what is evaluated and saved: the EMA of `weights`
     test_data = Batchable.from_encoded(encode(test.texts, cfg.max_length), test.labels)
     device = default_device()
     optimizer = ServerOptimizer(
@@ -132,15 +140,17 @@ def run_federation(
                 row.note(name, "failed", report.reason)
         if updates:
             weights = optimizer.step(weights, weighted_mean(updates, counts))
-            model.load_trainable_state(weights)
+            shipped = _ema(shipped, weights, cfg.server_ema)
+            model.load_trainable_state(shipped)
         elif row.status == "ok":
             row.fail("no site trained this round; the global model is unchanged")
         result = evaluate(model, test_data, device=device)
         row.accuracy, row.loss = result.accuracy, result.loss
         row.seconds = time.monotonic() - started
+        final = shipped if shipped is not None else weights
         save_arrays(
             out_dir / "checkpoints" / f"round-{rnd:03d}.safetensors",
-            weights,
+            final,
             spec,
             test.label_names,
             rnd,
@@ -148,6 +158,7 @@ def run_federation(
         rows.append(row)
         reporter.round(row)
 
-    summary = write_outputs(out_dir, cfg, rows, sites, weights, spec, test.label_names)
+    final = shipped if shipped is not None else weights
+    summary = write_outputs(out_dir, cfg, rows, sites, final, spec, test.label_names)
     reporter.finish(summary, out_dir)
     return summary

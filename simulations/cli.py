@@ -18,7 +18,6 @@ cli = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err_console = Console(stderr=True)
 
 
 @cli.callback()
@@ -80,11 +79,34 @@ def simulate(
     run(options)
 
 
+@cli.command("check-data")
+def check_data(
+    path: Annotated[str, typer.Argument(help="a site's CSV or JSONL file")],
+    dataset: Annotated[
+        str, typer.Option(help="the federation's dataset (its label set)")
+    ] = "rotten-tomatoes",
+    text_column: Annotated[str, typer.Option(help="column holding the text")] = "text",
+    label_column: Annotated[str, typer.Option(help="column holding the label")] = "label",
+) -> None:
+    """Validate a site's data file with the loader the ClientApp uses; print counts only."""
+    from common.data import builtin_label_names, load_site_file
+
+    data = load_site_file(
+        path,
+        label_names=builtin_label_names(dataset),
+        text_column=text_column,
+        label_column=label_column,
+    )
+    counts = ", ".join(f"{k}: {v}" for k, v in data.label_counts().items())
+    Console().print(f"{path}: {len(data)} rows ok ({counts})")
+
+
 def main() -> None:
     try:
         cli()
     except (ConfigError, DataValidationError) as err:
-        err_console.print(f"[red]error:[/] {err}")
+        # One plain line (no wrapping, no traceback) for errors the user can fix.
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
 

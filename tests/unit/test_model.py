@@ -70,6 +70,9 @@ def test_encoder_layer_matches_torch_pre_ln_encoder_layer() -> None:
 
 def test_fresh_model_is_a_linear_classifier_on_mean_pooled_projected_embeddings() -> None:
     model = build_model(SPEC, seed=0).eval()
+    with torch.no_grad():  # a non-zero head, so the comparison means something
+        model.head.weight.normal_()
+        model.head.bias.normal_()
     ids, mask = _batch()
     with torch.no_grad():
         x = model.proj(model.embed(ids))  # pos embeddings start at zero
@@ -136,6 +139,21 @@ def test_seeded_build_is_deterministic_and_leaves_global_rng_alone() -> None:
     b = build_model(SPEC, seed=5).trainable_state()
     assert torch.equal(before, after)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_frozen_projection_is_the_pca_table_and_does_not_train() -> None:
+    spec = ModelSpec(
+        num_classes=2,
+        max_length=8,
+        d_model=16,
+        num_layers=1,
+        num_heads=2,
+        d_ff=16,
+        projection="frozen",
+    )
+    model = build_model(spec, seed=0)
+    assert model.embed.weight.shape == (30522, 16) and not model.embed.weight.requires_grad
+    assert not any(n.startswith("proj") for n in model.trainable_state())
 
 
 def test_presets_and_bad_specs() -> None:

@@ -28,9 +28,18 @@ ARRAYS = {"a": torch.ones(2, 3), "b": torch.zeros(4)}
 
 def report(status: str = "ok", **kw: object) -> SiteReport:
     values: dict[str, object] = {
-        "status": status, "reason": "", "site": "site-1", "num_examples": 10, "dp": True,
-        "epsilon": 1.5, "budget": 8.0, "delta": 1e-5, "noise_multiplier": 1.1,
-        "sample_rate": 0.25, "steps": 4, "total_steps": 8,
+        "status": status,
+        "reason": "",
+        "site": "site-1",
+        "num_examples": 10,
+        "dp": True,
+        "epsilon": 1.5,
+        "budget": 8.0,
+        "delta": 1e-5,
+        "noise_multiplier": 1.1,
+        "sample_rate": 0.25,
+        "steps": 4,
+        "total_steps": 8,
     }
     values.update(kw)
     return SiteReport(**values)  # type: ignore[arg-type]
@@ -82,10 +91,28 @@ def _reply(**changes: object) -> RecordDict:
     [
         (lambda: _reply(metrics=None), "lacks"),
         (lambda: _reply(update=None), "lacks an update"),
-        (lambda: _reply(status=ConfigRecord({"status": "great", "reason": "", "site": "s", "dp": True})), "status"),
-        (lambda: _reply(status=ConfigRecord({"status": "ok", "reason": "", "site": "a b/../", "dp": True})), "site name"),
-        (lambda: _reply(update=ArrayRecord(torch_state_dict={"a": torch.tensor([math.nan])})), "NaN"),
-        (lambda: _reply(update=ArrayRecord(torch_state_dict={"a": torch.ones(2, dtype=torch.float64)})), "dtype"),
+        (
+            lambda: _reply(
+                status=ConfigRecord({"status": "great", "reason": "", "site": "s", "dp": True})
+            ),
+            "status",
+        ),
+        (
+            lambda: _reply(
+                status=ConfigRecord({"status": "ok", "reason": "", "site": "a b/../", "dp": True})
+            ),
+            "site name",
+        ),
+        (
+            lambda: _reply(update=ArrayRecord(torch_state_dict={"a": torch.tensor([math.nan])})),
+            "NaN",
+        ),
+        (
+            lambda: _reply(
+                update=ArrayRecord(torch_state_dict={"a": torch.ones(2, dtype=torch.float64)})
+            ),
+            "dtype",
+        ),
     ],
 )
 def test_malformed_replies_are_rejected(content: object, match: str) -> None:
