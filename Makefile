@@ -13,7 +13,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test lint setup clean
+.PHONY: run test lint setup clean flwr-run
 
 setup: $(STAMP)
 
@@ -26,6 +26,12 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 run: $(STAMP)
 	$(BIN)/fedsilo simulate
+
+# The same apps through Flower's own CLI (a local SuperLink, Simulation Engine).
+flwr-run: $(STAMP)
+	@mkdir -p $(FLWR_HOME)
+	@test -f $(FLWR_HOME)/config.toml || cp docs/flwr-config.toml $(FLWR_HOME)/config.toml
+	$(BIN)/flwr run . --stream
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

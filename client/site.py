@@ -11,12 +11,11 @@ Order of a DP round (the invariants of ARCHITECTURE.md):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,6 @@ from common.training import (
     default_device,
     sample_rate,
     train_dp,
-    train_plain,
     trainable_delta,
 )
 from common.wire import SITE_NAME, RoundPlan, SiteReport
@@ -131,8 +129,8 @@ def data_key(settings: SiteSettings, config: RunConfig) -> tuple[Any, ...]:
 
 
 @lru_cache(maxsize=4)
-def _load(key: tuple[Any, ...]) -> tuple[Batchable, str]:
-    """The site's tokenized examples and a fingerprint of the data (cached)."""
+def _load(key: tuple[Any, ...]) -> Batchable:
+    """The site's tokenized examples (cached per process: simulated sites share actors)."""
     if key[0] == "file":
         _, path, _, _, dataset, text_col, label_col, max_length = key
         labels = builtin_label_names(dataset)
@@ -146,13 +144,10 @@ def _load(key: tuple[Any, ...]) -> tuple[Batchable, str]:
         if not 0 <= pid < num:
             raise SiteConfigError(f"partition-id {pid} is outside 0..{num - 1}")
         data = full.subset(parts[pid])
-    digest = hashlib.sha256()
-    for text, label in zip(data.texts, data.labels.tolist(), strict=True):
-        digest.update(text.encode() + b"\0" + str(label).encode() + b"\n")
-    return Batchable.from_encoded(encode(data.texts, max_length), data.labels), digest.hexdigest()
+    return Batchable.from_encoded(encode(data.texts, max_length), data.labels)
 
 
-def load_site_data(settings: SiteSettings, config: RunConfig) -> tuple[Batchable, str]:
+def load_site_data(settings: SiteSettings, config: RunConfig) -> Batchable:
     return _load(data_key(settings, config))
 
 
@@ -163,12 +158,14 @@ class SiteState:
     plan_key: str = ""
     noise_multiplier: float = 0.0
     accountant: PrivacyAccountant | None = None
+    noise_free_steps: int = 0  # steps of the labelled no-DP baseline (no accountant)
 
     def to_json(self) -> str:
         return json.dumps(
             {
                 "plan_key": self.plan_key,
                 "noise_multiplier": self.noise_multiplier,
+                "noise_free_steps": self.noise_free_steps,
                 "accountant": (self.accountant or PrivacyAccountant()).state_dict(),
             }
         )
@@ -182,6 +179,7 @@ class SiteState:
             plan_key=str(raw["plan_key"]),
             noise_multiplier=float(raw["noise_multiplier"]),
             accountant=PrivacyAccountant.from_state_dict(raw["accountant"]),
+            noise_free_steps=int(raw.get("noise_free_steps", 0)),
         )
 
 
@@ -211,40 +209,42 @@ def run_round(
 ) -> tuple[SiteReport, dict[str, torch.Tensor] | None]:
     """One round at a site. Mutates ``state`` (the accountant) only when it trains."""
     cfg = plan.config
-    data, _fingerprint = load_site_data(settings, cfg)
+    data = load_site_data(settings, cfg)
     n = len(data)
     label_space = len(builtin_label_names(cfg.dataset))
     model = build_model(cfg.model_spec(label_space))
     model.load_trainable_state(global_arrays)
-    device = default_device()
 
+    q = sample_rate(n, cfg.batch_size)
+    steps = cfg.local_epochs * batches_per_epoch(n, cfg.batch_size)
+    train = partial(
+        train_dp,
+        model,
+        data,
+        steps=steps,
+        sample_rate=q,
+        clip_norm=cfg.clip_norm,
+        learning_rate=cfg.learning_rate,
+        generator=generator,
+        device=default_device(),
+    )
     if not cfg.dp:
-        result = train_plain(
-            model,
-            data,
-            epochs=cfg.local_epochs,
-            batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate,
-            generator=generator,
-            device=device,
-        )
-        delta = trainable_delta(global_arrays, model.trainable_state())
+        train(noise_multiplier=0.0)  # the labelled baseline: clipped, no noise, no epsilon
+        state.noise_free_steps += steps
+        no_dp = {"dp": False, "epsilon": math.nan, "budget": math.nan, "delta": math.nan}
         return _report(
             "ok",
             "",
             settings.site_id,
             num_examples=n,
-            dp=False,
-            epsilon=math.nan,
-            budget=math.nan,
-            delta=math.nan,
-            steps=result.steps,
-        ), delta
+            sample_rate=q,
+            steps=steps,
+            total_steps=state.noise_free_steps,
+            **no_dp,
+        ), trainable_delta(global_arrays, model.trainable_state())
 
     if settings.delta >= 1.0 / n:
         raise PrivacyError(f"delta {settings.delta:g} is not below 1/n = {1.0 / n:.3g}")
-    q = sample_rate(n, cfg.batch_size)
-    steps = cfg.local_epochs * batches_per_epoch(n, cfg.batch_size)
     plan_key = json.dumps([n, q, steps, cfg.num_server_rounds, settings.epsilon, settings.delta])
     if state.plan_key != plan_key:
         # Once per run: the noise that spends the whole budget at the last planned round.
@@ -276,17 +276,7 @@ def run_round(
             total_steps=accountant.steps,
             **common,
         ), None
-    train_dp(
-        model,
-        data,
-        steps=steps,
-        sample_rate=q,
-        noise_multiplier=state.noise_multiplier,
-        clip_norm=cfg.clip_norm,
-        learning_rate=cfg.learning_rate,
-        generator=generator,
-        device=device,
-    )
+    train(noise_multiplier=state.noise_multiplier)
     accountant.record(event)  # the spend is recorded before the update exists outside
     state.accountant = accountant
     delta = trainable_delta(global_arrays, model.trainable_state())

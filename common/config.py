@@ -33,7 +33,7 @@ class RunConfig(BaseModel):
     )
 
     # The federation
-    num_server_rounds: int = 30
+    num_server_rounds: int = 20
     fraction_train: float = 1.0
     min_sites: int = 2
     round_timeout: float = 600.0
@@ -51,7 +51,7 @@ class RunConfig(BaseModel):
     # Local training (plain SGD: local momentum/Adam flips the model under label skew)
     local_epochs: int = 1
     batch_size: int = 256
-    learning_rate: float = 2.0
+    learning_rate: float = 1.0
     # Differential privacy (per site, example-level)
     dp: bool = True
     epsilon: float = 8.0

@@ -78,7 +78,11 @@ def train_dp(
     device: torch.device,
 ) -> TrainResult:
     """``steps`` DP-SGD steps with plain SGD; the mechanism is exactly
-    SubsampledGaussianEvent(noise_multiplier, sample_rate, steps)."""
+    SubsampledGaussianEvent(noise_multiplier, sample_rate, steps).
+
+    ``noise_multiplier=0`` is the no-DP baseline: the same per-example clipping and
+    sampling, no noise (unclipped SGD with these settings flipped between classes
+    here), so the gap to it is the cost of the noise alone."""
     model.to(device).train()
     data = data.to(device)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
@@ -129,34 +133,6 @@ def _noise_only_step(
     for p in params:
         noise = torch.normal(0.0, std, p.shape, generator=generator, device=generator.device)
         p.add_(noise.to(p.device), alpha=-learning_rate)
-
-
-def train_plain(
-    model: nn.Module,
-    data: Batchable,
-    *,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    generator: torch.Generator,
-    device: torch.device,
-) -> TrainResult:
-    """Non-private baseline: shuffled mini-batches, plain SGD, no clipping, no noise."""
-    model.to(device).train()
-    data = data.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=learning_rate)
-    steps = seen = 0
-    for _ in range(epochs):
-        order = torch.randperm(len(data), generator=generator, device=generator.device)
-        for start in range(0, len(data), batch_size):
-            idx = order[start : start + batch_size].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(data.ids[idx], data.mask[idx]), data.labels[idx]).backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            steps += 1
-            seen += int(idx.numel())
-    return TrainResult(steps=steps, examples_seen=seen)
 
 
 @dataclass(frozen=True)

@@ -234,6 +234,7 @@ def plot_run(out_dir: Path, summary: dict[str, Any]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = summary["rounds"]
     xs = [r["round"] for r in rounds]
@@ -241,6 +242,7 @@ def plot_run(out_dir: Path, summary: dict[str, Any]) -> None:
     ax.plot(xs, [r["accuracy"] for r in rounds], marker="o", ms=3)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"{summary['config']['dataset']} ({summary['mode']})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -261,6 +263,7 @@ def plot_run(out_dir: Path, summary: dict[str, Any]) -> None:
         ax.axhline(b, color="red", ls="--", lw=1)
     ax.set_xlabel("round")
     ax.set_ylabel("epsilon spent (PRV accountant)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("privacy spent per site" if names else "no differential privacy in this run")
     if 0 < len(names) <= 12:
         ax.legend(fontsize=7, ncol=2)

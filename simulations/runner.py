@@ -50,6 +50,12 @@ def load_scenario(path_or_name: str) -> dict[str, Any]:
     return {**raw, **sim}
 
 
+def _drop_python_api_deprecation(record: logging.LogRecord) -> bool:
+    """Flower deprecates its Python simulation entry point in favour of `flwr run`;
+    fedsilo uses it on purpose (in-process table and outputs), so the notice is noise."""
+    return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
 def simulate(options: Mapping[str, Any]) -> dict[str, Any]:
     """Run one simulation; ``options`` are run-config keys plus ``num-sites``."""
     for key, value in QUIET_FLOWER_ENV.items():
@@ -64,7 +70,9 @@ def simulate(options: Mapping[str, Any]) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     # Our own per-round table says what happens; Flower's DEBUG chatter would bury it.
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.WARNING)
+    flwr_log.addFilter(_drop_python_api_deprecation)
 
     from client.app import app as client_app
     from server.app import make_server_app, out_dir_for

@@ -12,7 +12,6 @@ from common.training import (
     evaluate,
     sample_rate,
     train_dp,
-    train_plain,
     trainable_delta,
 )
 
@@ -82,7 +81,7 @@ def test_empty_poisson_batches_still_release_calibrated_noise() -> None:
     assert delta.std().item() == pytest.approx(expected_std, rel=0.05)
 
 
-def test_plain_training_learns_a_trivial_rule() -> None:
+def test_noise_free_clipped_training_learns_a_trivial_rule() -> None:
     # Half of each example's tokens are "good" (label 1) or "bad" (label 0).
     from common.text import encode
 
@@ -92,11 +91,13 @@ def test_plain_training_learns_a_trivial_rule() -> None:
     data = Batchable(torch.cat([base.ids[:, :4], cue], 1), base.mask, base.labels)
     model = build_model(SPEC, seed=0)
     start = evaluate(model, data, device=CPU)
-    train_plain(
+    train_dp(
         model,
         data,
-        epochs=30,
-        batch_size=64,
+        steps=60,
+        sample_rate=0.25,
+        noise_multiplier=0.0,
+        clip_norm=1.0,
         learning_rate=1.0,
         generator=torch.Generator().manual_seed(0),
         device=CPU,
