@@ -20,6 +20,7 @@ from client.site import (
     SiteSettings,
     SiteState,
     run_round,
+    site_report,
 )
 from common.data import DataValidationError
 from common.privacy.accounting import PrivacyError
@@ -44,20 +45,7 @@ def _failure(err: BaseException, site: str) -> SiteReport:
         (text for kind, text in _PUBLIC_REASONS.items() if isinstance(err, kind)),
         "site error (details in the site's log)",
     )
-    return SiteReport(
-        status="failed",
-        reason=reason,
-        site=site,
-        num_examples=0,
-        dp=True,
-        epsilon=0.0,
-        budget=0.0,
-        delta=0.0,
-        noise_multiplier=0.0,
-        sample_rate=0.0,
-        steps=0,
-        total_steps=0,
-    )
+    return site_report("failed", reason, site)
 
 
 def _safe_site_name(name: object, node_id: int) -> str:

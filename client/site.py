@@ -183,7 +183,8 @@ class SiteState:
         )
 
 
-def _report(status: str, reason: str, site: str, **values: Any) -> SiteReport:
+def site_report(status: str, reason: str, site: str, **values: Any) -> SiteReport:
+    """A report with every number not given set to 0."""
     base: dict[str, Any] = {
         "num_examples": 0,
         "dp": True,
@@ -232,7 +233,7 @@ def run_round(
         train(noise_multiplier=0.0)  # the labelled baseline: clipped, no noise, no epsilon
         state.noise_free_steps += steps
         no_dp = {"dp": False, "epsilon": math.nan, "budget": math.nan, "delta": math.nan}
-        return _report(
+        return site_report(
             "ok",
             "",
             settings.site_id,
@@ -267,7 +268,7 @@ def run_round(
     after = accountant.epsilon_if(event, settings.delta)
     if after > settings.epsilon:
         spent = accountant.epsilon(settings.delta)
-        return _report(
+        return site_report(
             "refused",
             f"budget {settings.epsilon:g} would reach {after:.2f}",
             settings.site_id,
@@ -280,7 +281,7 @@ def run_round(
     accountant.record(event)  # the spend is recorded before the update exists outside
     state.accountant = accountant
     delta = trainable_delta(global_arrays, model.trainable_state())
-    return _report(
+    return site_report(
         "ok",
         "",
         settings.site_id,

@@ -119,9 +119,10 @@ def run_federation(
                 view.rounds_failed += 1
                 row.note(name, "failed", res.error or "no reply")
                 continue
-            view.last = report_dict(report)
-            if report.dp and not math.isnan(report.epsilon):
-                row.epsilon_per_site[name] = report.epsilon
+            if report.status != "failed":  # a failure report carries no accounting
+                view.last = report_dict(report)
+                if report.dp and not math.isnan(report.epsilon):
+                    row.epsilon_per_site[name] = report.epsilon
             if report.status == "ok" and res.update is not None:
                 problem = _check_update(res.update, weights)
                 if problem:

@@ -79,6 +79,15 @@ def test_epsilon_if_does_not_change_the_accountant() -> None:
     assert acc.steps == 10
 
 
+def test_huge_epsilons_use_the_rdp_upper_bound_without_exhausting_memory() -> None:
+    # PRV at q=1 and 10,000 steps asked for 24 GB; the RDP bound answers at once and
+    # stays an upper bound of the independent accountant's epsilon.
+    event = SubsampledGaussianEvent(1.0, 1.0, 10_000)
+    ours = compute_epsilon([event], DELTA)
+    assert ours == compute_epsilon([event], DELTA, accountant="rdp")
+    assert ours >= reference_epsilon(1.0, 1.0, 10_000)
+
+
 def test_no_steps_spend_nothing() -> None:
     assert compute_epsilon([], DELTA) == 0.0
     assert PrivacyAccountant().epsilon(DELTA) == 0.0
