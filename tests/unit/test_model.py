@@ -158,7 +158,7 @@ def test_frozen_projection_is_the_pca_table_and_does_not_train() -> None:
 
 def test_presets_and_bad_specs() -> None:
     tiny = ModelSpec.preset("tiny", num_classes=2, max_length=48)
-    assert (tiny.d_model, tiny.num_layers) == (64, 2)
+    assert (tiny.d_model, tiny.num_layers, tiny.projection) == (128, 1, "frozen")
     with pytest.raises(ValueError, match="preset"):
         ModelSpec.preset("huge", num_classes=2, max_length=48)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="divisible"):
