@@ -12,6 +12,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export HF_HUB_OFFLINE := 1
+export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO := 0
 
 .PHONY: run test lint setup clean flwr-run
 
@@ -31,7 +32,7 @@ run: $(STAMP)
 flwr-run: $(STAMP)
 	@mkdir -p $(FLWR_HOME)
 	@test -f $(FLWR_HOME)/config.toml || cp docs/flwr-config.toml $(FLWR_HOME)/config.toml
-	$(BIN)/flwr run . --stream
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/flwr run . --stream
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

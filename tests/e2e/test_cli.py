@@ -86,3 +86,63 @@ def test_simulate_on_the_ray_engine(tmp_path: Path) -> None:
     assert summary["final"]["epsilon_max"] == pytest.approx(8.0, rel=0.01)
     assert (out / "accuracy.png").is_file() and (out / "epsilon.png").is_file()
     assert "round" in result.stdout and "final accuracy" in result.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.e2e
+def test_flwr_run_runs_the_same_apps(tmp_path: Path) -> None:
+    # `flwr run .` with the app from pyproject.toml: a local SuperLink (a detached
+    # process, stopped by PID below) runs the Simulation Engine with 3 sites.
+    home, out = tmp_path / "flwr", tmp_path / "run"
+    home.mkdir()
+    config = (ROOT / "docs" / "flwr-config.toml").read_text()
+    (home / "config.toml").write_text(config.replace("num-supernodes = 10", "num-supernodes = 3"))
+    http_port, control_port = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
+    overrides = (
+        f"num-server-rounds=1 max-length=16 batch-size=64 min-partition-size=20 out-dir='{out}'"
+    )
+    try:
+        result = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "flwr"),
+                "run",
+                str(ROOT),
+                "--run-config",
+                overrides,
+                "--stream",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=420,
+            env=env,
+            cwd=tmp_path,
+        )
+    finally:
+        pids = subprocess.run(
+            ["pgrep", "-f", f"flower-superlink.*{control_port}"], capture_output=True, text=True
+        ).stdout.split()
+        for pid in pids:
+            os.kill(int(pid), 15)
+    assert pids, "the local SuperLink was not found to stop"
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"][0]["trained"] == 3
+    assert 0 < summary["final"]["epsilon_max"] <= 8.0
+    assert "final accuracy" in result.stdout
