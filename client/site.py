@@ -247,40 +247,47 @@ def run_round(
     if settings.delta >= 1.0 / n:
         raise PrivacyError(f"delta {settings.delta:g} is not below 1/n = {1.0 / n:.3g}")
     plan_key = json.dumps([n, q, steps, cfg.num_server_rounds, settings.epsilon, settings.delta])
-    if state.plan_key != plan_key:
-        # Once per run: the noise that spends the whole budget at the last planned round.
-        state.noise_multiplier = calibrate_noise_multiplier(
-            target_epsilon=settings.epsilon,
-            delta=settings.delta,
-            sample_rate=q,
-            steps=steps * cfg.num_server_rounds,
-        )
-        state.plan_key = plan_key
     accountant = state.accountant or PrivacyAccountant()
-    event = SubsampledGaussianEvent(state.noise_multiplier, q, steps)
     common = {
         "num_examples": n,
         "budget": settings.epsilon,
         "delta": settings.delta,
-        "noise_multiplier": state.noise_multiplier,
         "sample_rate": q,
     }
-    after = accountant.epsilon_if(event, settings.delta)
-    if after > settings.epsilon:
-        spent = accountant.epsilon(settings.delta)
+
+    def refuse(reason: str) -> tuple[SiteReport, None]:
         return site_report(
             "refused",
-            f"budget {settings.epsilon:g} would reach {after:.2f}",
+            reason,
             settings.site_id,
-            epsilon=spent,
+            epsilon=accountant.epsilon(settings.delta),
             steps=0,
             total_steps=accountant.steps,
+            noise_multiplier=state.noise_multiplier,
             **common,
         ), None
+
+    if state.plan_key != plan_key:
+        # Once per run: the noise that, composed after what is already spent, reaches the
+        # budget exactly at the last planned round.
+        try:
+            state.noise_multiplier = calibrate_noise_multiplier(
+                target_epsilon=settings.epsilon,
+                delta=settings.delta,
+                sample_rate=q,
+                steps=steps * cfg.num_server_rounds,
+                prior=accountant.events,
+            )
+        except PrivacyError as err:  # our own text: it names no data
+            return refuse(f"no noise fits this plan: {err}")
+        state.plan_key = plan_key
+    event = SubsampledGaussianEvent(state.noise_multiplier, q, steps)
+    after = accountant.epsilon_if(event, settings.delta)
+    if after > settings.epsilon:
+        return refuse(f"budget {settings.epsilon:g} would reach {after:.2f}")
     train(noise_multiplier=state.noise_multiplier)
     accountant.record(event)  # the spend is recorded before the update exists outside
     state.accountant = accountant
-    delta = trainable_delta(global_arrays, model.trainable_state())
     return site_report(
         "ok",
         "",
@@ -288,5 +295,6 @@ def run_round(
         epsilon=after,
         steps=steps,
         total_steps=accountant.steps,
+        noise_multiplier=state.noise_multiplier,
         **common,
-    ), delta
+    ), trainable_delta(global_arrays, model.trainable_state())

@@ -102,19 +102,28 @@ def compute_epsilon(
 
 @lru_cache(maxsize=64)
 def calibrate_noise_multiplier(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    prior: tuple[SubsampledGaussianEvent, ...] = (),
 ) -> float:
-    """The noise multiplier whose ``steps`` steps spend ``target_epsilon`` (to within
-    0.1%, never above). Brent's method on log(sigma) with the PRV accountant takes
-    about ten evaluations (1-2 s); cached per distinct plan."""
+    """The noise multiplier whose ``steps`` steps, composed after the ``prior`` events
+    already spent, bring the total to ``target_epsilon`` (to within 0.1%, never above).
+    Brent's method on log(sigma) with the PRV accountant takes about ten evaluations
+    (1-2 s); cached per distinct plan."""
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise PrivacyError(f"target epsilon must be a positive number, got {target_epsilon}")
     if steps < 1:
         raise PrivacyError(f"a plan needs at least one step, got {steps}")
+    already = compute_epsilon(list(prior), delta)
+    if already >= target_epsilon:
+        raise PrivacyError(f"budget {target_epsilon:g} is already spent ({already:.3f})")
 
     def excess(log_sigma: float) -> float:
         event = SubsampledGaussianEvent(math.exp(log_sigma), sample_rate, steps)
-        return compute_epsilon([event], delta) - target_epsilon
+        return compute_epsilon([*prior, event], delta) - target_epsilon
 
     lo, hi = 0.0, 0.0  # log sigma brackets: excess(lo) > 0 >= excess(hi)
     if excess(0.0) > 0:

@@ -50,6 +50,19 @@ def test_calibration_spends_the_target_at_the_last_planned_step(
     assert reference_epsilon(sigma, q, steps) == pytest.approx(target, rel=0.02)
 
 
+def test_calibration_after_prior_spend_fills_the_rest_of_the_budget() -> None:
+    prior = (SubsampledGaussianEvent(2.0, 0.25, 40),)
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=8.0, delta=DELTA, sample_rate=0.25, steps=40, prior=prior
+    )
+    total = compute_epsilon([*prior, SubsampledGaussianEvent(sigma, 0.25, 40)], DELTA)
+    assert 8.0 * 0.99 <= total <= 8.0
+    with pytest.raises(PrivacyError, match="already spent"):
+        calibrate_noise_multiplier(
+            target_epsilon=0.5, delta=DELTA, sample_rate=0.25, steps=40, prior=prior
+        )
+
+
 def test_accountant_persists_and_composes_rounds() -> None:
     # Prepare: two rounds of the same mechanism, saved and restored between them.
     event = SubsampledGaussianEvent(1.2, 0.25, 4)
