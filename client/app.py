@@ -24,6 +24,7 @@ from client.site import (
 )
 from common.data import DataValidationError
 from common.privacy.accounting import PrivacyError
+from common.privacy.ledger import LedgerError
 from common.training import default_device
 from common.wire import SITE_NAME, SiteReport, decode_plan, encode_reply
 
@@ -37,6 +38,7 @@ _PUBLIC_REASONS: dict[type[BaseException], str] = {
     DataValidationError: "site data failed validation (details in the site's log)",
     SiteConfigError: "site configuration is invalid (details in the site's log)",
     PrivacyError: "site privacy settings are invalid (details in the site's log)",
+    LedgerError: "site privacy ledger is unreadable or damaged (details in the site's log)",
 }
 
 
@@ -65,11 +67,13 @@ def train(msg: Message, context: Context) -> Message:
     generator = torch.Generator(device=default_device()).manual_seed(secrets.randbits(63))
     try:
         settings = SiteSettings.from_node_config(context.node_config, plan.config)
-        report, update = run_round(plan, global_arrays, settings, state, generator=generator)
+        report, update = run_round(
+            plan, global_arrays, settings, state, run_id=str(context.run_id), generator=generator
+        )
     except Exception as err:
         log.exception("round %d failed at this site", plan.round)
         name = context.node_config.get(SITE_ID_KEY, context.node_config.get(PARTITION_ID_KEY))
         report, update = _failure(err, _safe_site_name(name, context.node_id)), None
-    # Persist the accountant before the reply (and with it the update) leaves.
+    # The ledger entry is already on disk; persist the run's calibration too.
     context.state[STATE_KEY] = ConfigRecord({"json": state.to_json()})
     return Message(encode_reply(report, update), reply_to=msg)

@@ -16,6 +16,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache, partial
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,13 @@ from common.privacy.accounting import (
     PrivacyError,
     SubsampledGaussianEvent,
     calibrate_noise_multiplier,
+    compute_epsilon,
+)
+from common.privacy.ledger import (
+    Ledger,
+    dataset_fingerprint,
+    load_or_create_identity,
+    spent_events,
 )
 from common.text import encode
 from common.training import (
@@ -53,6 +61,8 @@ DATA_PATH_KEY = "data-path"
 SITE_EPSILON_KEY = "epsilon"
 SITE_DELTA_KEY = "delta"
 SITE_ID_KEY = "site-id"
+STATE_DIR_KEY = "state-dir"
+LEDGER_FILE = "ledger.jsonl"
 
 
 class SiteConfigError(ValueError):
@@ -69,11 +79,13 @@ class SiteSettings:
     num_partitions: int | None
     epsilon: float
     delta: float
+    state_dir: Path | None  # identity key + privacy ledger; None: no ledger (no-DP only)
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any], config: RunConfig) -> SiteSettings:
         """Deployment: ``data-path`` (+ optional own ``epsilon``/``delta``).
-        Simulation: ``partition-id``/``num-partitions`` from the engine."""
+        Simulation: ``partition-id``/``num-partitions`` from the engine, and a ledger
+        folder per site under the plan's ``sites-dir``."""
         data_path = node.get(DATA_PATH_KEY)
         pid, num = node.get(PARTITION_ID_KEY), node.get(NUM_PARTITIONS_KEY)
         if data_path is None and (pid is None or num is None):
@@ -91,7 +103,11 @@ class SiteSettings:
         site_id = str(node.get(SITE_ID_KEY, default_id))
         if not SITE_NAME.fullmatch(site_id):
             raise SiteConfigError(f"site-id {site_id!r}: use 1-64 letters, digits, '.', '_', '-'")
+        state = node.get(STATE_DIR_KEY)
+        if state is None and data_path is None and config.sites_dir:
+            state = str(Path(config.sites_dir) / site_id)
         return cls(
+            state_dir=Path(str(state)) if state is not None else None,
             site_id=site_id,
             data_path=str(data_path) if data_path is not None else None,
             partition_id=int(pid) if data_path is None and pid is not None else None,
@@ -129,8 +145,9 @@ def data_key(settings: SiteSettings, config: RunConfig) -> tuple[Any, ...]:
 
 
 @lru_cache(maxsize=4)
-def _load(key: tuple[Any, ...]) -> Batchable:
-    """The site's tokenized examples (cached per process: simulated sites share actors)."""
+def _load(key: tuple[Any, ...]) -> tuple[Batchable, str]:
+    """The site's tokenized examples and the data set's fingerprint (cached per process:
+    simulated sites share actors)."""
     if key[0] == "file":
         _, path, _, _, dataset, text_col, label_col, max_length = key
         labels = builtin_label_names(dataset)
@@ -144,10 +161,11 @@ def _load(key: tuple[Any, ...]) -> Batchable:
         if not 0 <= pid < num:
             raise SiteConfigError(f"partition-id {pid} is outside 0..{num - 1}")
         data = full.subset(parts[pid])
-    return Batchable.from_encoded(encode(data.texts, max_length), data.labels)
+    fingerprint = dataset_fingerprint(data.texts, data.labels.tolist())
+    return Batchable.from_encoded(encode(data.texts, max_length), data.labels), fingerprint
 
 
-def load_site_data(settings: SiteSettings, config: RunConfig) -> Batchable:
+def load_site_data(settings: SiteSettings, config: RunConfig) -> tuple[Batchable, str]:
     return _load(data_key(settings, config))
 
 
@@ -157,7 +175,6 @@ class SiteState:
 
     plan_key: str = ""
     noise_multiplier: float = 0.0
-    accountant: PrivacyAccountant | None = None
     noise_free_steps: int = 0  # steps of the labelled no-DP baseline (no accountant)
 
     def to_json(self) -> str:
@@ -166,19 +183,17 @@ class SiteState:
                 "plan_key": self.plan_key,
                 "noise_multiplier": self.noise_multiplier,
                 "noise_free_steps": self.noise_free_steps,
-                "accountant": (self.accountant or PrivacyAccountant()).state_dict(),
             }
         )
 
     @classmethod
     def from_json(cls, text: str | None) -> SiteState:
         if not text:
-            return cls(accountant=PrivacyAccountant())
+            return cls()
         raw = json.loads(text)
         return cls(
             plan_key=str(raw["plan_key"]),
             noise_multiplier=float(raw["noise_multiplier"]),
-            accountant=PrivacyAccountant.from_state_dict(raw["accountant"]),
             noise_free_steps=int(raw.get("noise_free_steps", 0)),
         )
 
@@ -200,22 +215,30 @@ def site_report(status: str, reason: str, site: str, **values: Any) -> SiteRepor
     return SiteReport(status=status, reason=reason, site=site, **base)  # type: ignore[arg-type]
 
 
+def code_version() -> str:
+    try:
+        return f"fedsilo {metadata.version('fedsilo')}"
+    except metadata.PackageNotFoundError:
+        return "fedsilo (not installed)"
+
+
 def run_round(
     plan: RoundPlan,
     global_arrays: dict[str, torch.Tensor],
     settings: SiteSettings,
     state: SiteState,
     *,
+    run_id: str,
     generator: torch.Generator,
 ) -> tuple[SiteReport, dict[str, torch.Tensor] | None]:
-    """One round at a site. Mutates ``state`` (the accountant) only when it trains."""
+    """One round at a site. With DP, the signed ledger is the record of every spend: the
+    budget filter reads it (all runs on this data set), and the round's entry is written
+    and fsync'd before the update is handed back."""
     cfg = plan.config
-    data = load_site_data(settings, cfg)
+    data, fingerprint = load_site_data(settings, cfg)
     n = len(data)
-    label_space = len(builtin_label_names(cfg.dataset))
-    model = build_model(cfg.model_spec(label_space))
+    model = build_model(cfg.model_spec(len(builtin_label_names(cfg.dataset))))
     model.load_trainable_state(global_arrays)
-
     q = sample_rate(n, cfg.batch_size)
     steps = cfg.local_epochs * batches_per_epoch(n, cfg.batch_size)
     train = partial(
@@ -246,8 +269,12 @@ def run_round(
 
     if settings.delta >= 1.0 / n:
         raise PrivacyError(f"delta {settings.delta:g} is not below 1/n = {1.0 / n:.3g}")
-    plan_key = json.dumps([n, q, steps, cfg.num_server_rounds, settings.epsilon, settings.delta])
-    accountant = state.accountant or PrivacyAccountant()
+    if settings.state_dir is None:
+        raise SiteConfigError(f"a DP site needs '{STATE_DIR_KEY}' for its privacy ledger")
+    ledger = Ledger(settings.state_dir / LEDGER_FILE, load_or_create_identity(settings.state_dir))
+    entries = [e for e in ledger.entries() if e.dataset == fingerprint]  # torn: LedgerError
+    accountant = PrivacyAccountant(spent_events(entries, fingerprint))  # every run
+    this_run = [e.event for e in entries if e.run_id == run_id]
     common = {
         "num_examples": n,
         "budget": settings.epsilon,
@@ -267,16 +294,18 @@ def run_round(
             **common,
         ), None
 
+    plan_key = json.dumps([n, q, steps, cfg.num_server_rounds, settings.epsilon, settings.delta])
     if state.plan_key != plan_key:
-        # Once per run: the noise that, composed after what is already spent, reaches the
-        # budget exactly at the last planned round.
+        # Once per run: the noise that, composed after what earlier runs spent on this
+        # data set, reaches the budget exactly at the last planned round.
+        earlier = tuple(e.event for e in entries if e.run_id != run_id)
         try:
             state.noise_multiplier = calibrate_noise_multiplier(
                 target_epsilon=settings.epsilon,
                 delta=settings.delta,
                 sample_rate=q,
                 steps=steps * cfg.num_server_rounds,
-                prior=accountant.events,
+                prior=earlier,
             )
         except PrivacyError as err:  # our own text: it names no data
             return refuse(f"no noise fits this plan: {err}")
@@ -286,15 +315,28 @@ def run_round(
     if after > settings.epsilon:
         return refuse(f"budget {settings.epsilon:g} would reach {after:.2f}")
     train(noise_multiplier=state.noise_multiplier)
-    accountant.record(event)  # the spend is recorded before the update exists outside
-    state.accountant = accountant
+    entry = ledger.append(  # written and fsync'd before the update exists outside
+        site_id=settings.site_id,
+        dataset=fingerprint,
+        run_id=run_id,
+        round=plan.round,
+        event=event,
+        clip_norm=cfg.clip_norm,
+        delta=settings.delta,
+        epsilon_run=compute_epsilon([*this_run, event], settings.delta),
+        epsilon_dataset=after,
+        budget=settings.epsilon,
+        code_version=code_version(),
+    )
     return site_report(
         "ok",
         "",
         settings.site_id,
         epsilon=after,
         steps=steps,
-        total_steps=accountant.steps,
+        total_steps=accountant.steps + steps,
         noise_multiplier=state.noise_multiplier,
+        ledger_head=entry.entry_hash(),
+        ledger_signature=entry.signature,
         **common,
     ), trainable_delta(global_arrays, model.trainable_state())

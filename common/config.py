@@ -66,6 +66,10 @@ class RunConfig(BaseModel):
     server_ema: float = 0.8
     # Output ("" = runs/<timestamp>)
     out_dir: str = ""
+    # Simulation only: where simulated sites keep their identity keys and privacy
+    # ledgers ("" = <out-dir>/sites). Reuse a folder across runs and the sites' budgets
+    # span those runs. Deployed sites use their own node config `state-dir`.
+    sites_dir: str = ""
 
     @field_validator(
         "num_server_rounds",

@@ -31,7 +31,9 @@ METRICS_KEY = "metrics"
 
 Status = Literal["ok", "refused", "failed"]
 STATUSES: tuple[Status, ...] = ("ok", "refused", "failed")
-_STRING_FIELDS = ("status", "reason", "site", "dp")
+_STRING_FIELDS = ("status", "reason", "site", "dp", "ledger_head", "ledger_signature")
+LEDGER_HEAD = re.compile(r"(|[0-9a-f]{64})")
+LEDGER_SIGNATURE = re.compile(r"(|[A-Za-z0-9+/]{86}==)")  # base64 of 64 bytes
 SITE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -68,6 +70,10 @@ class SiteReport:
     sample_rate: float
     steps: int
     total_steps: int
+    # The site's privacy ledger after this round: hash and signature of its last entry
+    # ("" when the site keeps no ledger), so an auditor can match the ledger later.
+    ledger_head: str = ""
+    ledger_signature: str = ""
 
 
 def _arrays_to_record(arrays: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -124,6 +130,8 @@ def encode_reply(report: SiteReport, update: dict[str, torch.Tensor] | None) -> 
                     "reason": report.reason,
                     "site": report.site,
                     "dp": report.dp,
+                    "ledger-head": report.ledger_head,
+                    "ledger-signature": report.ledger_signature,
                 }
             ),
             METRICS_KEY: MetricRecord(numbers),
@@ -144,6 +152,11 @@ def decode_reply(content: RecordDict) -> tuple[SiteReport, dict[str, torch.Tenso
         raise WireError(f"reply has a bad status record (status {status!r})")
     if not isinstance(site, str) or not SITE_NAME.fullmatch(site):
         raise WireError("reply has a bad site name (1-64 letters, digits, '.', '_', '-')")
+    head, signature = status_rec.get("ledger-head", ""), status_rec.get("ledger-signature", "")
+    if not isinstance(head, str) or not LEDGER_HEAD.fullmatch(head):
+        raise WireError("reply has a bad ledger head (64 hex digits or empty)")
+    if not isinstance(signature, str) or not LEDGER_SIGNATURE.fullmatch(signature):
+        raise WireError("reply has a bad ledger signature (base64 Ed25519 or empty)")
     metrics = dict(content.metric_records[METRICS_KEY])
     values: dict[str, object] = {}
     for f in fields(SiteReport):
@@ -159,7 +172,15 @@ def decode_reply(content: RecordDict) -> tuple[SiteReport, dict[str, torch.Tenso
         values[f.name] = value
     if metrics:
         raise WireError(f"reply has undeclared metrics {sorted(metrics)}")
-    report = SiteReport(status=status, reason=reason[:200], site=site, dp=dp, **values)  # type: ignore[arg-type]
+    report = SiteReport(
+        status=status,
+        reason=reason[:200],
+        site=site,
+        dp=dp,
+        ledger_head=head,
+        ledger_signature=signature,
+        **values,  # type: ignore[arg-type]
+    )
     has_update = UPDATE_KEY in content.array_records
     if has_update != (status == "ok"):
         raise WireError(

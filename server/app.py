@@ -79,9 +79,12 @@ def out_dir_for(cfg: RunConfig) -> Path:
 
 def serve(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     cfg = RunConfig.from_user_config(run_config)
-    return run_federation(
-        cfg, GridTransport(grid, timeout=cfg.round_timeout), out_dir_for(cfg), Reporter()
-    )
+    out_dir = out_dir_for(cfg)
+    # The plan carries the resolved folders (simulated sites write their ledgers there).
+    sites_dir = cfg.sites_dir or str(out_dir / "sites")
+    cfg = cfg.with_overrides({"out-dir": str(out_dir), "sites-dir": sites_dir})
+    transport = GridTransport(grid, timeout=cfg.round_timeout)
+    return run_federation(cfg, transport, out_dir, Reporter())
 
 
 app = ServerApp()

@@ -123,6 +123,12 @@ def run_federation(
                 view.last = report_dict(report)
                 if report.dp and not math.isnan(report.epsilon):
                     row.epsilon_per_site[name] = report.epsilon
+                if report.ledger_head:
+                    row.ledger_heads[name] = {
+                        "hash": report.ledger_head,
+                        "signature": report.ledger_signature,
+                        "epsilon": report.epsilon,
+                    }
             if report.status == "ok" and res.update is not None:
                 problem = _check_update(res.update, weights)
                 if problem:

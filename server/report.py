@@ -34,6 +34,9 @@ class RoundRow:
     reason: str = ""
     seconds: float = 0.0
     epsilon_per_site: dict[str, float] = field(default_factory=dict)
+    # What each site declared of its signed ledger after this round: an auditor can
+    # match a ledger shown later against these heads.
+    ledger_heads: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[dict[str, str]] = field(default_factory=list)
 
     @property
@@ -188,6 +191,7 @@ def write_outputs(
                 "rounds_trained": view.rounds_trained,
                 "rounds_refused": view.rounds_refused,
                 "rounds_failed": view.rounds_failed,
+            "ledger_head": last.get("ledger_head") or None,
             }
         )
     completed = [r for r in rows if r.status == "ok"]

@@ -1,59 +1,69 @@
-"""A site's round: calibration once per run, the budget filter, persistence, no-DP mode."""
+"""A site's round: calibration once per run, the budget filter over its signed ledger
+(across rounds, restarts and runs), and the labelled no-DP mode."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from client.site import SiteConfigError, SiteSettings, SiteState, run_round
+from client.site import LEDGER_FILE, SiteConfigError, SiteSettings, SiteState, run_round
 from common.config import RunConfig
 from common.model import build_model
 from common.privacy.accounting import PrivacyError
-from common.wire import RoundPlan
+from common.privacy.ledger import LedgerError, load_public_key, verify_ledger
+from common.wire import RoundPlan, SiteReport
 from tests.unit.privacy.test_accounting import reference_epsilon
 
-# Small and fast: 20 natural partitions of Rotten Tomatoes (~500 snippets each).
-CFG = RunConfig(
-    num_server_rounds=2,
-    max_length=16,
-    batch_size=64,
-    epsilon=4.0,
-    clip_norm=1.0,
-    learning_rate=0.5,
-)
 NODE = {"partition-id": 3, "num-partitions": 20}
 
 
-def _global(cfg: RunConfig) -> dict[str, torch.Tensor]:
-    return build_model(cfg.model_spec(2), seed=0).trainable_state()
+@pytest.fixture
+def cfg(tmp_path: Path) -> RunConfig:
+    # Small and fast: 20 natural partitions of Rotten Tomatoes (~500 snippets each).
+    return RunConfig(
+        num_server_rounds=2,
+        max_length=16,
+        batch_size=64,
+        epsilon=4.0,
+        clip_norm=1.0,
+        learning_rate=0.5,
+        sites_dir=str(tmp_path / "sites"),
+    )
 
 
-def _round(rnd: int, state: SiteState, cfg: RunConfig = CFG, node: dict[str, object] = NODE):
+def _round(
+    rnd: int, state: SiteState, cfg: RunConfig, node: dict[str, Any] = NODE, run_id: str = "run-a"
+) -> tuple[SiteReport, dict[str, torch.Tensor] | None]:
     settings = SiteSettings.from_node_config(node, cfg)
     return run_round(
         RoundPlan(rnd, cfg),
-        _global(cfg),
+        build_model(cfg.model_spec(2), seed=0).trainable_state(),
         settings,
         state,
+        run_id=run_id,
         generator=torch.Generator().manual_seed(rnd),
     )
 
 
-def test_budget_is_spent_exactly_at_the_last_planned_round_then_refused() -> None:
-    state = SiteState.from_json(None)
+def _ledger(cfg: RunConfig) -> Path:
+    return Path(cfg.sites_dir) / "site-3" / LEDGER_FILE
 
-    r1, u1 = _round(1, state)
-    # The site restarts between rounds: only the persisted JSON survives.
-    state = SiteState.from_json(state.to_json())
-    r2, u2 = _round(2, state)
-    saved = state.to_json()
-    r3, u3 = _round(3, state)
+
+def test_budget_is_spent_exactly_at_the_last_planned_round_then_refused(cfg: RunConfig) -> None:
+    state = SiteState()
+
+    r1, u1 = _round(1, state, cfg)
+    r2, u2 = _round(2, state, cfg)
+    before = _ledger(cfg).read_bytes()
+    r3, u3 = _round(3, state, cfg)
 
     assert r1.status == r2.status == "ok" and u1 is not None and u2 is not None
-    assert 0 < r1.epsilon < r2.epsilon <= CFG.epsilon
-    assert r2.epsilon == pytest.approx(CFG.epsilon, rel=0.01)
+    assert 0 < r1.epsilon < r2.epsilon <= cfg.epsilon
+    assert r2.epsilon == pytest.approx(cfg.epsilon, rel=0.01)
     # Independent accountant from the reported mechanism parameters.
     assert r2.epsilon == pytest.approx(
         reference_epsilon(r2.noise_multiplier, r2.sample_rate, r2.total_steps), rel=0.02
@@ -61,40 +71,93 @@ def test_budget_is_spent_exactly_at_the_last_planned_round_then_refused() -> Non
     assert r3.status == "refused" and u3 is None
     assert r3.reason.startswith("budget 4 would reach")
     assert r3.epsilon == pytest.approx(r2.epsilon)
-    assert state.to_json() == saved  # a refusal spends nothing
+    assert _ledger(cfg).read_bytes() == before  # a refusal spends and writes nothing
 
 
-def test_noise_is_calibrated_once_per_run() -> None:
-    state = SiteState.from_json(None)
-    r1, _ = _round(1, state)
-    r2, _ = _round(2, state)
-    assert r1.noise_multiplier == r2.noise_multiplier > 0
-    assert r1.steps == r2.steps == r1.total_steps
+def test_every_trained_round_is_in_the_signed_ledger_before_the_reply(cfg: RunConfig) -> None:
+    state = SiteState()
+    _round(1, state, cfg)
+    r2, _ = _round(2, state, cfg)
+    key = load_public_key(Path(cfg.sites_dir) / "site-3" / "identity.pub")
+    entries, findings = verify_ledger(_ledger(cfg), key)
+    assert findings == []
+    assert [e.round for e in entries] == [1, 2]
+    assert (
+        entries[-1].entry_hash() == r2.ledger_head and entries[-1].signature == r2.ledger_signature
+    )
+    assert entries[-1].epsilon_dataset == pytest.approx(r2.epsilon)
+
+
+def test_a_restarted_site_rebuilds_its_spend_from_the_ledger(cfg: RunConfig) -> None:
+    r1, _ = _round(1, SiteState(), cfg)
+    # Restart: Flower's context.state is gone; only the ledger on disk remains.
+    r2, _ = _round(2, SiteState(), cfg)
+    assert r2.epsilon > r1.epsilon
     assert r2.total_steps == 2 * r1.steps
+    assert r2.epsilon == pytest.approx(cfg.epsilon, rel=0.01)
 
 
-def test_the_sites_own_budget_wins_over_the_federations() -> None:
-    state = SiteState.from_json(None)
-    report, _ = _round(1, state, node={**NODE, "epsilon": 1.0})
+def test_a_second_run_on_the_same_data_starts_from_the_first_runs_spend(cfg: RunConfig) -> None:
+    # Prepare: run A trains only one of its two planned rounds.
+    a1, _ = _round(1, SiteState(), cfg, run_id="run-a")
+
+    # Execute: run B, same data set and ledger, plans two rounds.
+    b1, _ = _round(1, SiteState(), cfg, run_id="run-b")
+    b2, _ = _round(2, (state := SiteState()), cfg, run_id="run-b")
+    b3, _ = _round(3, state, cfg, run_id="run-b")
+
+    # Assert: B composes after A and stops at the budget.
+    assert b1.epsilon > a1.epsilon
+    assert b2.epsilon == pytest.approx(cfg.epsilon, rel=0.01) and b2.epsilon <= cfg.epsilon
+    assert b3.status == "refused"
+    assert b1.noise_multiplier > a1.noise_multiplier  # less budget left: more noise
+
+
+def test_an_exhausted_budget_refuses_a_new_run(cfg: RunConfig) -> None:
+    state = SiteState()
+    _round(1, state, cfg)
+    _round(2, state, cfg)
+    report, update = _round(1, SiteState(), cfg, run_id="run-b")
+    assert report.status == "refused" and update is None
+    assert report.reason.startswith("no noise fits this plan")
+
+
+def test_a_torn_ledger_fails_closed_and_is_left_alone(cfg: RunConfig) -> None:
+    _round(1, SiteState(), cfg)
+    with _ledger(cfg).open("a") as f:
+        f.write('{"schema": 1, "site_id": "site-3", "round"')  # a crash mid-write
+    before = _ledger(cfg).read_bytes()
+    with pytest.raises(LedgerError, match="torn"):
+        _round(2, SiteState(), cfg)
+    assert _ledger(cfg).read_bytes() == before
+
+
+def test_the_sites_own_budget_wins_over_the_federations(cfg: RunConfig) -> None:
+    report, _ = _round(1, SiteState(), cfg, node={**NODE, "epsilon": 1.0})
     assert report.budget == 1.0 and report.epsilon <= 1.0
 
 
-def test_delta_not_below_one_over_n_fails_closed() -> None:
+def test_delta_not_below_one_over_n_fails_closed(cfg: RunConfig) -> None:
     with pytest.raises(PrivacyError, match="1/n"):
-        _round(1, SiteState.from_json(None), node={**NODE, "delta": 0.01})
+        _round(1, SiteState(), cfg, node={**NODE, "delta": 0.01})
 
 
-def test_no_dp_mode_is_labelled() -> None:
-    cfg = RunConfig(**{**CFG.model_dump(), "dp": False})
-    report, update = _round(1, SiteState.from_json(None), cfg=cfg)
+def test_dp_without_a_ledger_folder_fails_closed(cfg: RunConfig) -> None:
+    with pytest.raises(SiteConfigError, match="state-dir"):
+        _round(1, SiteState(), cfg.with_overrides({"sites-dir": ""}))
+
+
+def test_no_dp_mode_is_labelled(cfg: RunConfig) -> None:
+    report, update = _round(1, SiteState(), cfg.with_overrides({"dp": False}))
     assert report.status == "ok" and update is not None
     assert report.dp is False and math.isnan(report.epsilon)
+    assert not _ledger(cfg).exists()
 
 
 @pytest.mark.parametrize(
     "node",
     [{}, {"partition-id": 1}, {"data-path": "x.csv", "epsilon": -1.0}, {**NODE, "site-id": "a b"}],
 )
-def test_bad_site_settings_are_named(node: dict[str, object]) -> None:
+def test_bad_site_settings_are_named(node: dict[str, object], cfg: RunConfig) -> None:
     with pytest.raises(SiteConfigError):
-        SiteSettings.from_node_config(node, CFG)
+        SiteSettings.from_node_config(node, cfg)
