@@ -191,7 +191,7 @@ def write_outputs(
                 "rounds_trained": view.rounds_trained,
                 "rounds_refused": view.rounds_refused,
                 "rounds_failed": view.rounds_failed,
-            "ledger_head": last.get("ledger_head") or None,
+                "ledger_head": last.get("ledger_head") or None,
             }
         )
     completed = [r for r in rows if r.status == "ok"]

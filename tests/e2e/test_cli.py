@@ -86,6 +86,11 @@ def test_simulate_on_the_ray_engine(tmp_path: Path) -> None:
     assert summary["final"]["epsilon_max"] == pytest.approx(8.0, rel=0.01)
     assert (out / "accuracy.png").is_file() and (out / "epsilon.png").is_file()
     assert "round" in result.stdout and "final accuracy" in result.stdout
+    # Every simulated site left a signed ledger in the run folder that verifies.
+    ledgers = sorted((out / "sites").glob("*/ledger.jsonl"))
+    assert len(ledgers) == 3
+    audit = fedsilo("audit", "verify", *map(str, ledgers))
+    assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
 def _free_port() -> int:

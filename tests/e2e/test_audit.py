@@ -1,0 +1,76 @@
+"""`fedsilo audit` on the ledgers of a real (in-process) federated run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from client.app import app as client_app
+from server.app import app as server_app
+from tests.e2e.test_cli import fedsilo
+from tests.integration.test_federation import SMALL
+from tests.support.inprocess_grid import InProcessGrid
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    grid = InProcessGrid(client_app, num_nodes=3, run_config={**SMALL, "out-dir": str(out)})
+    server_app(grid, grid.server_context())
+    return out
+
+
+def test_verify_passes_on_every_sites_ledger_of_a_run(run_dir: Path) -> None:
+    result = fedsilo("audit", "verify", str(run_dir / "sites"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(": OK (2 entries" in line for line in lines)
+
+
+def test_report_matches_what_the_coordinator_saw(run_dir: Path, tmp_path: Path) -> None:
+    plot = tmp_path / "eps.png"
+    result = fedsilo("audit", "report", str(run_dir), "--json", "--plot", str(plot))
+    assert result.returncode == 0, result.stderr
+    rows = {r["site"]: r for r in json.loads(result.stdout)}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for site in summary["sites"]:
+        assert rows[site["site"]]["epsilon_dataset"] == pytest.approx(site["epsilon"])
+        assert rows[site["site"]]["rounds"] == 2
+        assert rows[site["site"]]["remaining"] == pytest.approx(
+            site["budget"] - site["epsilon"], abs=1e-9
+        )
+    heads = summary["rounds"][-1]["ledger_heads"]
+    assert {s["site"]: s["ledger_head"] for s in summary["sites"]} == {
+        k: v["hash"] for k, v in heads.items()
+    }
+    assert plot.is_file()
+
+
+def test_verify_names_the_tampered_entry(run_dir: Path, tmp_path: Path) -> None:
+    # Prepare: a copy of one site's ledger with an epsilon lowered by hand.
+    site = tmp_path / "site"
+    site.mkdir()
+    source = run_dir / "sites" / "site-1"
+    (site / "identity.pub").write_bytes((source / "identity.pub").read_bytes())
+    lines = (source / "ledger.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["epsilon_dataset"] = first["epsilon_dataset"] / 2
+    lines[0] = json.dumps(first, sort_keys=True, separators=(",", ":"))
+    (site / "ledger.jsonl").write_text("\n".join(lines) + "\n")
+
+    # Execute
+    result = fedsilo("audit", "verify", str(site / "ledger.jsonl"), "--json")
+
+    # Assert
+    assert result.returncode == 1
+    findings = json.loads(result.stdout)[0]["findings"]
+    kinds = {(f["entry"], f["kind"]) for f in findings}
+    assert (1, "signature") in kinds and (1, "epsilon-dataset") in kinds and (2, "chain") in kinds
+
+
+def test_verify_without_any_ledger_is_a_one_line_error(tmp_path: Path) -> None:
+    result = fedsilo("audit", "verify", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: no ledger found")
