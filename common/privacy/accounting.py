@@ -9,6 +9,7 @@ tests check it against Google's dp_accounting, an independent implementation.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -60,8 +61,8 @@ class SubsampledGaussianEvent:
             raise PrivacyError(f"malformed privacy event {data!r}: {err}") from err
 
 
-def _merged(events: list[SubsampledGaussianEvent]) -> list[tuple[float, float, int]]:
-    """Opacus history form, consecutive equal mechanisms merged (same composition)."""
+def merged_history(events: Sequence[SubsampledGaussianEvent]) -> list[tuple[float, float, int]]:
+    """(sigma, q, steps) history, consecutive equal mechanisms merged (same composition)."""
     history: list[tuple[float, float, int]] = []
     for e in events:
         if e.steps == 0:
@@ -80,7 +81,7 @@ def compute_epsilon(
     """Epsilon at ``delta`` of the composition of ``events`` (0 for no steps)."""
     if not 0 < delta < 1:
         raise PrivacyError(f"delta must be in (0, 1), got {delta}")
-    history = _merged(events)
+    history = merged_history(events)
     if not history:
         return 0.0
     if accountant == "prv":

@@ -40,6 +40,7 @@ from common.privacy.accounting import (
     PRV_MAX_EPSILON,
     PrivacyError,
     SubsampledGaussianEvent,
+    merged_history,
 )
 
 if sys.platform != "win32":
@@ -521,19 +522,6 @@ class Ledger:
 # ---- auditing ---------------------------------------------------------------------
 
 
-def _merged(events: Sequence[SubsampledGaussianEvent]) -> tuple[tuple[float, float, int], ...]:
-    history: list[tuple[float, float, int]] = []
-    for e in events:
-        if e.steps == 0:
-            continue
-        if history and history[-1][:2] == (e.noise_multiplier, e.sample_rate):
-            sigma, q, steps = history.pop()
-            history.append((sigma, q, steps + e.steps))
-        else:
-            history.append((e.noise_multiplier, e.sample_rate, e.steps))
-    return tuple(history)
-
-
 @lru_cache(maxsize=256)
 def _pld_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     # dp_accounting is imported here so that writing a ledger does not need it.
@@ -559,7 +547,7 @@ def recompute_epsilon(events: Sequence[SubsampledGaussianEvent], delta: float) -
     """Epsilon of ``events`` by Google's PLD accountant, independent of Opacus."""
     if not 0 < delta < 1:
         raise PrivacyError(f"delta must be in (0, 1), got {delta}")
-    history = _merged(events)
+    history = tuple(merged_history(events))
     if not history:
         return 0.0
     return _pld_epsilon(history, delta)

@@ -1,0 +1,346 @@
+"""Update encoding: an orthonormal rotation, an unbiased quantizer, a ring sum that never
+wraps, and every bad argument refused by name."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from scipy.linalg import hadamard
+
+from common.quantize import (
+    MAX_RING_BITS,
+    EncodingSpec,
+    add_mod,
+    decode_sum,
+    encode,
+    error_bound,
+    inverse_randomized_hadamard,
+    randomized_hadamard,
+    signed_lift,
+    to_ring,
+)
+
+FAST = settings(max_examples=40, deadline=None)
+SLACK = 1e-9  # float64 rounding in the rotations, far below any bound tested
+
+
+def spec(**kw: object) -> EncodingSpec:
+    values: dict[str, object] = {
+        "clip_norm": 1.0,
+        "bits": 8,
+        "num_sites": 10,
+        "seed": 7,
+        "dim": 20,
+    }
+    values.update(kw)
+    return EncodingSpec(**values)  # type: ignore[arg-type]
+
+
+def clip(x: np.ndarray, c: float) -> np.ndarray:
+    n = float(np.linalg.norm(x))
+    return x * (c / n) if n > c else x
+
+
+def ring_sum(encodings: Sequence[np.ndarray], ring_bits: int) -> np.ndarray:
+    total = encodings[0]
+    for values in encodings[1:]:
+        total = add_mod(total, values, ring_bits)
+    return total
+
+
+# ---- the rotation ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 100, 256, 1000])
+def test_rotation_preserves_norm_and_inverts(n: int) -> None:
+    # Prepare
+    x = np.random.default_rng(n).normal(size=n)
+
+    # Execute
+    y = randomized_hadamard(x, seed=3)
+    back = inverse_randomized_hadamard(y, seed=3)
+
+    # Assert
+    assert y.shape == (1 << (n - 1).bit_length(),)
+    assert np.linalg.norm(y) == pytest.approx(np.linalg.norm(x), rel=1e-12)
+    np.testing.assert_allclose(back[:n], x, atol=1e-12)
+    np.testing.assert_allclose(back[n:], 0.0, atol=1e-12)
+    np.testing.assert_allclose(inverse_randomized_hadamard(y, seed=3, dim=n), x, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [8, 16])
+def test_rotation_matches_explicit_hadamard_matrix(n: int) -> None:
+    # Prepare
+    x = np.random.default_rng(0).normal(size=n)
+    signs = np.random.default_rng(5).integers(0, 2, size=n) * 2.0 - 1.0
+
+    # Execute
+    y = randomized_hadamard(x, seed=5)
+
+    # Assert
+    np.testing.assert_allclose(y, hadamard(n) @ (signs * x) / math.sqrt(n), atol=1e-12)
+
+
+def test_rotation_depends_on_seed() -> None:
+    # Prepare
+    x = np.arange(1.0, 17.0)
+
+    # Execute
+    a, b = randomized_hadamard(x, seed=1), randomized_hadamard(x, seed=2)
+
+    # Assert
+    assert not np.allclose(a, b)
+    np.testing.assert_allclose(randomized_hadamard(x, seed=1), a)
+
+
+# ---- the ring --------------------------------------------------------------------
+
+
+def test_ring_arithmetic_wraps_at_64_and_masks_below() -> None:
+    # Prepare
+    top = np.array([2**64 - 1, 2**63], dtype=np.uint64)
+    two = np.array([2, 2**63], dtype=np.uint64)
+
+    # Execute
+    wrapped = add_mod(top, two, 64)
+    masked = add_mod(np.array([250], dtype=np.uint64), np.array([10], dtype=np.uint64), 8)
+
+    # Assert
+    assert wrapped.tolist() == [1, 0]
+    assert masked.tolist() == [4]
+    values = np.array([-3, 0, 5, -(2**63)], dtype=np.int64)
+    assert signed_lift(to_ring(values, 64), 64).tolist() == values.tolist()
+    assert signed_lift(to_ring(values[:3], 16), 16).tolist() == [-3, 0, 5]
+
+
+@FAST
+@given(
+    bits=st.sampled_from([4, 8, 16]),
+    num_sites=st.integers(1, 2**40),
+    weight_bound=st.integers(1, 2**20),
+)
+def test_ring_is_wide_enough_for_any_sum(bits: int, num_sites: int, weight_bound: int) -> None:
+    # Prepare / Execute
+    s = spec(bits=bits, num_sites=num_sites, weight_bound=weight_bound)
+
+    # Assert
+    assert s.ring_bits % 8 == 0 and s.ring_bits <= MAX_RING_BITS
+    assert num_sites * s.max_level < 2 ** (s.ring_bits - 1)
+    assert num_sites * weight_bound < 2**s.ring_bits
+
+
+@pytest.mark.parametrize(("bits", "num_sites"), [(4, 8), (8, 128), (16, 128), (4, 300)])
+def test_sum_at_the_extremes_never_wraps(bits: int, num_sites: int) -> None:
+    # Prepare: every rotated coordinate is +-1/4 after the L2 clip, twice the
+    # headroom range, so each one is clipped to +-max_level.
+    s = spec(bits=bits, num_sites=num_sites, dim=16, headroom=0.5)
+    pattern = np.random.default_rng(1).choice([-100.0, 100.0], size=16)
+    delta = inverse_randomized_hadamard(pattern, seed=s.seed)
+    rng = np.random.default_rng(2)
+    encodings = [encode(delta, s, rng) for _ in range(num_sites)]
+
+    # Execute
+    total = ring_sum([e.values for e in encodings], s.ring_bits)
+    mean, weight = decode_sum(total, s, num_sites)
+    single, _ = decode_sum(encodings[0].values, s, 1)
+
+    # Assert
+    assert all(e.clip_fraction == 1.0 for e in encodings)
+    lifted = [signed_lift(e.values[:-1], s.ring_bits).tolist() for e in encodings]
+    exact = [sum(column) for column in zip(*lifted, strict=True)]  # Python ints: no wrap
+    assert signed_lift(total[:-1], s.ring_bits).tolist() == exact
+    assert np.abs(signed_lift(total[:-1], s.ring_bits)).max() == num_sites * s.max_level
+    assert weight == num_sites
+    np.testing.assert_allclose(mean, single, atol=1e-12)
+
+
+# ---- encode / decode -------------------------------------------------------------
+
+
+@FAST
+@given(
+    dim=st.integers(1, 300),
+    m=st.integers(1, 10),
+    bits=st.sampled_from([4, 8, 16]),
+    norms=st.lists(st.floats(0.0, 3.0), min_size=10, max_size=10),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_decoded_mean_within_error_bound(
+    dim: int, m: int, bits: int, norms: list[float], seed: int
+) -> None:
+    # Prepare
+    s = spec(bits=bits, num_sites=10, dim=dim, seed=seed % 1000, clip_norm=1.5)
+    rng = np.random.default_rng(seed)
+    deltas = [rng.normal(size=dim) / max(math.sqrt(dim), 1e-12) * norms[i] * 1.5 for i in range(m)]
+
+    # Execute
+    encodings = [encode(d, s, rng) for d in deltas]
+    mean, weight = decode_sum(ring_sum([e.values for e in encodings], s.ring_bits), s, m)
+
+    # Assert
+    assume(all(e.clip_fraction == 0.0 for e in encodings))
+    truth = np.mean([clip(d, s.clip_norm) for d in deltas], axis=0)
+    assert weight == m
+    assert [e.clipped for e in encodings] == [np.linalg.norm(d) > s.clip_norm for d in deltas]
+    assert all(len(e.values) == s.padded_dim + 1 for e in encodings)
+    assert all(int(e.values.max()) < 2**s.ring_bits for e in encodings)
+    assert np.linalg.norm(mean - truth) <= error_bound(s, num_summands=m) * (1 + SLACK)
+
+
+def test_error_shrinks_as_bits_grow() -> None:
+    # Prepare
+    data = np.random.default_rng(11)
+    deltas = [data.normal(size=200) * 0.1 for _ in range(5)]
+    truth = np.mean([clip(d, 1.0) for d in deltas], axis=0)
+
+    # Execute
+    errors = []
+    for bits in (4, 8, 16):
+        s = spec(bits=bits, dim=200)
+        rng = np.random.default_rng(12)
+        trials = []
+        for _ in range(20):
+            total = ring_sum([encode(d, s, rng).values for d in deltas], s.ring_bits)
+            trials.append(np.linalg.norm(decode_sum(total, s, 5)[0] - truth))
+        errors.append(float(np.mean(trials)))
+
+    # Assert
+    assert errors[0] > errors[1] > errors[2] > 0.0
+
+
+def test_quantization_is_unbiased() -> None:
+    # Prepare: coarse 4-bit levels, so a biased rounding would show.
+    s = spec(bits=4, dim=6, num_sites=1)
+    x = np.array([0.3, -0.2, 0.05, 0.0, -0.45, 0.1])
+    rng = np.random.default_rng(21)
+    trials = 2000
+
+    # Execute
+    decoded = np.array([decode_sum(encode(x, s, rng).values, s, 1)[0] for _ in range(trials)])
+
+    # Assert: each decoded coordinate has std <= 1/(2 scale) (unit-norm rows of the
+    # inverse rotation, rounding variance <= 1/4 level^2): 5 standard errors of the mean.
+    tolerance = 5.0 / (2.0 * s.scale * math.sqrt(trials))
+    np.testing.assert_allclose(decoded.mean(axis=0), x, atol=tolerance)
+    assert np.abs(decoded - x).max() > 10 * tolerance  # each single decode is coarse
+
+
+def test_weight_travels_in_the_sum() -> None:
+    # Prepare
+    s = spec(weight_bound=100, dim=50, bits=16)
+    data = np.random.default_rng(31)
+    deltas = [data.normal(size=50) * 0.05 for _ in range(4)]
+    weights = [3, 100, 17, 1]
+    rng = np.random.default_rng(32)
+
+    # Execute
+    encodings = [encode(d, s, rng, weight=w) for d, w in zip(deltas, weights, strict=True)]
+    mean, total_weight = decode_sum(ring_sum([e.values for e in encodings], s.ring_bits), s, 4)
+
+    # Assert
+    assert all(e.clip_fraction == 0.0 for e in encodings)
+    assert total_weight == sum(weights)
+    truth = sum(w * clip(d, 1.0) for d, w in zip(deltas, weights, strict=True)) / sum(weights)
+    bound = error_bound(s, num_summands=4, total_weight=sum(weights))
+    assert np.linalg.norm(mean - truth) <= bound * (1 + SLACK)
+    assert np.linalg.norm(mean - np.mean(deltas, axis=0)) > 10 * bound  # weights mattered
+    assert [int(e.values[-1]) for e in encodings] == weights
+
+
+def test_weight_channel_holds_the_largest_total() -> None:
+    # Prepare: the weight total, not the coordinates, sizes this ring.
+    s = spec(bits=4, num_sites=8, weight_bound=2**20, dim=4)
+    rng = np.random.default_rng(41)
+    x = np.array([0.1, 0.2, -0.3, 0.0])
+
+    # Execute
+    total = ring_sum([encode(x, s, rng, weight=2**20).values for _ in range(8)], s.ring_bits)
+    mean, weight = decode_sum(total, s, 8)
+
+    # Assert
+    assert s.ring_bits == 24
+    assert weight == 8 * 2**20
+    assert np.linalg.norm(mean - x) <= error_bound(s, num_summands=8) * (1 + SLACK)
+
+
+# ---- validation ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "name"),
+    [
+        ({"bits": 12}, "bits"),
+        ({"bits": True}, "bits"),
+        ({"bits": 16, "num_sites": 2**48}, "ring"),
+        ({"bits": 4, "weight_bound": 2**63}, "ring"),
+        ({"clip_norm": 0.0}, "clip_norm"),
+        ({"clip_norm": math.inf}, "clip_norm"),
+        ({"num_sites": 0}, "num_sites"),
+        ({"dim": 0}, "dim"),
+        ({"seed": -1}, "seed"),
+        ({"weight_bound": 0}, "weight_bound"),
+        ({"headroom": -1.0}, "headroom"),
+    ],
+)
+def test_bad_spec_refused(kw: dict[str, object], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        spec(**kw)
+
+
+def test_largest_ring_accepted() -> None:
+    # Prepare / Execute: 16 + 47 + 1 = 64 bits exactly.
+    s = spec(bits=16, num_sites=2**47)
+
+    # Assert
+    assert s.ring_bits == 64
+
+
+@pytest.mark.parametrize(
+    ("delta", "weight", "name"),
+    [
+        (np.zeros(20), 11, "weight"),
+        (np.zeros(20), 0, "weight"),
+        (np.zeros(19), 1, "delta"),
+        (np.full(20, np.nan), 1, "delta"),
+    ],
+)
+def test_bad_encode_refused(delta: np.ndarray, weight: int, name: str) -> None:
+    # Prepare
+    s = spec(weight_bound=10)
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=name):
+        encode(delta, s, np.random.default_rng(0), weight=weight)
+
+
+def test_bad_decode_refused() -> None:
+    # Prepare
+    s = spec()
+    good = encode(np.ones(20) * 0.1, s, np.random.default_rng(0)).values
+    beyond = good.copy()
+    beyond[0] = 2 ** (s.ring_bits - 1)  # the most negative value: no single site sends it
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="shape"):
+        decode_sum(good[:-1], s, 1)
+    with pytest.raises(ValueError, match="uint64"):
+        decode_sum(good.astype(np.int64), s, 1)
+    with pytest.raises(ValueError, match="num_summands"):
+        decode_sum(good, s, 0)
+    with pytest.raises(ValueError, match="num_summands"):
+        decode_sum(good, s, 11)
+    with pytest.raises(ValueError, match="total weight"):
+        decode_sum(good, s, 2)
+    with pytest.raises(ValueError, match="beyond"):
+        decode_sum(beyond, s, 1)
+    too_big = good.copy()
+    too_big[0] = 2**s.ring_bits
+    with pytest.raises(ValueError, match="total has values"):
+        decode_sum(too_big, s, 1)
+    with pytest.raises(ValueError, match="power-of-two"):
+        inverse_randomized_hadamard(np.zeros(6), seed=0)
