@@ -11,9 +11,11 @@ Order of a DP round (the invariants of ARCHITECTURE.md):
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from importlib import metadata
@@ -62,7 +64,12 @@ SITE_EPSILON_KEY = "epsilon"
 SITE_DELTA_KEY = "delta"
 SITE_ID_KEY = "site-id"
 STATE_DIR_KEY = "state-dir"
+ALLOW_NO_DP_KEY = "allow-no-dp"
+TEXT_COLUMN_KEY = "text-column"
+LABEL_COLUMN_KEY = "label-column"
+DEFAULT_SITE_DELTA = 1e-5
 LEDGER_FILE = "ledger.jsonl"
+LOCK_FILE = "ledger.lock"
 
 
 class SiteConfigError(ValueError):
@@ -80,6 +87,9 @@ class SiteSettings:
     epsilon: float
     delta: float
     state_dir: Path | None  # identity key + privacy ledger; None: no ledger (no-DP only)
+    allow_no_dp: bool  # a deployed site trains without DP only if its own config says so
+    text_column: str
+    label_column: str
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any], config: RunConfig) -> SiteSettings:
@@ -93,8 +103,14 @@ class SiteSettings:
                 f"node config needs '{DATA_PATH_KEY}' (a site's data file) or "
                 f"'{PARTITION_ID_KEY}' and '{NUM_PARTITIONS_KEY}' (simulation)"
             )
-        epsilon = float(node.get(SITE_EPSILON_KEY, config.epsilon))
-        delta = float(node.get(SITE_DELTA_KEY, config.delta))
+        if data_path is None:  # simulation: the researcher is coordinator and site at once
+            epsilon = float(node.get(SITE_EPSILON_KEY, config.epsilon))
+            delta = float(node.get(SITE_DELTA_KEY, config.delta))
+        else:  # a deployed site's budget is its own, never the coordinator's plan
+            if SITE_EPSILON_KEY not in node:
+                raise SiteConfigError(f"a deployed site sets its own '{SITE_EPSILON_KEY}' budget")
+            epsilon = float(node[SITE_EPSILON_KEY])
+            delta = float(node.get(SITE_DELTA_KEY, DEFAULT_SITE_DELTA))
         if not (math.isfinite(epsilon) and epsilon > 0):
             raise SiteConfigError(f"site epsilon budget must be positive, got {epsilon}")
         if not 0 < delta < 1:
@@ -107,6 +123,9 @@ class SiteSettings:
         if state is None and data_path is None and config.sites_dir:
             state = str(Path(config.sites_dir) / site_id)
         return cls(
+            allow_no_dp=data_path is None or bool(node.get(ALLOW_NO_DP_KEY, False)),
+            text_column=str(node.get(TEXT_COLUMN_KEY, "text")),
+            label_column=str(node.get(LABEL_COLUMN_KEY, "label")),
             state_dir=Path(str(state)) if state is not None else None,
             site_id=site_id,
             data_path=str(data_path) if data_path is not None else None,
@@ -127,8 +146,8 @@ def data_key(settings: SiteSettings, config: RunConfig) -> tuple[Any, ...]:
             stat.st_mtime_ns if stat else None,
             stat.st_size if stat else None,
             config.dataset,
-            config.text_column,
-            config.label_column,
+            settings.text_column,
+            settings.label_column,
             config.max_length,
         )
     return (
@@ -215,6 +234,17 @@ def site_report(status: str, reason: str, site: str, **values: Any) -> SiteRepor
     return SiteReport(status=status, reason=reason, site=site, **base)  # type: ignore[arg-type]
 
 
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def code_version() -> str:
     try:
         return f"fedsilo {metadata.version('fedsilo')}"
@@ -252,6 +282,10 @@ def run_round(
         generator=generator,
         device=default_device(),
     )
+    if not cfg.dp and not settings.allow_no_dp:
+        raise SiteConfigError(
+            f"the plan asks for no DP; this site requires DP ('{ALLOW_NO_DP_KEY}')"
+        )
     if not cfg.dp:
         train(noise_multiplier=0.0)  # the labelled baseline: clipped, no noise, no epsilon
         state.noise_free_steps += steps
@@ -272,9 +306,43 @@ def run_round(
     if settings.state_dir is None:
         raise SiteConfigError(f"a DP site needs '{STATE_DIR_KEY}' for its privacy ledger")
     ledger = Ledger(settings.state_dir / LEDGER_FILE, load_or_create_identity(settings.state_dir))
-    entries = [e for e in ledger.entries() if e.dataset == fingerprint]  # torn: LedgerError
+    # One round at a time per site: the budget read, the training and the entry are one
+    # critical section, so two concurrent runs cannot both spend the last of a budget.
+    with _exclusive(settings.state_dir / LOCK_FILE):
+        return _dp_round(
+            plan,
+            settings,
+            state,
+            ledger,
+            run_id=run_id,
+            fingerprint=fingerprint,
+            train=train,
+            trained=lambda: trainable_delta(global_arrays, model.trainable_state()),
+            n=n,
+            q=q,
+            steps=steps,
+        )
+
+
+def _dp_round(
+    plan: RoundPlan,
+    settings: SiteSettings,
+    state: SiteState,
+    ledger: Ledger,
+    *,
+    run_id: str,
+    fingerprint: str,
+    train: Callable[..., object],
+    trained: Callable[[], dict[str, torch.Tensor]],
+    n: int,
+    q: float,
+    steps: int,
+) -> tuple[SiteReport, dict[str, torch.Tensor] | None]:
+    cfg = plan.config
+    everything = ledger.entries()  # a torn ledger raises LedgerError: fail closed
+    entries = [e for e in everything if e.dataset == fingerprint]
     accountant = PrivacyAccountant(spent_events(entries, fingerprint))  # every run
-    this_run = [e.event for e in entries if e.run_id == run_id]
+    this_run = [e.event for e in everything if e.run_id == run_id]  # as the auditor composes
     common = {
         "num_examples": n,
         "budget": settings.epsilon,
@@ -339,4 +407,4 @@ def run_round(
         ledger_head=entry.entry_hash(),
         ledger_signature=entry.signature,
         **common,
-    ), trainable_delta(global_arrays, model.trainable_state())
+    ), trained()

@@ -172,6 +172,9 @@ def decode_reply(content: RecordDict) -> tuple[SiteReport, dict[str, torch.Tenso
         values[f.name] = value
     if metrics:
         raise WireError(f"reply has undeclared metrics {sorted(metrics)}")
+    # NaN means "no DP" and nothing else: a DP report's numbers are all finite.
+    if dp and any(isinstance(v, float) and math.isnan(v) for v in values.values()):
+        raise WireError("reply claims DP but carries NaN metrics")
     report = SiteReport(
         status=status,
         reason=reason[:200],

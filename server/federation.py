@@ -123,7 +123,7 @@ def run_federation(
                 view.last = report_dict(report)
                 if report.dp and not math.isnan(report.epsilon):
                     row.epsilon_per_site[name] = report.epsilon
-                if report.ledger_head:
+                if report.ledger_head and report.dp:
                     row.ledger_heads[name] = {
                         "hash": report.ledger_head,
                         "signature": report.ledger_signature,

@@ -114,18 +114,31 @@ def audit_verify(
         typer.Option(help="the site's public key (default: identity.pub beside the ledger)"),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    summary: Annotated[
+        str | None,
+        typer.Option(
+            help="the coordinator's summary.json: every ledger head it saw must be in the ledger"
+        ),
+    ] = None,
 ) -> None:
     """Hash chain, signatures, round order, epsilons recomputed independently (Google's
-    PLD accountant), overspend. Exit 0 when everything holds, 1 otherwise."""
+    PLD accountant), overspend, and (with --summary) entries removed from the end.
+    Exit 0 when everything holds, 1 otherwise."""
     import json
     from pathlib import Path
 
-    from common.privacy.audit import find_ledgers, verify
+    from common.privacy.audit import coordinator_heads, find_ledgers, verify
 
     paths = find_ledgers([Path(p) for p in ledgers])
     if not paths:
         raise ConfigError(f"no ledger found in {', '.join(ledgers)}")
-    results = [verify(p, Path(key) if key else None) for p in paths]
+    heads = None
+    if summary:
+        try:
+            heads = coordinator_heads(json.loads(Path(summary).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{summary}: not a readable summary.json ({err})") from None
+    results = [verify(p, Path(key) if key else None, heads) for p in paths]
     if json_out:
         print(json.dumps([r.to_json() for r in results], indent=2))
     else:

@@ -58,8 +58,36 @@ def find_ledgers(paths: list[Path]) -> list[Path]:
     return found
 
 
-def verify(path: Path, key: Path | None = None) -> LedgerAudit:
-    """Audit one ledger; without ``key`` the site's identity.pub beside it is used."""
+def coordinator_heads(summary: dict[str, Any]) -> dict[str, list[tuple[int, str]]]:
+    """Per site, the (round, ledger head) pairs the coordinator recorded in summary.json."""
+    heads: dict[str, list[tuple[int, str]]] = {}
+    for row in summary.get("rounds", []):
+        for site, head in row.get("ledger_heads", {}).items():
+            heads.setdefault(site, []).append((int(row["round"]), str(head["hash"])))
+    return heads
+
+
+def _match_heads(entries: list[LedgerEntry], seen: list[tuple[int, str]]) -> list[Finding]:
+    """Every head the coordinator saw must still be in the ledger: a ledger cut back at
+    an entry boundary keeps a valid chain, and only this outside anchor reveals it."""
+    hashes = {e.entry_hash() for e in entries}
+    return [
+        Finding(
+            None,
+            "truncated",
+            f"the coordinator saw ledger head {head[:16]}... after "
+            f"round {rnd}; it is missing from the ledger (entries removed?)",
+        )
+        for rnd, head in seen
+        if head not in hashes
+    ]
+
+
+def verify(
+    path: Path, key: Path | None = None, heads: dict[str, list[tuple[int, str]]] | None = None
+) -> LedgerAudit:
+    """Audit one ledger; without ``key`` the site's identity.pub beside it is used; with
+    ``heads`` (from the coordinator's summary.json) the ledger must contain them all."""
     key = key or (
         path.parent / PUBLIC_KEY_NAME if (path.parent / PUBLIC_KEY_NAME).is_file() else None
     )
@@ -68,6 +96,8 @@ def verify(path: Path, key: Path | None = None) -> LedgerAudit:
     except LedgerError as err:
         return LedgerAudit(path, key, [], [Finding(None, "key", str(err))])
     entries, findings = verify_ledger(path, public_key)
+    if heads is not None and entries:
+        findings.extend(_match_heads(entries, heads.get(entries[0].site_id, [])))
     return LedgerAudit(path, key, entries, findings)
 
 

@@ -74,3 +74,32 @@ def test_verify_without_any_ledger_is_a_one_line_error(tmp_path: Path) -> None:
     result = fedsilo("audit", "verify", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: no ledger found")
+
+
+def test_entries_cut_from_the_end_are_caught_against_the_coordinators_heads(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: site-2's ledger cut back to its first entry: the chain alone stays valid.
+    site = tmp_path / "site"
+    site.mkdir()
+    source = run_dir / "sites" / "site-2"
+    (site / "identity.pub").write_bytes((source / "identity.pub").read_bytes())
+    first = (source / "ledger.jsonl").read_text().splitlines()[0]
+    (site / "ledger.jsonl").write_text(first + "\n")
+    ledger = str(site / "ledger.jsonl")
+
+    # Execute
+    alone = fedsilo("audit", "verify", ledger)
+    anchored = fedsilo("audit", "verify", ledger, "--summary", str(run_dir / "summary.json"))
+
+    # Assert
+    assert alone.returncode == 0
+    assert anchored.returncode == 1 and "truncated" in anchored.stdout
+    assert "round 2" in anchored.stdout
+
+
+def test_the_untouched_run_verifies_against_its_summary(run_dir: Path) -> None:
+    result = fedsilo(
+        "audit", "verify", str(run_dir / "sites"), "--summary", str(run_dir / "summary.json")
+    )
+    assert result.returncode == 0, result.stdout

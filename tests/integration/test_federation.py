@@ -64,7 +64,7 @@ def test_a_site_with_bad_data_fails_sanitized_and_the_round_goes_on(tmp_path: Pa
     bad = tmp_path / "site.csv"
     bad.write_text("text,label\nSECRET-PATIENT-NOTE,fresh\n,rotten\n")
     nodes = [
-        {"data-path": str(bad), "site-id": "hospital-a"},
+        {"data-path": str(bad), "site-id": "hospital-a", "epsilon": 4.0},
         {"partition-id": 1, "num-partitions": 3},
         {"partition-id": 2, "num-partitions": 3},
     ]

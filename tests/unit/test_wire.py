@@ -145,3 +145,8 @@ def test_encode_refuses_inconsistent_reply() -> None:
         encode_reply(report("ok"), None)
     assert STATUS_KEY in encode_reply(report(), ARRAYS).config_records
     assert isinstance(encode_reply(report(), ARRAYS).metric_records[METRICS_KEY], MetricRecord)
+
+
+def test_a_dp_reply_with_nan_metrics_is_rejected() -> None:
+    with pytest.raises(WireError, match="NaN"):
+        decode_reply(encode_reply(report(epsilon=math.nan), ARRAYS))

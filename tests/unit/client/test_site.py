@@ -161,3 +161,30 @@ def test_no_dp_mode_is_labelled(cfg: RunConfig) -> None:
 def test_bad_site_settings_are_named(node: dict[str, object], cfg: RunConfig) -> None:
     with pytest.raises(SiteConfigError):
         SiteSettings.from_node_config(node, cfg)
+
+
+def test_a_deployed_site_keeps_dp_and_its_own_budget_whatever_the_plan(
+    cfg: RunConfig, tmp_path: Path
+) -> None:
+    # A deployed site (data-path) with its own budget and ledger folder.
+    data = tmp_path / "site.csv"
+    data.write_text(
+        "text,label\n"
+        + "".join(f"review {i},{'fresh' if i % 2 else 'rotten'}\n" for i in range(400))
+    )
+    node = {
+        "data-path": str(data),
+        "site-id": "bank-a",
+        "epsilon": 2.0,
+        "state-dir": str(tmp_path / "bank"),
+    }
+
+    # The coordinator asks for no DP: refused.
+    with pytest.raises(SiteConfigError, match="requires DP"):
+        _round(1, SiteState(), cfg.with_overrides({"dp": False}), node=node)
+    # The coordinator's epsilon (4.0) and delta do not apply to this site.
+    report, _ = _round(1, SiteState(), cfg.with_overrides({"delta": 1e-3}), node=node)
+    assert report.budget == 2.0 and report.delta == 1e-5 and report.epsilon <= 2.0
+    # Without its own budget a deployed site does not start.
+    with pytest.raises(SiteConfigError, match="own 'epsilon'"):
+        SiteSettings.from_node_config({"data-path": str(data)}, cfg)
