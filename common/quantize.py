@@ -8,22 +8,50 @@ never wrap. A site turns its delta into integers as follows:
 2. FedAvg weighting, if any: multiply the clipped delta by ``weight / weight_bound``
    (``weight_bound`` is a public cap, ``1 <= weight <= weight_bound``), so the scaled
    delta stays inside the clip ball and the sum cannot grow;
-3. rotate with a randomized Hadamard transform (public per-round ``seed``): it spreads
-   the vector's energy so each coordinate is about ``clip_norm / sqrt(padded_dim)``,
-   which is what makes a few bits per coordinate enough;
-4. clip each rotated coordinate to ``+- headroom * clip_norm / sqrt(padded_dim)`` (rare
-   for ``headroom = 4``; it biases only those coordinates and is reported as
-   ``clip_fraction``);
-5. scale so that range maps onto ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` and round
+3. rotate blockwise with randomized Hadamard transforms (public per-round ``seed``):
+   the vector is cut into ``ceil(dim / block_size)`` consecutive blocks, all of exactly
+   ``block_size`` coordinates but the last, which is zero-padded only to the next power
+   of two at or above its own length (not to ``block_size``). Block ``i`` gets its own
+   random signs (``np.random.default_rng([seed, i])``) and its own orthonormal
+   Walsh-Hadamard transform, which spreads that block's energy: a block of padded length
+   ``L`` and L2 norm ``r`` gets coordinates of about ``r / sqrt(L)``. ``padded_dim`` is
+   the sum of the padded block lengths, so padding costs at most the last block's
+   rounding up (dim 139,138 at block size 4096: 139,264 coordinates, not 2^18 = 262,144);
+4. clip each rotated coordinate of a block of padded length ``L`` to
+   ``+- headroom * clip_norm / sqrt(L)`` (rare for ``headroom = 4``; it biases only those
+   coordinates and is reported as ``clip_fraction``);
+5. scale so that the block's range maps onto ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` and round
    stochastically (``floor(x) + Bernoulli(frac(x))``: unbiased);
 6. reduce mod 2^k (two's complement) and append one more ring element holding
    ``weight``, so the weight also travels inside the secure sum and the coordinator
    learns only the total weight.
 
+Why the range in step 4 comes from each block's own length. The blocks share the clip
+budget (``sum_i r_i^2 <= clip_norm^2``) but nothing says how: a site whose delta lives
+mostly in one layer puts nearly all of ``clip_norm`` into one block, whose coordinates
+are then about ``clip_norm / sqrt(L)``, which is ``sqrt(padded_dim / L)`` times
+(5.8 times for the 34 blocks of dim 139,138) the ``clip_norm / sqrt(padded_dim)`` that a
+global rotation would give. A range sized from ``padded_dim`` would clip such a block
+wholesale, so the range is sized for the worst split instead: every block is quantized as
+if it alone carried the full clip norm. That keeps the global design's guarantee block by
+block: a coordinate of a block is a sum of ``L`` terms ``+- x_j / sqrt(L)`` with
+independent signs, so by Hoeffding it passes ``headroom * clip_norm / sqrt(L)`` with
+probability at most ``2 exp(-headroom^2 / 2)`` however the norm is spread over blocks.
+All full blocks have length ``L_max = block_size`` and so one range (``scale`` is their
+levels per unit); a short last block, which a range from ``L_max`` would clip whenever it
+carries more than about ``sqrt(L / L_max)`` of the norm, gets its own wider range. The
+price is resolution: when the norm is spread evenly (a dense delta) the coordinates use
+only about ``1 / sqrt(num_blocks)`` of the range, i.e. about ``log2(num_blocks) / 2`` bits
+fewer than a global rotation (2.5 bits for 34 blocks), and the worst-case error of
+``error_bound`` grows by ``sqrt(num_blocks)``. Fewer blocks (a larger ``block_size``)
+buy resolution back at the cost of padding; ``block_size >= dim`` is the global rotation
+(one block, padded to the next power of two).
+
 Decoding the sum of ``m`` encodings lifts it back to signed integers, divides by the
-scale, undoes the rotation, drops the padding and divides by the effective count
-``total_weight / weight_bound``: the result is ``sum_i w_i clip(delta_i) / sum_i w_i``,
-the weighted mean of the clipped deltas (the plain mean when ``weight_bound == 1``).
+per-block scales, undoes each block's rotation, drops the padding and divides by the
+effective count ``total_weight / weight_bound``: the result is
+``sum_i w_i clip(delta_i) / sum_i w_i``, the weighted mean of the clipped deltas (the
+plain mean when ``weight_bound == 1``).
 
 The ring has ``k = b + ceil(log2(num_sites)) + 1`` bits (and enough for
 ``num_sites * weight_bound`` in the weight element), rounded up to a multiple of 8 so
@@ -40,10 +68,13 @@ import numpy.typing as npt
 
 BITS_CHOICES = (4, 8, 16)
 MAX_RING_BITS = 64
-# Rotated coordinates beyond HEADROOM standard widths (clip_norm / sqrt(padded_dim))
-# are clipped. Hoeffding bounds the chance per coordinate by 2 exp(-HEADROOM^2 / 2)
-# (6.7e-4 for 4; about 6e-5 in the Gaussian regime of large dims).
+# Rotated coordinates beyond HEADROOM widths clip_norm / sqrt(L) (L: their block's
+# padded length) are clipped. Hoeffding bounds the chance per coordinate by
+# 2 exp(-HEADROOM^2 / 2) (6.7e-4 for 4; about 6e-5 in the Gaussian regime of large
+# blocks), however the clip norm is spread over the blocks.
 HEADROOM = 4.0
+# Coordinates per rotation block: 34 blocks for dim 139,138, padded by 126 zeros.
+BLOCK_SIZE = 4096
 
 FloatArray = npt.NDArray[np.float64]
 RingArray = npt.NDArray[np.uint64]
@@ -62,6 +93,19 @@ def _next_power_of_two(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _check_block_size(block_size: object) -> int:
+    size = _check_int("block_size", block_size, 1)
+    if size & (size - 1):
+        raise ValueError(f"block_size must be a power of two, got {size}")
+    return size
+
+
+def _block_layout(dim: int, block_size: int) -> tuple[int, ...]:
+    """Padded block lengths: full blocks of block_size, the rest to its next power of 2."""
+    full, rest = divmod(dim, block_size)
+    return (block_size,) * full + ((_next_power_of_two(rest),) if rest else ())
+
+
 @dataclass(frozen=True)
 class EncodingSpec:
     """Public parameters every site and the coordinator agree on for one round."""
@@ -73,6 +117,7 @@ class EncodingSpec:
     dim: int
     weight_bound: int = 1
     headroom: float = HEADROOM
+    block_size: int = BLOCK_SIZE
 
     def __post_init__(self) -> None:
         if not (isinstance(self.clip_norm, int | float) and math.isfinite(self.clip_norm)):
@@ -89,6 +134,7 @@ class EncodingSpec:
             raise ValueError(f"headroom must be a finite number, got {self.headroom!r}")
         if self.headroom <= 0:
             raise ValueError(f"headroom must be > 0, got {self.headroom}")
+        _check_block_size(self.block_size)
         need = self._needed_bits()
         if need > MAX_RING_BITS:
             raise ValueError(
@@ -102,9 +148,19 @@ class EncodingSpec:
         return max(coords, weights)
 
     @property
+    def block_lengths(self) -> tuple[int, ...]:
+        """Padded length of each rotation block: block_size, but the last may be shorter."""
+        return _block_layout(self.dim, self.block_size)
+
+    @property
+    def num_blocks(self) -> int:
+        """ceil(dim / block_size)."""
+        return -(-self.dim // self.block_size)
+
+    @property
     def padded_dim(self) -> int:
-        """The rotation needs a power-of-two length."""
-        return _next_power_of_two(self.dim)
+        """Rotated coordinates: the sum of the padded block lengths."""
+        return sum(self.block_lengths)
 
     @property
     def ring_bits(self) -> int:
@@ -116,10 +172,22 @@ class EncodingSpec:
         """The largest quantized magnitude, 2^(b-1) - 1 (symmetric, so the rounding is)."""
         return (1 << (self.bits - 1)) - 1
 
+    def _block_scale(self, length: int) -> float:
+        return self.max_level / (self.headroom * self.clip_norm / math.sqrt(length))
+
     @property
     def scale(self) -> float:
-        """Quantization levels per unit: the headroom range maps onto +-max_level."""
-        return self.max_level / (self.headroom * self.clip_norm / math.sqrt(self.padded_dim))
+        """Levels per unit in the largest blocks (all but maybe the last): their headroom
+        range ``+- headroom * clip_norm / sqrt(L_max)`` maps onto +-max_level."""
+        return self._block_scale(max(self.block_lengths))
+
+    @property
+    def coordinate_scales(self) -> FloatArray:
+        """Levels per unit of every rotated coordinate, from its own block's length."""
+        lengths = self.block_lengths
+        per_block = np.array([self._block_scale(n) for n in lengths], dtype=np.float64)
+        scales: FloatArray = np.repeat(per_block, lengths)
+        return scales
 
     @property
     def encoded_length(self) -> int:
@@ -154,17 +222,25 @@ def _as_vector(name: str, x: object) -> FloatArray:
     return out
 
 
-def _fwht(x: FloatArray) -> FloatArray:
-    """Orthonormal Walsh-Hadamard transform (Sylvester order): log2(n) vectorized stages."""
-    n = x.shape[0]
+def _fwht_rows(x: FloatArray) -> FloatArray:
+    """Orthonormal Walsh-Hadamard transform (Sylvester order) of each row of a 2-D array:
+    log2(n) vectorized stages over all rows at once."""
+    rows, n = x.shape
     y = x.copy()
     h = 1
     while h < n:
-        pairs = y.reshape(-1, 2, h)
-        top, bottom = pairs[:, 0, :], pairs[:, 1, :]
-        y = np.stack((top + bottom, top - bottom), axis=1).reshape(n)
+        pairs = y.reshape(rows, -1, 2, h)
+        top, bottom = pairs[:, :, 0, :], pairs[:, :, 1, :]
+        y = np.stack((top + bottom, top - bottom), axis=2).reshape(rows, n)
         h *= 2
-    return y / math.sqrt(n)
+    out: FloatArray = y / math.sqrt(n)
+    return out
+
+
+def _fwht(x: FloatArray) -> FloatArray:
+    """Orthonormal Walsh-Hadamard transform of one power-of-two-long vector."""
+    row: FloatArray = _fwht_rows(x[np.newaxis, :])[0]
+    return row
 
 
 def _signs(n: int, seed: int) -> FloatArray:
@@ -197,6 +273,65 @@ def inverse_randomized_hadamard(
     if dim > n:
         raise ValueError(f"dim must be <= len(y) = {n}, got {dim}")
     return x[:dim]
+
+
+def _block_signs(n: int, seed: int, index: int) -> FloatArray:
+    """Block ``index``'s public random signs: its own stream from (seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    return rng.integers(0, 2, size=n).astype(np.float64) * 2.0 - 1.0
+
+
+def _blockwise(v: FloatArray, lengths: tuple[int, ...], seed: int, *, inverse: bool) -> FloatArray:
+    """Apply each block's sign flip and FWHT (forward: signs first; inverse: FWHT first).
+
+    ``v`` is already padded: it is the concatenation of the blocks, ``lengths`` long.
+    """
+    out = np.empty_like(v)
+    start = 0
+    index = 0
+    while index < len(lengths):
+        n = lengths[index]
+        same = 1  # consecutive blocks of one length go through one batched FWHT
+        while index + same < len(lengths) and lengths[index + same] == n:
+            same += 1
+        stop = start + same * n
+        signs = np.stack([_block_signs(n, seed, index + j) for j in range(same)])
+        rows = v[start:stop].reshape(same, n)
+        done = signs * _fwht_rows(rows) if inverse else _fwht_rows(signs * rows)
+        out[start:stop] = done.reshape(-1)
+        start, index = stop, index + same
+    return out
+
+
+def blockwise_rotate(x: npt.ArrayLike, seed: int, block_size: int = BLOCK_SIZE) -> FloatArray:
+    """Randomized Hadamard per block: orthonormal, so norms are preserved.
+
+    ``x`` is cut into blocks of ``block_size`` (the last may be shorter and is padded to
+    the next power of two of its own length); block ``i`` is sign-flipped with
+    ``default_rng([seed, i])`` and Walsh-Hadamard transformed. The result is the
+    concatenation, ``sum(padded block lengths)`` long.
+    """
+    v = _as_vector("x", x)
+    _check_int("seed", seed, 0)
+    size = _check_block_size(block_size)
+    lengths = _block_layout(v.shape[0], size)
+    padded = np.zeros(sum(lengths), dtype=np.float64)
+    padded[: v.shape[0]] = v  # only the last block is padded, so its zeros come last
+    return _blockwise(padded, lengths, seed, inverse=False)
+
+
+def blockwise_unrotate(y: npt.ArrayLike, seed: int, block_size: int, dim: int) -> FloatArray:
+    """Undo blockwise_rotate for a vector of length ``dim`` (padding dropped)."""
+    v = _as_vector("y", y)
+    _check_int("seed", seed, 0)
+    size = _check_block_size(block_size)
+    _check_int("dim", dim, 1)
+    lengths = _block_layout(dim, size)
+    if v.shape[0] != sum(lengths):
+        raise ValueError(
+            f"y must have length {sum(lengths)} (dim {dim} in blocks of {size}), got {v.shape[0]}"
+        )
+    return _blockwise(v, lengths, seed, inverse=True)[:dim]
 
 
 def _check_ring(name: str, values: object, ring_bits: int) -> RingArray:
@@ -263,7 +398,7 @@ def encode(
         x = x * (spec.clip_norm / norm)
     x = x * (weight / spec.weight_bound)
 
-    scaled = randomized_hadamard(x, spec.seed) * spec.scale
+    scaled = blockwise_rotate(x, spec.seed, spec.block_size) * spec.coordinate_scales
     level = float(spec.max_level)
     over = np.abs(scaled) > level
     scaled = np.clip(scaled, -level, level)
@@ -312,8 +447,8 @@ def decode_sum(total: RingArray, spec: EncodingSpec, num_summands: int) -> tuple
             f"total has coordinates beyond +-{limit}: not a sum of {num_summands} encodings"
         )
 
-    rotated_sum = coords.astype(np.float64) / spec.scale
-    summed = inverse_randomized_hadamard(rotated_sum, spec.seed, dim=spec.dim)
+    rotated_sum = coords.astype(np.float64) / spec.coordinate_scales
+    summed = blockwise_unrotate(rotated_sum, spec.seed, spec.block_size, spec.dim)
     effective_count = total_weight / spec.weight_bound
     return summed / effective_count, total_weight
 
@@ -325,13 +460,18 @@ def error_bound(
 
     Holds surely, not just with high probability, whenever no rotated coordinate hit the
     headroom clip (every ``clip_fraction == 0``): each stochastic rounding moves a
-    coordinate by less than one level, so a site's error has L2 norm below
-    ``sqrt(padded_dim) / scale`` (= ``headroom * clip_norm / max_level``, whatever the
-    dim); the rotation keeps it, dropping padding only shrinks it, and the decoder's
-    division by ``total_weight / weight_bound`` gives the factor
-    ``num_summands * weight_bound / total_weight`` (1 for unweighted sums). The typical
-    error is far smaller: the roundings are independent with variance <= 1/4 level^2,
-    so for equal weights the RMS error is <= ``sqrt(padded_dim / (4 m)) / scale``.
+    coordinate by less than one level, i.e. by less than ``1 / s_j`` for a coordinate
+    of scale ``s_j``. A block of padded length ``L`` has ``L`` coordinates of scale
+    ``max_level * sqrt(L) / (headroom * clip_norm)``, so its squared error is below
+    ``L / s^2 = (headroom * clip_norm / max_level)^2`` whatever ``L``, and a site's error
+    has L2 norm below ``sqrt(num_blocks) * headroom * clip_norm / max_level``. The
+    inverse rotation is orthonormal (block by block), so it keeps that norm; dropping
+    padding only shrinks it; the sum of ``m = num_summands`` sites stays below ``m``
+    times it, and the decoder's division by ``total_weight / weight_bound`` turns that
+    into the factor ``m * weight_bound / total_weight`` (1 for unweighted sums). The
+    typical error is far smaller: the roundings are independent with variance
+    <= 1/4 level^2, so for equal weights the RMS error is <=
+    ``sqrt(num_blocks / (4 m)) * headroom * clip_norm / max_level``.
     """
     _check_int("num_summands", num_summands, 1)
     weight = num_summands * spec.weight_bound if total_weight is None else total_weight
@@ -341,5 +481,5 @@ def error_bound(
             f"total_weight must be <= num_summands * weight_bound = "
             f"{num_summands * spec.weight_bound}, got {weight}"
         )
-    per_site = math.sqrt(spec.padded_dim) / spec.scale
+    per_site = math.sqrt(spec.num_blocks) * spec.headroom * spec.clip_norm / spec.max_level
     return per_site * num_summands * spec.weight_bound / weight

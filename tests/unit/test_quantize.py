@@ -1,5 +1,5 @@
-"""Update encoding: an orthonormal rotation, an unbiased quantizer, a ring sum that never
-wraps, and every bad argument refused by name."""
+"""Update encoding: an orthonormal blockwise rotation, an unbiased quantizer, a ring sum
+that never wraps, and every bad argument refused by name."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from common.quantize import (
     MAX_RING_BITS,
     EncodingSpec,
     add_mod,
+    blockwise_rotate,
+    blockwise_unrotate,
     decode_sum,
     encode,
     error_bound,
@@ -27,6 +29,12 @@ from common.quantize import (
 
 FAST = settings(max_examples=40, deadline=None)
 SLACK = 1e-9  # float64 rounding in the rotations, far below any bound tested
+BLOCKS = st.sampled_from([1, 2, 4, 16, 4096])  # 4096 is the default
+MODEL_DIM = 139_138  # the model's parameter count
+
+
+def next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def spec(**kw: object) -> EncodingSpec:
@@ -98,6 +106,96 @@ def test_rotation_depends_on_seed() -> None:
     np.testing.assert_allclose(randomized_hadamard(x, seed=1), a)
 
 
+@pytest.mark.parametrize(
+    ("n", "block_size", "lengths"),
+    [
+        (1, 4, [1]),
+        (5, 4, [4, 1]),
+        (7, 4, [4, 4]),
+        (18, 4, [4, 4, 4, 4, 2]),
+        (100, 16, [16] * 6 + [4]),
+        (33, 1, [1] * 33),
+        (1000, 4096, [1024]),
+        (4096 * 2 + 3, 4096, [4096, 4096, 4]),
+        (10_000, 4096, [4096, 4096, 2048]),
+    ],
+)
+def test_blockwise_rotation_preserves_norm_and_inverts(
+    n: int, block_size: int, lengths: list[int]
+) -> None:
+    # Prepare
+    x = np.random.default_rng(n).normal(size=n)
+
+    # Execute
+    y = blockwise_rotate(x, seed=3, block_size=block_size)
+    back = blockwise_unrotate(y, seed=3, block_size=block_size, dim=n)
+
+    # Assert: only the last block is padded, and only to its own power of two.
+    assert y.shape == (sum(lengths),)
+    assert spec(dim=n, block_size=block_size).block_lengths == tuple(lengths)
+    assert np.linalg.norm(y) == pytest.approx(np.linalg.norm(x), rel=1e-12)
+    np.testing.assert_allclose(back, x, atol=1e-12)
+
+
+@FAST
+@given(dim=st.integers(1, 300), block_size=BLOCKS, seed=st.integers(0, 2**63))
+def test_blockwise_rotation_is_orthonormal(dim: int, block_size: int, seed: int) -> None:
+    # Prepare
+    rng = np.random.default_rng(seed)
+    x, z = rng.normal(size=dim), rng.normal(size=dim)
+
+    # Execute
+    rx = blockwise_rotate(x, seed, block_size)
+    rz = blockwise_rotate(z, seed, block_size)
+
+    # Assert: inner products (so norms) kept; exact inverse; linear.
+    s = spec(dim=dim, block_size=block_size)
+    assert rx.shape == (s.padded_dim,)
+    assert s.padded_dim == sum(s.block_lengths) and len(s.block_lengths) == s.num_blocks
+    assert float(rx @ rz) == pytest.approx(float(x @ z), abs=1e-9)
+    np.testing.assert_allclose(blockwise_unrotate(rx, seed, block_size, dim), x, atol=1e-12)
+    np.testing.assert_allclose(blockwise_rotate(x + 2 * z, seed, block_size), rx + 2 * rz)
+
+
+def test_each_block_is_its_own_randomized_hadamard() -> None:
+    # Prepare: dim 21 in blocks of 8: two full blocks and a tail of 5 padded to 8.
+    x = np.random.default_rng(0).normal(size=21)
+    padded = np.concatenate([x, np.zeros(3)])
+
+    # Execute
+    y = blockwise_rotate(x, seed=9, block_size=8)
+
+    # Assert: block i is H (signs_i * x_i) / sqrt(8), signs_i from default_rng([seed, i]).
+    for i in range(3):
+        signs = np.random.default_rng([9, i]).integers(0, 2, size=8) * 2.0 - 1.0
+        block = padded[8 * i : 8 * (i + 1)]
+        expected = hadamard(8) @ (signs * block) / math.sqrt(8)
+        np.testing.assert_allclose(y[8 * i : 8 * (i + 1)], expected, atol=1e-12)
+    assert not np.allclose(y, blockwise_rotate(x, seed=10, block_size=8))
+
+
+def test_model_dim_encoding_size() -> None:
+    # Prepare
+    full, rest = divmod(MODEL_DIM, 4096)
+    fp32_bytes = 4 * MODEL_DIM
+
+    # Execute
+    sizes = {bits: spec(dim=MODEL_DIM, bits=bits, num_sites=10) for bits in (4, 8, 16)}
+
+    # Assert: 33 full blocks and a tail of 3970 padded to 4096 (not to 2^18), + weight.
+    assert (full, rest) == (33, 3970)
+    expected_length = 33 * 4096 + next_pow2(MODEL_DIM - 33 * 4096) + 1
+    assert expected_length == 139_265
+    assert all(s.encoded_length == expected_length for s in sizes.values())
+    assert sizes[8].num_blocks == 34 and sizes[8].block_lengths[-1] == 4096
+    assert sizes[8].ring_bits == 16 and sizes[8].encoded_bytes == 2 * expected_length
+    assert sizes[8].encoded_bytes < 0.55 * fp32_bytes
+    assert sizes[4].encoded_bytes == sizes[8].encoded_bytes  # 4 + 4 + 1 bits round up to 16
+    assert sizes[16].encoded_bytes == 3 * expected_length < 0.76 * fp32_bytes
+    global_rotation = spec(dim=MODEL_DIM, bits=8, num_sites=10, block_size=2**18)
+    assert global_rotation.encoded_length == 2**18 + 1  # the old, doubled size
+
+
 # ---- the ring --------------------------------------------------------------------
 
 
@@ -135,12 +233,15 @@ def test_ring_is_wide_enough_for_any_sum(bits: int, num_sites: int, weight_bound
 
 
 @pytest.mark.parametrize(("bits", "num_sites"), [(4, 8), (8, 128), (16, 128), (4, 300)])
-def test_sum_at_the_extremes_never_wraps(bits: int, num_sites: int) -> None:
+@pytest.mark.parametrize("block_size", [4096, 4])
+def test_sum_at_the_extremes_never_wraps(bits: int, num_sites: int, block_size: int) -> None:
     # Prepare: every rotated coordinate is +-1/4 after the L2 clip, twice the
-    # headroom range, so each one is clipped to +-max_level.
-    s = spec(bits=bits, num_sites=num_sites, dim=16, headroom=0.5)
+    # headroom range (headroom / sqrt(block length)), so each one is clipped to
+    # +-max_level.
+    headroom = 0.5 * math.sqrt(min(block_size, 16) / 16)
+    s = spec(bits=bits, num_sites=num_sites, dim=16, headroom=headroom, block_size=block_size)
     pattern = np.random.default_rng(1).choice([-100.0, 100.0], size=16)
-    delta = inverse_randomized_hadamard(pattern, seed=s.seed)
+    delta = blockwise_unrotate(pattern, s.seed, block_size, 16)
     rng = np.random.default_rng(2)
     encodings = [encode(delta, s, rng) for _ in range(num_sites)]
 
@@ -169,12 +270,15 @@ def test_sum_at_the_extremes_never_wraps(bits: int, num_sites: int) -> None:
     bits=st.sampled_from([4, 8, 16]),
     norms=st.lists(st.floats(0.0, 3.0), min_size=10, max_size=10),
     seed=st.integers(0, 2**32 - 1),
+    block_size=BLOCKS,
 )
 def test_decoded_mean_within_error_bound(
-    dim: int, m: int, bits: int, norms: list[float], seed: int
+    dim: int, m: int, bits: int, norms: list[float], seed: int, block_size: int
 ) -> None:
     # Prepare
-    s = spec(bits=bits, num_sites=10, dim=dim, seed=seed % 1000, clip_norm=1.5)
+    s = spec(
+        bits=bits, num_sites=10, dim=dim, seed=seed % 1000, clip_norm=1.5, block_size=block_size
+    )
     rng = np.random.default_rng(seed)
     deltas = [rng.normal(size=dim) / max(math.sqrt(dim), 1e-12) * norms[i] * 1.5 for i in range(m)]
 
@@ -192,7 +296,8 @@ def test_decoded_mean_within_error_bound(
     assert np.linalg.norm(mean - truth) <= error_bound(s, num_summands=m) * (1 + SLACK)
 
 
-def test_error_shrinks_as_bits_grow() -> None:
+@pytest.mark.parametrize("block_size", [4096, 16])
+def test_error_shrinks_as_bits_grow(block_size: int) -> None:
     # Prepare
     data = np.random.default_rng(11)
     deltas = [data.normal(size=200) * 0.1 for _ in range(5)]
@@ -201,7 +306,7 @@ def test_error_shrinks_as_bits_grow() -> None:
     # Execute
     errors = []
     for bits in (4, 8, 16):
-        s = spec(bits=bits, dim=200)
+        s = spec(bits=bits, dim=200, block_size=block_size)
         rng = np.random.default_rng(12)
         trials = []
         for _ in range(20):
@@ -213,9 +318,10 @@ def test_error_shrinks_as_bits_grow() -> None:
     assert errors[0] > errors[1] > errors[2] > 0.0
 
 
-def test_quantization_is_unbiased() -> None:
+@pytest.mark.parametrize("block_size", [4096, 4])
+def test_quantization_is_unbiased(block_size: int) -> None:
     # Prepare: coarse 4-bit levels, so a biased rounding would show.
-    s = spec(bits=4, dim=6, num_sites=1)
+    s = spec(bits=4, dim=6, num_sites=1, block_size=block_size)
     x = np.array([0.3, -0.2, 0.05, 0.0, -0.45, 0.1])
     rng = np.random.default_rng(21)
     trials = 2000
@@ -223,11 +329,75 @@ def test_quantization_is_unbiased() -> None:
     # Execute
     decoded = np.array([decode_sum(encode(x, s, rng).values, s, 1)[0] for _ in range(trials)])
 
-    # Assert: each decoded coordinate has std <= 1/(2 scale) (unit-norm rows of the
-    # inverse rotation, rounding variance <= 1/4 level^2): 5 standard errors of the mean.
-    tolerance = 5.0 / (2.0 * s.scale * math.sqrt(trials))
+    # Assert: each decoded coordinate has std <= 1/(2 scale) for its block's scale
+    # (unit-norm rows of the inverse rotation, rounding variance <= 1/4 level^2):
+    # 5 standard errors of the mean.
+    tolerance = 5.0 / (2.0 * float(s.coordinate_scales.min()) * math.sqrt(trials))
     np.testing.assert_allclose(decoded.mean(axis=0), x, atol=tolerance)
     assert np.abs(decoded - x).max() > 10 * tolerance  # each single decode is coarse
+
+
+def test_one_block_may_carry_the_whole_clip_norm() -> None:
+    # Prepare: dim 97 in blocks of 16: six full blocks and a 1-long tail. One delta
+    # lives in a single full block, the other is a spike in the tail; both have the
+    # full clip norm. A range of headroom * clip_norm / sqrt(padded_dim) (3 / sqrt(97))
+    # would clip the first; one of headroom * clip_norm / sqrt(16) from the largest block
+    # alone would clip the tail spike (its one coordinate is the whole norm, 1 > 3/4).
+    s = spec(dim=97, block_size=16, bits=16, num_sites=2, headroom=3.0)
+    rng = np.random.default_rng(51)
+    in_block = np.zeros(97)
+    in_block[32:48] = rng.normal(size=16)
+    in_block /= np.linalg.norm(in_block)
+    in_tail = np.zeros(97)
+    in_tail[96] = -1.0
+
+    # Execute
+    encodings = [encode(d, s, rng) for d in (in_block, in_tail)]
+    mean, _ = decode_sum(ring_sum([e.values for e in encodings], s.ring_bits), s, 2)
+
+    # Assert
+    assert s.block_lengths == (16,) * 6 + (1,)
+    assert [e.clip_fraction for e in encodings] == [0.0, 0.0]
+    truth = (in_block + in_tail) / 2
+    assert np.linalg.norm(mean - truth) <= error_bound(s, num_summands=2) * (1 + SLACK)
+    assert np.abs(blockwise_rotate(in_block, s.seed, 16)).max() > 3.0 / math.sqrt(s.padded_dim)
+    assert s.coordinate_scales[-1] == pytest.approx(s.scale / 4.0)  # sqrt(1 / 16)
+
+
+@FAST
+@given(dim=st.integers(1, 20_000), block_size=BLOCKS, bits=st.sampled_from([4, 8, 16]))
+def test_error_bound_is_the_per_block_rounding_sum(dim: int, block_size: int, bits: int) -> None:
+    # Prepare / Execute
+    s = spec(dim=dim, block_size=block_size, bits=bits, clip_norm=2.0, headroom=3.0)
+    scales = s.coordinate_scales
+
+    # Assert: one level per coordinate, summed in squares, is the per-site bound; with
+    # one block it is the single-rotation bound sqrt(padded_dim) / scale.
+    assert scales.shape == (s.padded_dim,)
+    assert error_bound(s) == pytest.approx(math.sqrt(float(np.sum(scales**-2.0))), rel=1e-12)
+    assert error_bound(s) == pytest.approx(math.sqrt(s.num_blocks) * 3.0 * 2.0 / s.max_level)
+    if s.num_blocks == 1:
+        assert error_bound(s) == pytest.approx(math.sqrt(s.padded_dim) / s.scale)
+        assert s.padded_dim == next_pow2(dim)
+
+
+def test_model_dim_round_trip() -> None:
+    # Prepare
+    s = spec(dim=MODEL_DIM, bits=8, num_sites=10, clip_norm=1.0)
+    data = np.random.default_rng(61)
+    deltas = [data.normal(size=MODEL_DIM) * 0.004 for _ in range(3)]
+    rng = np.random.default_rng(62)
+
+    # Execute
+    encodings = [encode(d, s, rng) for d in deltas]
+    mean, weight = decode_sum(ring_sum([e.values for e in encodings], s.ring_bits), s, 3)
+
+    # Assert
+    assert all(e.clip_fraction == 0.0 for e in encodings)
+    assert all(e.values.shape == (139_265,) for e in encodings)
+    truth = np.mean([clip(d, 1.0) for d in deltas], axis=0)
+    assert weight == 3
+    assert np.linalg.norm(mean - truth) <= error_bound(s, num_summands=3) * (1 + SLACK)
 
 
 def test_weight_travels_in_the_sum() -> None:
@@ -285,6 +455,11 @@ def test_weight_channel_holds_the_largest_total() -> None:
         ({"seed": -1}, "seed"),
         ({"weight_bound": 0}, "weight_bound"),
         ({"headroom": -1.0}, "headroom"),
+        ({"block_size": 0}, "block_size"),
+        ({"block_size": 3}, "block_size"),
+        ({"block_size": 4095}, "block_size"),
+        ({"block_size": True}, "block_size"),
+        ({"block_size": 16.0}, "block_size"),
     ],
 )
 def test_bad_spec_refused(kw: dict[str, object], name: str) -> None:
@@ -344,3 +519,22 @@ def test_bad_decode_refused() -> None:
         decode_sum(too_big, s, 1)
     with pytest.raises(ValueError, match="power-of-two"):
         inverse_randomized_hadamard(np.zeros(6), seed=0)
+
+
+def test_bad_blockwise_arguments_refused() -> None:
+    # Prepare
+    y = blockwise_rotate(np.ones(21), seed=1, block_size=8)
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="length 24"):
+        blockwise_unrotate(y[:-1], seed=1, block_size=8, dim=21)
+    with pytest.raises(ValueError, match="length 32"):
+        blockwise_unrotate(y, seed=1, block_size=8, dim=29)
+    with pytest.raises(ValueError, match="block_size"):
+        blockwise_rotate(np.ones(21), seed=1, block_size=6)
+    with pytest.raises(ValueError, match="block_size"):
+        blockwise_unrotate(y, seed=1, block_size=0, dim=21)
+    with pytest.raises(ValueError, match="seed"):
+        blockwise_rotate(np.ones(21), seed=-1, block_size=8)
+    with pytest.raises(ValueError, match="dim"):
+        blockwise_unrotate(y, seed=1, block_size=8, dim=0)
