@@ -1,8 +1,8 @@
 """Privacy accounting for DP-SGD with Poisson sampling.
 
-A mechanism run is an immutable event; an accountant composes the events it has
-recorded. The state is the list of events (save/load it), the mathematics is Opacus's
-PRV accountant (tight: numerical composition of privacy-loss distributions), and the
+A mechanism run is an immutable event; an accountant composes a list of events. The
+record of what was run is the site's signed ledger (common/privacy/ledger.py), from which
+the events are rebuilt; the mathematics is Opacus's PRV accountant (tight: numerical composition of privacy-loss distributions), and the
 tests check it against Google's dp_accounting, an independent implementation.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Literal
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from scipy.optimize import brentq
@@ -45,20 +45,6 @@ class SubsampledGaussianEvent:
             raise PrivacyError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise PrivacyError(f"steps must be a non-negative integer, got {self.steps!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SubsampledGaussianEvent:
-        try:
-            return cls(
-                noise_multiplier=float(data["noise_multiplier"]),
-                sample_rate=float(data["sample_rate"]),
-                steps=int(data["steps"]),
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise PrivacyError(f"malformed privacy event {data!r}: {err}") from err
 
 
 def merged_history(events: Sequence[SubsampledGaussianEvent]) -> list[tuple[float, float, int]]:
@@ -149,21 +135,14 @@ def calibrate_noise_multiplier(
 
 
 class PrivacyAccountant:
-    """The events a site has run, composable into epsilon; saved and restored whole."""
+    """The events a site has run (rebuilt from its ledger), composable into epsilon."""
 
     def __init__(self, events: list[SubsampledGaussianEvent] | None = None) -> None:
         self._events: list[SubsampledGaussianEvent] = list(events or [])
 
     @property
-    def events(self) -> tuple[SubsampledGaussianEvent, ...]:
-        return tuple(self._events)
-
-    @property
     def steps(self) -> int:
         return sum(e.steps for e in self._events)
-
-    def record(self, event: SubsampledGaussianEvent) -> None:
-        self._events.append(event)
 
     def epsilon(self, delta: float, *, accountant: AccountantName = "prv") -> float:
         return compute_epsilon(self._events, delta, accountant=accountant)
@@ -173,13 +152,3 @@ class PrivacyAccountant:
     ) -> float:
         """Epsilon after also running ``planned``: the composition, not a sum of epsilons."""
         return compute_epsilon([*self._events, planned], delta, accountant=accountant)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"events": [e.to_dict() for e in self._events]}
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> PrivacyAccountant:
-        events = state.get("events")
-        if not isinstance(events, list):
-            raise PrivacyError("accountant state lacks its list of events")
-        return cls([SubsampledGaussianEvent.from_dict(e) for e in events])
