@@ -1,5 +1,8 @@
 """The site's ClientApp: unpack the message, call client.site, pack the reply.
 
+A train message runs the round (client/site.py); with secure aggregation the update
+does not leave with the reply: it is encoded and waits in node state for the three
+protocol stages (client/secure.py) that follow as messages of their own.
 Errors at a site are logged in full locally; the coordinator receives a status and
 a generic reason that quotes no data (Flower would forward exception text verbatim).
 """
@@ -8,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import secrets
+from dataclasses import replace
 
 import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from client import secure
 from client.site import (
     PARTITION_ID_KEY,
     SITE_ID_KEY,
@@ -25,11 +30,24 @@ from client.site import (
 from common.data import DataValidationError
 from common.privacy.accounting import PrivacyError
 from common.privacy.ledger import LedgerError
+from common.secagg.errors import SecAggError
+from common.secagg.protocol import PublicKeys, SiteSession
+from common.secagg.updates import clip_update
 from common.training import default_device
-from common.wire import SITE_NAME, SiteReport, decode_plan, encode_reply
+from common.wire import (
+    SITE_NAME,
+    SiteReport,
+    decode_plan,
+    decode_setup,
+    decode_stage,
+    encode_reply,
+    encode_stage,
+    is_stage,
+)
 
 log = logging.getLogger("fedsilo.site")
 STATE_KEY = "fedsilo.site"
+SECAGG_STATE_KEY = "fedsilo.secagg"
 
 app = ClientApp()
 
@@ -39,6 +57,7 @@ _PUBLIC_REASONS: dict[type[BaseException], str] = {
     SiteConfigError: "site configuration is invalid (details in the site's log)",
     PrivacyError: "site privacy settings are invalid (details in the site's log)",
     LedgerError: "site privacy ledger is unreadable or damaged (details in the site's log)",
+    SecAggError: "site could not join secure aggregation (details in the site's log)",
 }
 
 
@@ -58,22 +77,71 @@ def _safe_site_name(name: object, node_id: int) -> str:
     return f"node-{node_id}"[:64]
 
 
+def _load_pending(context: Context) -> secure.Pending | None:
+    record = context.state.config_records.get(SECAGG_STATE_KEY)
+    if record is None:
+        return None
+    session, encoded = record.get("session"), record.get("encoded")
+    if not isinstance(session, str) or not isinstance(encoded, bytes):
+        raise SecAggError("saved secure-aggregation state is damaged")
+    return secure.Pending(SiteSession.from_json(session), encoded)
+
+
+def _save_pending(context: Context, pending: secure.Pending | None) -> None:
+    if pending is None:
+        context.state.config_records.pop(SECAGG_STATE_KEY, None)
+        return
+    context.state[SECAGG_STATE_KEY] = ConfigRecord(
+        {"session": pending.session.to_json(), "encoded": pending.encoded}
+    )
+
+
+def _stage(msg: Message, context: Context) -> Message:
+    """One secure-aggregation stage after training."""
+    message = decode_stage(msg.content)  # our own WireError: names no data
+    try:
+        pending = _load_pending(context)
+        if pending is None:
+            raise SecAggError("no secure round in progress at this site (stale or replayed)")
+        reply, kept = secure.step(pending, message)
+    except Exception as err:
+        log.exception("secure aggregation stage %s failed at this site", message.stage)
+        reply, kept = secure.failure(message, err), None
+    _save_pending(context, kept)
+    return Message(encode_stage(reply), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if is_stage(msg.content):
+        return _stage(msg, context)
     plan, global_arrays = decode_plan(msg.content)  # our own WireError: names no data
+    setup = decode_setup(msg.content)
+    _save_pending(context, None)  # a new round ends any unfinished one
     record = context.state.config_records.get(STATE_KEY)
     state = SiteState.from_json(str(record["json"]) if record else None)
     # Noise and sampling must be unpredictable to anyone else: OS entropy.
     generator = torch.Generator(device=default_device()).manual_seed(secrets.randbits(63))
+    keys: PublicKeys | None = None
     try:
         settings = SiteSettings.from_node_config(context.node_config, plan.config)
         report, update = run_round(
             plan, global_arrays, settings, state, run_id=str(context.run_id), generator=generator
         )
+        if update is not None and setup is None:
+            update, clipped = clip_update(update, plan.config.update_clip_norm)
+            report = replace(report, update_clipped=int(clipped))
+        elif update is not None and setup is not None:
+            pending, keys, clipped = secure.join(setup, plan.config, update, report.num_examples)
+            _save_pending(context, pending)
+            # The example count travels only inside the secure sum (as the weight).
+            report = replace(report, update_clipped=int(clipped), num_examples=0)
+            update = None
     except Exception as err:
         log.exception("round %d failed at this site", plan.round)
         name = context.node_config.get(SITE_ID_KEY, context.node_config.get(PARTITION_ID_KEY))
-        report, update = _failure(err, _safe_site_name(name, context.node_id)), None
+        report, update, keys = _failure(err, _safe_site_name(name, context.node_id)), None, None
+        _save_pending(context, None)
     # The ledger entry is already on disk; persist the run's calibration too.
     context.state[STATE_KEY] = ConfigRecord({"json": state.to_json()})
-    return Message(encode_reply(report, update), reply_to=msg)
+    return Message(encode_reply(report, update, keys), reply_to=msg)

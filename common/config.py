@@ -57,6 +57,19 @@ class RunConfig(BaseModel):
     epsilon: float = 8.0
     delta: float = 1e-5
     clip_norm: float = 1.5
+    # Aggregation. Each site's model delta is L2-clipped to update-clip-norm (bounds its
+    # influence and the quantization range); the mean is uniform over sites or weighted
+    # by example counts (capped at max-site-weight, which is public).
+    update_clip_norm: float = 15.0
+    weighting: Literal["uniform", "examples"] = "uniform"
+    max_site_weight: int = 4096
+    # Secure aggregation (SecAgg+): the coordinator sees only the sum of b-bit encodings.
+    secure_aggregation: bool = True
+    secagg_bits: Literal[4, 8, 16] = 8
+    # Shares needed to recover a site's secrets, as a fraction of its holders (at least a
+    # strict majority); 0 degree = complete graph for few sites, about 3 log2(n) above.
+    secagg_threshold: float = 0.5
+    secagg_degree: int = 0
     # Server optimizer on the averaged update
     server_optimizer: Literal["fedavg", "fedavgm", "fedadam"] = "fedavgm"
     server_learning_rate: float = 1.0
@@ -78,6 +91,7 @@ class RunConfig(BaseModel):
         "batch_size",
         "max_length",
         "min_partition_size",
+        "max_site_weight",
     )
     @classmethod
     def _positive_int(cls, v: int) -> int:
@@ -86,7 +100,12 @@ class RunConfig(BaseModel):
         return v
 
     @field_validator(
-        "round_timeout", "dirichlet_alpha", "learning_rate", "clip_norm", "server_learning_rate"
+        "round_timeout",
+        "dirichlet_alpha",
+        "learning_rate",
+        "clip_norm",
+        "server_learning_rate",
+        "update_clip_norm",
     )
     @classmethod
     def _positive_float(cls, v: float) -> float:
@@ -99,6 +118,20 @@ class RunConfig(BaseModel):
     def _fraction(cls, v: float) -> float:
         if not 0 < v <= 1:
             raise ValueError("must be in (0, 1]")
+        return v
+
+    @field_validator("secagg_threshold")
+    @classmethod
+    def _threshold(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError("must be in (0, 1]; a strict majority of holders is always required")
+        return v
+
+    @field_validator("secagg_degree")
+    @classmethod
+    def _degree(cls, v: int) -> int:
+        if v < 0 or v % 2:
+            raise ValueError("must be 0 (automatic) or an even number of neighbours")
         return v
 
     @field_validator("epsilon")

@@ -6,6 +6,9 @@ What crosses the wire, and nothing else:
 - site -> coordinator: a status, the update (only when trained) and declared public
   metrics. No loss, no per-example value, no text: those are data-dependent and
   not covered by the DP guarantee.
+- with secure aggregation, the first reply carries the site's two public keys instead
+  of the update, and three more exchanges (``StageMessage``) carry public keys, sealed
+  shares, the masked (uniformly random-looking) input and unmasking shares.
 
 Every message is validated on arrival; anything malformed raises ``WireError``
 naming what is wrong, and is never used.
@@ -20,14 +23,20 @@ from typing import Literal
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.serde import recorddict_to_proto
 
 from common.config import ConfigError, RunConfig
+from common.secagg.errors import SecAggError
+from common.secagg.protocol import PublicKeys, SecAggParams
 
 GLOBAL_KEY = "global"
 PLAN_KEY = "plan"
 UPDATE_KEY = "update"
 STATUS_KEY = "status"
 METRICS_KEY = "metrics"
+SECAGG_KEY = "secagg"
+KEYS_KEY = "secagg-keys"
+STAGE_KEY = "secagg-stage"
 
 Status = Literal["ok", "refused", "failed"]
 STATUSES: tuple[Status, ...] = ("ok", "refused", "failed")
@@ -74,6 +83,45 @@ class SiteReport:
     # ("" when the site keeps no ledger), so an auditor can match the ledger later.
     ledger_head: str = ""
     ledger_signature: str = ""
+    # 1 when the site's model delta was scaled down to the plan's update-clip-norm.
+    update_clipped: int = 0
+
+
+@dataclass(frozen=True)
+class SecAggSetup:
+    """What one site needs to join a secure round: the public parameters, its own
+    protocol index and the public seed of the round's rotation."""
+
+    params: SecAggParams
+    index: int
+    rotation_seed: int
+
+
+StageName = Literal["share-keys", "masked-input", "unmask"]
+STAGES: tuple[StageName, ...] = ("share-keys", "masked-input", "unmask")
+
+
+@dataclass(frozen=True)
+class StageMessage:
+    """One secure-aggregation exchange after the first (either direction).
+
+    share-keys: coordinator -> site: ``ids`` with their ``blobs`` (c keys) and ``more``
+    (s keys); site -> coordinator: ``ids`` with sealed shares in ``blobs``.
+    masked-input: coordinator -> site: sealed shares by sender; site -> coordinator:
+    its own index with its packed masked vector.
+    unmask: coordinator -> site: ``alive`` and ``dropped``; site -> coordinator: ``ids``
+    with one share each in ``blobs``.
+    ``error`` (site -> coordinator only) says why the site left the round.
+    """
+
+    stage: StageName
+    session: str
+    ids: tuple[int, ...] = ()
+    blobs: tuple[bytes, ...] = ()
+    more: tuple[bytes, ...] = ()
+    alive: tuple[int, ...] = ()
+    dropped: tuple[int, ...] = ()
+    error: str = ""
 
 
 def _arrays_to_record(arrays: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -93,9 +141,41 @@ def _record_to_arrays(record: ArrayRecord, what: str) -> dict[str, torch.Tensor]
     return arrays
 
 
-def encode_plan(plan: RoundPlan, global_arrays: dict[str, torch.Tensor]) -> RecordDict:
+def encode_plan(
+    plan: RoundPlan, global_arrays: dict[str, torch.Tensor], setup: SecAggSetup | None = None
+) -> RecordDict:
     config = ConfigRecord({"round": plan.round, **plan.config.to_user_config()})
-    return RecordDict({GLOBAL_KEY: _arrays_to_record(global_arrays), PLAN_KEY: config})
+    content = RecordDict({GLOBAL_KEY: _arrays_to_record(global_arrays), PLAN_KEY: config})
+    if setup is not None:
+        content[SECAGG_KEY] = ConfigRecord(
+            {
+                "params": setup.params.to_json(),
+                "index": setup.index,
+                "rotation-seed": setup.rotation_seed,
+            }
+        )
+    return content
+
+
+def decode_setup(content: RecordDict) -> SecAggSetup | None:
+    """The secure-aggregation part of a train message (None: plain aggregation)."""
+    record = content.config_records.get(SECAGG_KEY)
+    if record is None:
+        return None
+    params, index, seed = record.get("params"), record.get("index"), record.get("rotation-seed")
+    if not isinstance(params, str):
+        raise WireError("train message has malformed secagg parameters")
+    for name, value in (("index", index), ("rotation-seed", seed)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise WireError(f"train message has a bad secagg {name}")
+    try:
+        parsed = SecAggParams.from_json(params)
+    except SecAggError as err:
+        raise WireError(f"train message: {err}") from None
+    assert isinstance(index, int) and isinstance(seed, int)
+    if index not in parsed.participants:
+        raise WireError(f"train message: secagg index {index} is not a participant")
+    return SecAggSetup(params=parsed, index=index, rotation_seed=seed)
 
 
 def decode_plan(content: RecordDict) -> tuple[RoundPlan, dict[str, torch.Tensor]]:
@@ -114,9 +194,14 @@ def decode_plan(content: RecordDict) -> tuple[RoundPlan, dict[str, torch.Tensor]
     )
 
 
-def encode_reply(report: SiteReport, update: dict[str, torch.Tensor] | None) -> RecordDict:
-    if (update is None) == (report.status == "ok"):
-        raise ValueError("an update travels exactly when the status is 'ok'")
+def encode_reply(
+    report: SiteReport,
+    update: dict[str, torch.Tensor] | None,
+    keys: PublicKeys | None = None,
+) -> RecordDict:
+    """An ok reply carries the update (plain) or the site's public keys (secure)."""
+    if ((update is None) == (keys is None)) == (report.status == "ok"):
+        raise ValueError("an update or keys (one of them) travel exactly when status is 'ok'")
     numbers = {
         f.name.replace("_", "-"): getattr(report, f.name)
         for f in fields(report)
@@ -139,10 +224,14 @@ def encode_reply(report: SiteReport, update: dict[str, torch.Tensor] | None) -> 
     )
     if update is not None:
         content[UPDATE_KEY] = _arrays_to_record(update)
+    if keys is not None:
+        content[KEYS_KEY] = ConfigRecord({"c": keys.c, "s": keys.s})
     return content
 
 
-def decode_reply(content: RecordDict) -> tuple[SiteReport, dict[str, torch.Tensor] | None]:
+def decode_reply(
+    content: RecordDict,
+) -> tuple[SiteReport, dict[str, torch.Tensor] | None, PublicKeys | None]:
     if STATUS_KEY not in content.config_records or METRICS_KEY not in content.metric_records:
         raise WireError("reply lacks its status or metrics")
     status_rec = content.config_records[STATUS_KEY]
@@ -185,12 +274,97 @@ def decode_reply(content: RecordDict) -> tuple[SiteReport, dict[str, torch.Tenso
         **values,  # type: ignore[arg-type]
     )
     has_update = UPDATE_KEY in content.array_records
-    if has_update != (status == "ok"):
+    has_keys = KEYS_KEY in content.config_records
+    if has_update and has_keys:
+        raise WireError("reply carries both an update and secagg keys")
+    if (has_update or has_keys) != (status == "ok"):
         raise WireError(
             f"reply with status {status!r} {'has' if has_update else 'lacks'} an update"
         )
     update = _record_to_arrays(content.array_records[UPDATE_KEY], "update") if has_update else None
-    return report, update
+    keys = None
+    if has_keys:
+        rec = content.config_records[KEYS_KEY]
+        c, s_key = rec.get("c"), rec.get("s")
+        if not isinstance(c, bytes) or not isinstance(s_key, bytes):
+            raise WireError("reply has malformed secagg keys")
+        try:
+            keys = PublicKeys(c, s_key)
+        except SecAggError as err:
+            raise WireError(f"reply has bad secagg keys: {err}") from None
+    return report, update, keys
+
+
+def encode_stage(message: StageMessage) -> RecordDict:
+    record = ConfigRecord(
+        {
+            "stage": message.stage,
+            "session": message.session,
+            "ids": list(message.ids),
+            "blobs": list(message.blobs),
+            "more": list(message.more),
+            "alive": list(message.alive),
+            "dropped": list(message.dropped),
+            "error": message.error,
+        }
+    )
+    return RecordDict({STAGE_KEY: record})
+
+
+def is_stage(content: RecordDict) -> bool:
+    return STAGE_KEY in content.config_records
+
+
+def _int_list(raw: object, name: str) -> tuple[int, ...]:
+    if not isinstance(raw, list) or any(
+        not isinstance(x, int) or isinstance(x, bool) or not 0 <= x < 2**31 for x in raw
+    ):
+        raise WireError(f"secagg message field {name!r} must be a list of site indices")
+    return tuple(raw)
+
+
+def _bytes_list(raw: object, name: str) -> tuple[bytes, ...]:
+    if not isinstance(raw, list) or any(not isinstance(x, bytes) for x in raw):
+        raise WireError(f"secagg message field {name!r} must be a list of byte strings")
+    return tuple(raw)
+
+
+def decode_stage(content: RecordDict, *, expect: StageName | None = None) -> StageMessage:
+    """A stage message, checked for shape; ``expect`` refuses any other stage."""
+    record = content.config_records.get(STAGE_KEY)
+    if record is None:
+        raise WireError("message is not a secure-aggregation stage message")
+    stage, session, error = record.get("stage"), record.get("session"), record.get("error", "")
+    if stage not in STAGES:
+        raise WireError(f"unknown secagg stage {stage!r}")
+    if expect is not None and stage != expect:
+        raise WireError(f"expected secagg stage {expect!r}, got {stage!r}")
+    if not isinstance(session, str) or not session or not isinstance(error, str):
+        raise WireError("secagg message has a bad session or error field")
+    ids = _int_list(record.get("ids", []), "ids")
+    blobs = _bytes_list(record.get("blobs", []), "blobs")
+    more = _bytes_list(record.get("more", []), "more")
+    if len(set(ids)) != len(ids):
+        raise WireError("secagg message names a site twice")
+    if len(blobs) != len(ids):
+        raise WireError("secagg message has a different number of ids and blobs")
+    if more and len(more) != len(ids):
+        raise WireError("secagg message has a different number of ids and second keys")
+    return StageMessage(
+        stage=stage,
+        session=session,
+        ids=ids,
+        blobs=blobs,
+        more=more,
+        alive=_int_list(record.get("alive", []), "alive"),
+        dropped=_int_list(record.get("dropped", []), "dropped"),
+        error=error[:200],
+    )
+
+
+def content_bytes(content: RecordDict) -> int:
+    """What a message's content costs on the wire (its serialized protobuf size)."""
+    return int(recorddict_to_proto(content).ByteSize())
 
 
 def report_dict(report: SiteReport) -> dict[str, object]:

@@ -13,20 +13,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-from flwr.app import Context, Message, MessageType
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
-from common.wire import RoundPlan, WireError, decode_reply, encode_plan
-from server.federation import SiteResult, run_federation
+from common.wire import content_bytes
+from server.aggregation import Reply
+from server.federation import run_federation
 from server.report import Reporter
 
 log = logging.getLogger("fedsilo.coordinator")
 
 
 class GridTransport:
-    """Sends one train message per chosen node and decodes the replies."""
+    """One message per node and stage over Flower's Grid; replies keyed by node."""
 
     def __init__(self, grid: Grid, *, timeout: float) -> None:
         self.grid = grid
@@ -35,40 +35,25 @@ class GridTransport:
     def node_ids(self) -> list[int]:
         return list(self.grid.get_node_ids())
 
-    def train(
-        self, node_ids: list[int], plan: RoundPlan, arrays: dict[str, torch.Tensor]
-    ) -> list[SiteResult]:
-        content = encode_plan(plan, arrays)
+    def exchange(self, contents: dict[int, RecordDict], *, group: str) -> dict[int, Reply]:
         messages = [
-            Message(
-                content=content,
-                dst_node_id=nid,
-                message_type=MessageType.TRAIN,
-                group_id=str(plan.round),
-            )
-            for nid in node_ids
+            Message(content=c, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=group)
+            for nid, c in contents.items()
         ]
         replies = self.grid.send_and_receive(messages, timeout=self.timeout)
-        results: dict[int, SiteResult] = {}
+        out: dict[int, Reply] = {}
         for reply in replies:
             nid = reply.metadata.src_node_id
-            if nid not in node_ids or nid in results:
+            if nid not in contents or nid in out:
                 log.warning("ignoring an unexpected reply from node %s", nid)
                 continue
             if reply.has_error():
-                results[nid] = SiteResult(nid, None, None, f"site error {reply.error.code}")
+                out[nid] = Reply(None, f"site error {reply.error.code}")
                 continue
-            try:
-                report, update = decode_reply(reply.content)
-            except WireError as err:
-                results[nid] = SiteResult(nid, None, None, f"malformed reply: {err}")
-                continue
-            results[nid] = SiteResult(nid, report, update)
-        for nid in node_ids:
-            results.setdefault(
-                nid, SiteResult(nid, None, None, "no reply before the round timeout")
-            )
-        return [results[nid] for nid in node_ids]
+            out[nid] = Reply(reply.content, None, content_bytes(reply.content))
+        for nid in contents:
+            out.setdefault(nid, Reply(None, "no reply before the round timeout"))
+        return out
 
 
 def out_dir_for(cfg: RunConfig) -> Path:

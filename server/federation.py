@@ -1,11 +1,11 @@
 """The coordinator's round loop, independent of how messages travel.
 
 ``server/app.py`` supplies a ``Transport`` over Flower's Grid; tests can supply the
-in-process grid through the same app. Each round: send the plan and the global
-trainable arrays to the sampled sites, keep the updates of sites that trained,
-average them (weighted by their declared example counts), apply the server
-optimizer, evaluate centrally on the public test split, checkpoint, report.
-A round in which no site trained leaves the global model unchanged and says why.
+in-process grid through the same app. Each round: sample sites, let the aggregation
+workflow (secure by default: server/secure.py; plain: server/aggregation.py) bring back
+the mean of their clipped updates, apply the server optimizer, evaluate centrally on
+the public test split, checkpoint, report. A round without a mean (no site trained, or
+secure aggregation aborted) leaves the global model unchanged and says why.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -24,27 +24,13 @@ from common.data import load_builtin
 from common.model import build_model
 from common.text import encode
 from common.training import Batchable, default_device, evaluate
-from common.wire import RoundPlan, SiteReport, report_dict
-from server.optimizers import ServerOptimizer, weighted_mean
+from common.wire import RoundPlan, report_dict
+from server.aggregation import RoundOutcome, SiteResult, Transport, plain_round
+from server.optimizers import ServerOptimizer
 from server.report import Reporter, RoundRow, save_arrays, write_outputs
+from server.secure import secure_round
 
 Arrays = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class SiteResult:
-    """One site's answer to a round: a report (+ update), or a transport error."""
-
-    node_id: int
-    report: SiteReport | None
-    update: Arrays | None
-    error: str | None = None
-
-
-class Transport(Protocol):
-    def node_ids(self) -> list[int]: ...
-
-    def train(self, node_ids: list[int], plan: RoundPlan, arrays: Arrays) -> list[SiteResult]: ...
 
 
 @dataclass
@@ -63,20 +49,42 @@ def _site_name(result: SiteResult) -> str:
     return result.report.site if result.report is not None else f"node-{result.node_id}"
 
 
-def _check_update(update: Arrays, reference: Arrays) -> str | None:
-    if set(update) != set(reference):
-        return "update arrays differ from the global model's"
-    for k, v in update.items():
-        if tuple(v.shape) != tuple(reference[k].shape):
-            return f"update array {k!r} has shape {tuple(v.shape)}"
-    return None
-
-
 def _ema(average: Arrays | None, current: Arrays, decay: float) -> Arrays:
     """Exponential moving average of the global model (starts at the first iterate)."""
     if average is None or decay == 0:
         return {k: v.clone() for k, v in current.items()}
     return {k: decay * average[k] + (1 - decay) * current[k] for k in current}
+
+
+def _account(res: SiteResult, view: SiteLedgerView, row: RoundRow) -> None:
+    """Fold one site's result into its view and the round's row."""
+    name, report = view.site, res.report
+    if report is None:
+        view.rounds_failed += 1
+        row.note(name, "failed", res.error or "no reply")
+        return
+    if report.status != "failed":  # a failure report carries no accounting
+        view.last = report_dict(report)
+        if report.dp and not math.isnan(report.epsilon):
+            row.epsilon_per_site[name] = report.epsilon
+        if report.ledger_head and report.dp:
+            row.ledger_heads[name] = {
+                "hash": report.ledger_head,
+                "signature": report.ledger_signature,
+                "epsilon": report.epsilon,
+            }
+    if report.status == "ok" and res.contributed:
+        view.rounds_trained += 1
+        row.trained += 1
+    elif report.status == "ok":
+        view.rounds_failed += 1
+        row.note(name, "rejected", res.error or "update not used")
+    elif report.status == "refused":
+        view.rounds_refused += 1
+        row.note(name, "refused", report.reason)
+    else:
+        view.rounds_failed += 1
+        row.note(name, "failed", report.reason)
 
 
 def run_federation(
@@ -107,46 +115,25 @@ def run_federation(
         row = RoundRow(round=rnd, sites_asked=len(chosen))
         if len(available) < cfg.min_sites:
             row.fail(f"only {len(available)} sites connected, min-sites is {cfg.min_sites}")
-            results: list[SiteResult] = []
+            outcome = RoundOutcome(results=[], mean=None)
         else:
-            results = transport.train(chosen, RoundPlan(round=rnd, config=cfg), weights)
-        updates, counts = [], []
-        for res in results:
-            name = _site_name(res)
-            view = sites.setdefault(name, SiteLedgerView(site=name))
-            report = res.report
-            if report is None:
-                view.rounds_failed += 1
-                row.note(name, "failed", res.error or "no reply")
-                continue
-            if report.status != "failed":  # a failure report carries no accounting
-                view.last = report_dict(report)
-                if report.dp and not math.isnan(report.epsilon):
-                    row.epsilon_per_site[name] = report.epsilon
-                if report.ledger_head and report.dp:
-                    row.ledger_heads[name] = {
-                        "hash": report.ledger_head,
-                        "signature": report.ledger_signature,
-                        "epsilon": report.epsilon,
-                    }
-            if report.status == "ok" and res.update is not None:
-                problem = _check_update(res.update, weights)
-                if problem:
-                    view.rounds_failed += 1
-                    row.note(name, "rejected", problem)
-                    continue
-                view.rounds_trained += 1
-                updates.append(res.update)
-                counts.append(float(report.num_examples))
-                row.trained += 1
-            elif report.status == "refused":
-                view.rounds_refused += 1
-                row.note(name, "refused", report.reason)
+            plan = RoundPlan(round=rnd, config=cfg)
+            if cfg.secure_aggregation:
+                outcome = secure_round(transport, chosen, plan, weights)
             else:
-                view.rounds_failed += 1
-                row.note(name, "failed", report.reason)
-        if updates:
-            weights = optimizer.step(weights, weighted_mean(updates, counts))
+                outcome = plain_round(transport, chosen, plan, weights)
+        row.aggregate_seconds = time.monotonic() - started
+        names = {res.node_id: _site_name(res) for res in outcome.results}
+        row.upload_bytes = {names.get(n, f"node-{n}"): b for n, b in outcome.upload_bytes.items()}
+        row.clipped = outcome.clipped
+        for res in outcome.results:
+            _account(
+                res, sites.setdefault(names[res.node_id], SiteLedgerView(names[res.node_id])), row
+            )
+        if outcome.failure:
+            row.fail(outcome.failure)
+        if outcome.mean is not None:
+            weights = optimizer.step(weights, outcome.mean)
             shipped = _ema(shipped, weights, cfg.server_ema)
             model.load_trainable_state(shipped)
         elif row.status == "ok":

@@ -33,11 +33,24 @@ class RoundRow:
     status: str = "ok"
     reason: str = ""
     seconds: float = 0.0
+    # Of which: from sampling to the mean update (training and aggregation, without the
+    # central evaluation and checkpoint): what secure aggregation adds to.
+    aggregate_seconds: float = 0.0
     epsilon_per_site: dict[str, float] = field(default_factory=dict)
     # What each site declared of its signed ledger after this round: an auditor can
     # match a ledger shown later against these heads.
     ledger_heads: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[dict[str, str]] = field(default_factory=list)
+    # Bytes each site sent this round (serialized message contents, all stages).
+    upload_bytes: dict[str, int] = field(default_factory=dict)
+    clipped: int = 0  # sites whose delta was scaled down to update-clip-norm
+
+    @property
+    def upload_kib(self) -> float | None:
+        """Mean KiB uploaded per site that answered."""
+        if not self.upload_bytes:
+            return None
+        return sum(self.upload_bytes.values()) / len(self.upload_bytes) / 1024
 
     @property
     def epsilon_max(self) -> float | None:
@@ -52,6 +65,7 @@ class RoundRow:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["epsilon_max"] = self.epsilon_max
+        out["upload_kib"] = self.upload_kib
         return out
 
 
@@ -77,8 +91,16 @@ class Reporter:
             f"server optimizer {cfg.server_optimizer}"
         )
         self.console.print(privacy)
+        aggregation = (
+            f"secure aggregation (SecAgg+, {cfg.secagg_bits}-bit updates, clip "
+            f"{cfg.update_clip_norm:g}): the coordinator sees only the sum"
+            if cfg.secure_aggregation
+            else "[bold yellow]plain aggregation: the coordinator sees every site's update[/]"
+        )
+        self.console.print(aggregation)
         self.console.print(
-            f"{'round':>5}  {'acc':>6}  {'loss':>6}  {'eps max':>7}  {'sites':>5}  {'time':>6}  note",
+            f"{'round':>5}  {'acc':>6}  {'loss':>6}  {'eps max':>7}  {'sites':>5}  {'time':>6}  "
+            f"{'KiB/site':>8}  note",
             style="bold",
         )
         if self.console.is_terminal:
@@ -102,9 +124,11 @@ class Reporter:
             else "; ".join(f"{n['site']} {n['status']}: {n['reason']}" for n in row.notes)
         )
         style = "red" if row.status != "ok" else None
+        kib = row.upload_kib
+        kib_text = f"{kib:8.1f}" if kib is not None else f"{'-':>8}"
         self.console.print(
             f"{row.round:>5}  {row.accuracy:6.4f}  {row.loss:6.4f}  {eps_text}  "
-            f"{row.trained:>2}/{row.sites_asked:<2}  {row.seconds:5.1f}s  {note}",
+            f"{row.trained:>2}/{row.sites_asked:<2}  {row.seconds:5.1f}s  {kib_text}  {note}",
             style=style,
             highlight=False,
         )

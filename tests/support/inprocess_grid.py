@@ -16,7 +16,9 @@ in-memory grid / simulation engine:
   ``SUPERLINK_NODE_ID`` and ``reply_to_message_id`` = the instruction's id.
 
 Dropped nodes (``drop_node``) are not listed by ``get_node_ids`` and never
-reply; messages pushed to them are accepted but silently discarded.
+reply; messages pushed to them are accepted but silently discarded. ``vanish_at``
+drops a node the moment a message of a given group (e.g. ``"1/unmask"``) reaches it:
+a site that disappears in the middle of a multi-stage round.
 
 Note: Flower's ``Message`` constructor reads ``TaskIdentity`` (run id, node id);
 this grid sets it to the ServerApp identity on construction and ``set_run``.
@@ -111,6 +113,7 @@ class InProcessGrid(Grid):
             for i, nid in enumerate(self._node_ids)
         }
         self._dropped: set[int] = set()
+        self._vanish: dict[int, str] = {}
         self._contexts: dict[int, Context] = {}
         self._replies: dict[str, Message] = {}  # instruction msg id -> reply
         self._run = Run.create_empty(run_id=run_id)
@@ -183,6 +186,11 @@ class InProcessGrid(Grid):
         self._check_known(node_id)
         self._dropped.add(node_id)
 
+    def vanish_at(self, node_id: int, group_id: str) -> None:
+        """Drop ``node_id`` when a message with ``group_id`` is pushed to it."""
+        self._check_known(node_id)
+        self._vanish[node_id] = group_id
+
     def restore_node(self, node_id: int) -> None:
         """Bring ``node_id`` back online (its context/state is kept)."""
         self._check_known(node_id)
@@ -233,6 +241,8 @@ class InProcessGrid(Grid):
                 log.error("InProcessGrid rejected message: %s", errors)
                 continue
             msg_ids.append(md.message_id)
+            if self._vanish.get(md.dst_node_id) == md.group_id:
+                self._dropped.add(md.dst_node_id)
             if md.dst_node_id in self._dropped:
                 continue  # accepted but never delivered
             self._deliver(_copy_message(msg))

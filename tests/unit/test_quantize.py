@@ -22,9 +22,11 @@ from common.quantize import (
     encode,
     error_bound,
     inverse_randomized_hadamard,
+    pack,
     randomized_hadamard,
     signed_lift,
     to_ring,
+    unpack,
 )
 
 FAST = settings(max_examples=40, deadline=None)
@@ -188,10 +190,12 @@ def test_model_dim_encoding_size() -> None:
     assert expected_length == 139_265
     assert all(s.encoded_length == expected_length for s in sizes.values())
     assert sizes[8].num_blocks == 34 and sizes[8].block_lengths[-1] == 4096
-    assert sizes[8].ring_bits == 16 and sizes[8].encoded_bytes == 2 * expected_length
-    assert sizes[8].encoded_bytes < 0.55 * fp32_bytes
-    assert sizes[4].encoded_bytes == sizes[8].encoded_bytes  # 4 + 4 + 1 bits round up to 16
-    assert sizes[16].encoded_bytes == 3 * expected_length < 0.76 * fp32_bytes
+    # 10 sites: sums within +-10 * (2^(b-1) - 1) need b + 4 bits (1270 < 2^11 at b = 8).
+    assert [sizes[b].ring_bits for b in (4, 8, 16)] == [8, 12, 20]
+    assert sizes[8].encoded_bytes == -(-12 * expected_length // 8)
+    assert sizes[8].encoded_bytes < 0.376 * fp32_bytes
+    assert sizes[4].encoded_bytes == expected_length < 0.251 * fp32_bytes
+    assert sizes[16].encoded_bytes == -(-20 * expected_length // 8) < 0.626 * fp32_bytes
     global_rotation = spec(dim=MODEL_DIM, bits=8, num_sites=10, block_size=2**18)
     assert global_rotation.encoded_length == 2**18 + 1  # the old, doubled size
 
@@ -227,9 +231,12 @@ def test_ring_is_wide_enough_for_any_sum(bits: int, num_sites: int, weight_bound
     s = spec(bits=bits, num_sites=num_sites, weight_bound=weight_bound)
 
     # Assert
-    assert s.ring_bits % 8 == 0 and s.ring_bits <= MAX_RING_BITS
+    assert s.ring_bits <= MAX_RING_BITS
     assert num_sites * s.max_level < 2 ** (s.ring_bits - 1)
     assert num_sites * weight_bound < 2**s.ring_bits
+    # ... and no narrower ring would do.
+    narrower = s.ring_bits - 1
+    assert num_sites * s.max_level >= 2 ** (narrower - 1) or num_sites * weight_bound >= 2**narrower
 
 
 @pytest.mark.parametrize(("bits", "num_sites"), [(4, 8), (8, 128), (16, 128), (4, 300)])
@@ -433,7 +440,7 @@ def test_weight_channel_holds_the_largest_total() -> None:
     mean, weight = decode_sum(total, s, 8)
 
     # Assert
-    assert s.ring_bits == 24
+    assert s.ring_bits == 24  # 8 * 2^20 = 2^23 needs 24 unsigned bits
     assert weight == 8 * 2**20
     assert np.linalg.norm(mean - x) <= error_bound(s, num_summands=8) * (1 + SLACK)
 
@@ -446,7 +453,7 @@ def test_weight_channel_holds_the_largest_total() -> None:
     [
         ({"bits": 12}, "bits"),
         ({"bits": True}, "bits"),
-        ({"bits": 16, "num_sites": 2**48}, "ring"),
+        ({"bits": 16, "num_sites": 2**49}, "ring"),
         ({"bits": 4, "weight_bound": 2**63}, "ring"),
         ({"clip_norm": 0.0}, "clip_norm"),
         ({"clip_norm": math.inf}, "clip_norm"),
@@ -468,8 +475,8 @@ def test_bad_spec_refused(kw: dict[str, object], name: str) -> None:
 
 
 def test_largest_ring_accepted() -> None:
-    # Prepare / Execute: 16 + 47 + 1 = 64 bits exactly.
-    s = spec(bits=16, num_sites=2**47)
+    # Prepare / Execute: 2^48 * (2^15 - 1) < 2^63, so 64 bits exactly.
+    s = spec(bits=16, num_sites=2**48)
 
     # Assert
     assert s.ring_bits == 64
@@ -538,3 +545,39 @@ def test_bad_blockwise_arguments_refused() -> None:
         blockwise_rotate(np.ones(21), seed=-1, block_size=8)
     with pytest.raises(ValueError, match="dim"):
         blockwise_unrotate(y, seed=1, block_size=8, dim=0)
+
+
+# ---- packing ---------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(ring_bits=st.integers(1, 64), length=st.integers(0, 50), seed=st.integers(0, 2**32))
+def test_pack_round_trips_at_exactly_k_bits(ring_bits: int, length: int, seed: int) -> None:
+    # Prepare
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 2**ring_bits, size=length, dtype=np.uint64, endpoint=False)
+
+    # Execute
+    data = pack(values, ring_bits)
+
+    # Assert
+    assert len(data) == -(-length * ring_bits // 8)
+    assert unpack(data, ring_bits, length).tolist() == values.tolist()
+
+
+def test_pack_known_bytes() -> None:
+    # Prepare: 12-bit elements 0xABC, 0x123 -> bits little-endian: bytes BC 3A 12.
+    values = np.array([0xABC, 0x123], dtype=np.uint64)
+
+    # Execute / Assert
+    assert pack(values, 12) == bytes([0xBC, 0x3A, 0x12])
+
+
+@pytest.mark.parametrize(
+    ("data", "name"),
+    [(b"\x00" * 2, "3 bytes"), (b"\x00" * 4, "3 bytes"), (b"\x00\x00\xf0", "padding")],
+)
+def test_unpack_refuses_wrong_sizes(data: bytes, name: str) -> None:
+    # 2 elements of 10 bits = 20 bits = 3 bytes, the last 4 bits padding.
+    with pytest.raises(ValueError, match=name):
+        unpack(data, 10, 2)

@@ -9,18 +9,27 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.config import RunConfig
+from common.secagg.protocol import SecAggParams, SiteSession
 from common.wire import (
+    KEYS_KEY,
     METRICS_KEY,
     PLAN_KEY,
+    STAGE_KEY,
     STATUS_KEY,
     UPDATE_KEY,
     RoundPlan,
+    SecAggSetup,
     SiteReport,
+    StageMessage,
     WireError,
+    content_bytes,
     decode_plan,
     decode_reply,
+    decode_setup,
+    decode_stage,
     encode_plan,
     encode_reply,
+    encode_stage,
 )
 
 ARRAYS = {"a": torch.ones(2, 3), "b": torch.zeros(4)}
@@ -53,15 +62,16 @@ def test_plan_round_trip() -> None:
 
 
 def test_reply_round_trip_ok_and_refused() -> None:
-    got, update = decode_reply(encode_reply(report(), ARRAYS))
+    got, update, keys = decode_reply(encode_reply(report(), ARRAYS))
     assert got == report() and update is not None and torch.equal(update["a"], ARRAYS["a"])
+    assert keys is None
     refused = report("refused", reason="budget 8 would reach 8.4", steps=0)
-    got, update = decode_reply(encode_reply(refused, None))
-    assert got == refused and update is None
+    got, update, keys = decode_reply(encode_reply(refused, None))
+    assert got == refused and update is None and keys is None
 
 
 def test_no_dp_epsilon_travels_as_nan() -> None:
-    got, _ = decode_reply(encode_reply(report(dp=False, epsilon=math.nan), ARRAYS))
+    got, _, _ = decode_reply(encode_reply(report(dp=False, epsilon=math.nan), ARRAYS))
     assert math.isnan(got.epsilon) and got.dp is False
 
 
@@ -150,3 +160,85 @@ def test_encode_refuses_inconsistent_reply() -> None:
 def test_a_dp_reply_with_nan_metrics_is_rejected() -> None:
     with pytest.raises(WireError, match="NaN"):
         decode_reply(encode_reply(report(epsilon=math.nan), ARRAYS))
+
+
+# ---- secure aggregation messages ---------------------------------------------------
+
+PARAMS = SecAggParams.create(range(1, 4), ring_bits=12, vector_length=10, session="s1")
+KEYS = SiteSession.start(PARAMS, 2)[1]
+
+
+def test_plan_carries_the_secagg_setup() -> None:
+    # Prepare
+    setup = SecAggSetup(PARAMS, 2, rotation_seed=77)
+
+    # Execute
+    content = encode_plan(RoundPlan(1, RunConfig()), ARRAYS, setup)
+
+    # Assert
+    assert decode_setup(content) == setup
+    assert decode_setup(encode_plan(RoundPlan(1, RunConfig()), ARRAYS)) is None
+
+
+def test_setup_naming_a_non_participant_is_rejected() -> None:
+    content = encode_plan(RoundPlan(1, RunConfig()), ARRAYS, SecAggSetup(PARAMS, 2, 7))
+    content.config_records["secagg"]["index"] = 9
+    with pytest.raises(WireError, match="not a participant"):
+        decode_setup(content)
+
+
+def test_reply_with_keys_round_trips_and_excludes_an_update() -> None:
+    # Execute
+    got, update, keys = decode_reply(encode_reply(report(num_examples=0), None, KEYS))
+
+    # Assert
+    assert update is None and keys == KEYS and got.num_examples == 0
+    both = encode_reply(report(), ARRAYS)
+    both[KEYS_KEY] = ConfigRecord({"c": KEYS.c, "s": KEYS.s})
+    with pytest.raises(WireError, match="both"):
+        decode_reply(both)
+    with pytest.raises(ValueError):
+        encode_reply(report(), ARRAYS, KEYS)
+
+
+def test_reply_with_a_bad_key_is_rejected() -> None:
+    content = encode_reply(report(), None, KEYS)
+    content.config_records[KEYS_KEY]["c"] = bytes(32)  # a low-order point
+    with pytest.raises(WireError, match="low-order"):
+        decode_reply(content)
+
+
+def test_stage_message_round_trip_and_size() -> None:
+    # Prepare
+    message = StageMessage("unmask", "s1", ids=(1, 3), blobs=(b"a" * 66, b"b" * 66))
+
+    # Execute
+    content = encode_stage(message)
+
+    # Assert
+    assert decode_stage(content, expect="unmask") == message
+    assert 132 < content_bytes(content) < 132 + 200
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("stage", "steal", "unknown secagg stage"),
+        ("ids", [1, 1], "twice"),
+        ("ids", [1, True], "ids"),
+        ("blobs", [b"x"], "number of ids and blobs"),
+        ("blobs", ["text", "text"], "byte strings"),
+        ("session", "", "session"),
+    ],
+)
+def test_malformed_stage_messages_are_rejected(field: str, value: object, match: str) -> None:
+    content = encode_stage(StageMessage("unmask", "s1", ids=(1, 3), blobs=(b"a", b"b")))
+    content.config_records[STAGE_KEY][field] = value  # type: ignore[assignment]
+    with pytest.raises(WireError, match=match):
+        decode_stage(content)
+
+
+def test_a_stage_message_of_another_stage_is_rejected() -> None:
+    content = encode_stage(StageMessage("unmask", "s1"))
+    with pytest.raises(WireError, match="expected secagg stage 'masked-input'"):
+        decode_stage(content, expect="masked-input")

@@ -1,0 +1,144 @@
+"""Secure aggregation through the real ServerApp and ClientApp on the in-process grid."""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from client.app import app as client_app
+from common.config import RunConfig
+from common.data import builtin_label_names
+from common.model import build_model
+from common.quantize import error_bound
+from common.secagg.updates import encoding_spec, flatten
+from server.app import app as server_app
+from tests.support.inprocess_grid import NODE_ID_OFFSET, InProcessGrid
+
+SMALL = {
+    "num-server-rounds": 1,
+    "max-length": 16,
+    "batch-size": 64,
+    "min-partition-size": 20,
+    "learning-rate": 0.5,
+    "clip-norm": 1.0,
+    "epsilon": 4.0,
+    "server-optimizer": "fedavg",
+    "server-ema": 0.0,
+}
+
+
+def _grid(out: Path, num_nodes: int, **config: object) -> InProcessGrid:
+    """Sites hold 1/20 of the training set each (about 500 examples): fast rounds."""
+    return InProcessGrid(
+        client_app,
+        num_nodes=num_nodes,
+        node_configs=[{"partition-id": i, "num-partitions": 20} for i in range(num_nodes)],
+        run_config={**SMALL, **config, "out-dir": str(out)},
+    )
+
+
+def _run(out: Path, num_nodes: int, **config: object) -> tuple[dict, InProcessGrid]:
+    grid = _grid(out, num_nodes, **config)
+    return _go(grid, out), grid
+
+
+def _go(grid: InProcessGrid, out: Path) -> dict:
+    server_app(grid, grid.server_context())
+    return json.loads((out / "summary.json").read_text())
+
+
+def _initial(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    spec = cfg.model_spec(len(builtin_label_names(cfg.dataset)))
+    return build_model(spec, seed=cfg.seed).trainable_state()
+
+
+def _round_update(out: Path, cfg: RunConfig, rnd: int = 1) -> np.ndarray:
+    """The global model after ``rnd`` minus the initial one (fedavg, lr 1, no EMA)."""
+    saved = load_file(out / "checkpoints" / f"round-{rnd:03d}.safetensors")
+    initial = _initial(cfg)
+    return flatten({k: saved[k] for k in initial}) - flatten(initial)
+
+
+def test_secure_mean_equals_the_plain_mean_within_the_quantization_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the same seeds for the sites' sampling and noise in both runs (the
+    # in-process grid runs the sites here, so fixing `secrets.randbits` fixes them).
+    monkeypatch.setattr(secrets, "randbits", lambda bits: 12345 % (1 << bits))
+    config = {"update-clip-norm": 5.0, "secagg-bits": 16}
+    cfg = RunConfig.from_user_config({**SMALL, **config})
+
+    # Execute
+    plain, _ = _run(tmp_path / "plain", 3, **config, **{"secure-aggregation": False})
+    secure, _ = _run(tmp_path / "secure", 3, **config)
+
+    # Assert: the same sites trained; the means differ by quantization alone.
+    assert plain["rounds"][0]["trained"] == secure["rounds"][0]["trained"] == 3
+    plain_update = _round_update(tmp_path / "plain", cfg)
+    secure_update = _round_update(tmp_path / "secure", cfg)
+    spec = encoding_spec(cfg, num_sites=3, seed=0, dim=plain_update.size)
+    gap = float(np.linalg.norm(secure_update - plain_update))
+    assert np.linalg.norm(plain_update) > 100 * gap  # a real update, not two zeros
+    assert gap <= error_bound(spec, num_summands=3) + 1e-4  # + float32 rounding of the model
+
+
+def test_secure_round_reports_uploads_and_hides_example_counts(tmp_path: Path) -> None:
+    # Execute
+    summary, _ = _run(tmp_path, 3)
+
+    # Assert: the masked vector of 3 sites at 8 bits needs a 10-bit ring (sums within
+    # +-381), so each site sent a little over 10 bits per coordinate: under 0.4x fp32.
+    row = summary["rounds"][0]
+    assert row["status"] == "ok" and row["trained"] == 3
+    dim = sum(v.numel() for v in _initial(RunConfig.from_user_config(SMALL)).values())
+    for sent in row["upload_bytes"].values():
+        assert dim * 10 / 8 < sent < 0.4 * 4 * dim
+    assert all(site["num_examples"] == 0 for site in summary["sites"])
+    assert all(site["epsilon"] == pytest.approx(4.0, rel=0.01) for site in summary["sites"])
+
+
+def test_sites_vanishing_after_their_masked_input_are_recovered(tmp_path: Path) -> None:
+    # Prepare: 5 sites, threshold 3; two vanish when asked to unmask (n - t = 2).
+    grid = _grid(tmp_path, 5)
+    grid.vanish_at(NODE_ID_OFFSET + 1, "1/unmask")
+    grid.vanish_at(NODE_ID_OFFSET + 3, "1/unmask")
+
+    # Execute
+    summary = _go(grid, tmp_path)
+
+    # Assert: their masked inputs are in the sum, recovered through the shares.
+    row = summary["rounds"][0]
+    assert row["status"] == "ok"
+    assert row["trained"] == 5
+    assert np.linalg.norm(_round_update(tmp_path, RunConfig.from_user_config(SMALL))) > 0
+
+
+def test_too_few_survivors_abort_the_round_and_the_run_goes_on(tmp_path: Path) -> None:
+    # Prepare: 5 sites, threshold 3; three vanish before sending their masked input.
+    grid = _grid(tmp_path, 5, **{"num-server-rounds": 2})
+    for i in (0, 2, 4):
+        grid.vanish_at(NODE_ID_OFFSET + i, "1/masked-input")
+
+    # Execute
+    summary = _go(grid, tmp_path)
+
+    # Assert: round 1 failed with the reason and left the model as it was; round 2 ran
+    # among the two sites left (a 2-site round needs both, and both answer).
+    first, second = summary["rounds"]
+    assert first["status"] == "failed"
+    assert first["reason"].startswith("secure aggregation aborted")
+    assert first["trained"] == 0
+    cfg = RunConfig.from_user_config(SMALL)
+    assert np.linalg.norm(_round_update(tmp_path, cfg, 1)) == 0
+    assert second["status"] == "ok" and second["trained"] == 2
+    assert summary["final"]["rounds_completed"] == 1
+    notes = {n["site"]: n["reason"] for n in first["notes"]}
+    assert all("dropped at masked-input" in notes[f"site-{i}"] for i in (0, 2, 4))
+    assert all(math.isfinite(r["accuracy"]) for r in summary["rounds"])
