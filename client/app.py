@@ -48,6 +48,27 @@ from common.wire import (
 log = logging.getLogger("fedsilo.site")
 STATE_KEY = "fedsilo.site"
 SECAGG_STATE_KEY = "fedsilo.secagg"
+DROPOUT_KEY = "fedsilo.dropout"
+_STAGES = ("train", "share-keys", "masked-input", "unmask")
+
+
+class SimulatedDropout(RuntimeError):
+    """A simulated site crashing on purpose (run-config ``dropout-rate``)."""
+
+
+def _plan_dropout(context: Context, rate: float, secure: bool) -> str:
+    """The stage at which this simulated site will crash this round ("" = none)."""
+    simulated = PARTITION_ID_KEY in context.node_config and "data-path" not in context.node_config
+    if not simulated or rate <= 0 or secrets.SystemRandom().random() >= rate:
+        return ""
+    return secrets.choice(_STAGES if secure else _STAGES[:1])
+
+
+def _maybe_crash(context: Context, stage: str) -> None:
+    record = context.state.config_records.get(DROPOUT_KEY)
+    if record is not None and record.get("stage") == stage:
+        raise SimulatedDropout(f"simulated dropout at {stage}")
+
 
 app = ClientApp()
 
@@ -99,6 +120,7 @@ def _save_pending(context: Context, pending: secure.Pending | None) -> None:
 def _stage(msg: Message, context: Context) -> Message:
     """One secure-aggregation stage after training."""
     message = decode_stage(msg.content)  # our own WireError: names no data
+    _maybe_crash(context, message.stage)
     try:
         pending = _load_pending(context)
         if pending is None:
@@ -118,6 +140,9 @@ def train(msg: Message, context: Context) -> Message:
     plan, global_arrays = decode_plan(msg.content)  # our own WireError: names no data
     setup = decode_setup(msg.content)
     _save_pending(context, None)  # a new round ends any unfinished one
+    crash_at = _plan_dropout(context, plan.config.dropout_rate, setup is not None)
+    context.state[DROPOUT_KEY] = ConfigRecord({"stage": crash_at})
+    _maybe_crash(context, "train")
     record = context.state.config_records.get(STATE_KEY)
     state = SiteState.from_json(str(record["json"]) if record else None)
     # Noise and sampling must be unpredictable to anyone else: OS entropy.
@@ -134,9 +159,10 @@ def train(msg: Message, context: Context) -> Message:
         elif update is not None and setup is not None:
             pending, keys, clipped = secure.join(setup, plan.config, update, report.num_examples)
             _save_pending(context, pending)
-            # The example count travels only inside the secure sum (as the weight).
-            report = replace(report, update_clipped=int(clipped), num_examples=0)
+            report = replace(report, update_clipped=int(clipped))
             update = None
+        if setup is not None:  # the example count travels only inside the secure sum
+            report = replace(report, num_examples=0)
     except Exception as err:
         log.exception("round %d failed at this site", plan.round)
         name = context.node_config.get(SITE_ID_KEY, context.node_config.get(PARTITION_ID_KEY))

@@ -77,6 +77,9 @@ class RunConfig(BaseModel):
     # Exponential moving average of the global model across rounds, evaluated and
     # shipped (0 = off). Post-processing of released updates: no privacy cost.
     server_ema: float = 0.8
+    # Simulation only: a simulated site crashes in a round with this probability, at a
+    # random stage of it (to exercise dropouts; deployed sites ignore it).
+    dropout_rate: float = 0.0
     # Output ("" = runs/<timestamp>)
     out_dir: str = ""
     # Simulation only: where simulated sites keep their identity keys and privacy
@@ -148,7 +151,7 @@ class RunConfig(BaseModel):
             raise ValueError("must be in (0, 1)")
         return v
 
-    @field_validator("server_momentum", "server_ema")
+    @field_validator("server_momentum", "server_ema", "dropout_rate")
     @classmethod
     def _momentum(cls, v: float) -> float:
         if not 0 <= v < 1:

@@ -194,10 +194,19 @@ def pretrained_embedding() -> torch.Tensor:
 
 
 def principal_projection(table: torch.Tensor, d_model: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias projecting onto the top principal axes of a public table."""
+    """Weight and bias projecting onto the top principal axes of a public table.
+
+    The axes are the top eigenvectors of the 384 x 384 covariance (float64): the same
+    as an SVD of the whole table, about 3x faster, which every site process pays once.
+    Each axis's sign is fixed (its largest entry positive) so that every site and the
+    coordinator build the same table whatever their LAPACK."""
     mean = table.mean(0)
-    _, _, vh = torch.linalg.svd(table - mean, full_matrices=False)
-    weight = vh[:d_model].contiguous()
+    centred = (table - mean).double()
+    _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+    axes = vectors[:, -d_model:].flip(1).T  # (d_model, 384), largest variance first
+    peak = axes.abs().argmax(dim=1, keepdim=True)
+    axes = axes * torch.sign(axes.gather(1, peak))
+    weight = axes.float().contiguous()
     # Unit variance per output coordinate keeps the LayerNorm'd scale comparable.
     scale = ((table - mean) @ weight.T).std(0).clamp(min=1e-6)
     weight = weight / scale[:, None]

@@ -5,6 +5,7 @@ that turn secure aggregation off). The secure workflow is in server/secure.py.""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,6 +55,7 @@ class RoundOutcome:
     failure: str = ""  # why the whole round failed (e.g. secure aggregation aborted)
     upload_bytes: dict[int, int] = field(default_factory=dict)  # per node
     clipped: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time per exchange
 
 
 def _check_update(update: Arrays, reference: Arrays) -> str | None:
@@ -70,7 +72,9 @@ def plain_round(
 ) -> RoundOutcome:
     """Every site sends its clipped update in the clear; the coordinator averages them."""
     content = encode_plan(plan, weights)
+    started = time.monotonic()
     replies = transport.exchange({nid: content for nid in chosen}, group=str(plan.round))
+    stage_seconds = {"train": time.monotonic() - started}
     results, updates, counts = [], [], []
     upload: dict[int, int] = {}
     clipped = 0
@@ -108,4 +112,10 @@ def plain_round(
         counts.append(float(site_weight(plan.config, report.num_examples)))
         clipped += report.update_clipped
     mean = weighted_mean(updates, counts) if updates else None
-    return RoundOutcome(results=results, mean=mean, upload_bytes=upload, clipped=clipped)
+    return RoundOutcome(
+        results=results,
+        mean=mean,
+        upload_bytes=upload,
+        clipped=clipped,
+        stage_seconds=stage_seconds,
+    )

@@ -8,12 +8,14 @@ the Deployment Engine and the in-process test grid.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
@@ -23,6 +25,16 @@ from server.federation import run_federation
 from server.report import Reporter
 
 log = logging.getLogger("fedsilo.coordinator")
+
+
+_ERROR_CODES = {
+    ErrorCode.LOAD_CLIENT_APP_EXCEPTION: "site could not load the ClientApp",
+    ErrorCode.CLIENT_APP_RAISED_EXCEPTION: "site crashed in the round",
+    ErrorCode.MESSAGE_UNAVAILABLE: "message expired before the site took it",
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "site's reply expired",
+    ErrorCode.NODE_UNAVAILABLE: "site went offline",
+    ErrorCode.CLIENT_APP_CRASHED: "site's ClientApp process crashed",
+}
 
 
 class GridTransport:
@@ -35,12 +47,30 @@ class GridTransport:
     def node_ids(self) -> list[int]:
         return list(self.grid.get_node_ids())
 
+    def _send_and_receive(self, messages: list[Message]) -> list[Message]:
+        """Push, then pull until every reply is in or the timeout passes. Flower's own
+        ``send_and_receive`` polls a deployed SuperLink every 3 s, which would add
+        seconds to each of secure aggregation's four exchanges; this polls at 50 ms,
+        backing off to 1 s."""
+        pending = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + self.timeout
+        delay, replies = 0.05, []
+        while pending:
+            got = list(self.grid.pull_messages(list(pending)))
+            replies.extend(got)
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+        return replies
+
     def exchange(self, contents: dict[int, RecordDict], *, group: str) -> dict[int, Reply]:
         messages = [
             Message(content=c, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=group)
             for nid, c in contents.items()
         ]
-        replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+        replies = self._send_and_receive(messages)
         out: dict[int, Reply] = {}
         for reply in replies:
             nid = reply.metadata.src_node_id
@@ -48,7 +78,10 @@ class GridTransport:
                 log.warning("ignoring an unexpected reply from node %s", nid)
                 continue
             if reply.has_error():
-                out[nid] = Reply(None, f"site error {reply.error.code}")
+                # Flower's reason text may quote site data: only the code is kept.
+                code = reply.error.code
+                what = _ERROR_CODES.get(code, "site error")
+                out[nid] = Reply(None, f"{what} (Flower error {code})")
                 continue
             out[nid] = Reply(reply.content, None, content_bytes(reply.content))
         for nid in contents:

@@ -10,6 +10,7 @@ secure aggregation aborted) leaves the global model unchanged and says why.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -31,6 +32,7 @@ from server.report import Reporter, RoundRow, save_arrays, write_outputs
 from server.secure import secure_round
 
 Arrays = dict[str, torch.Tensor]
+log = logging.getLogger("fedsilo.coordinator")
 
 
 @dataclass
@@ -44,9 +46,23 @@ class SiteLedgerView:
     rounds_failed: int = 0
 
 
-def _site_name(result: SiteResult) -> str:
-    """The name a site declares (its site-id), else its Flower node id."""
-    return result.report.site if result.report is not None else f"node-{result.node_id}"
+def _site_name(result: SiteResult, known: dict[int, str]) -> str:
+    """The name a site declares (its site-id), else the one it declared before, else its
+    Flower node id; remembered in ``known``."""
+    if result.report is not None:
+        known[result.node_id] = result.report.site
+    return known.get(result.node_id, f"node-{result.node_id}")
+
+
+def _wait_for_sites(transport: Transport, need: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    available = sorted(transport.node_ids())
+    if len(available) < need and timeout > 0:
+        log.info("waiting up to %.0f s for %d sites (%d connected)", timeout, need, len(available))
+    while len(available) < need and time.monotonic() < deadline:
+        time.sleep(1.0)
+        available = sorted(transport.node_ids())
+    return available
 
 
 def _ema(average: Arrays | None, current: Arrays, decay: float) -> Arrays:
@@ -104,12 +120,15 @@ def run_federation(
     )
     sampler = random.Random(cfg.seed)
     sites: dict[str, SiteLedgerView] = {}
+    known_names: dict[int, str] = {}
     rows: list[RoundRow] = []
     reporter.start(cfg, num_params=sum(v.numel() for v in weights.values()))
 
     for rnd in range(1, cfg.num_server_rounds + 1):
         started = time.monotonic()
-        available = sorted(transport.node_ids())
+        # Deployed sites connect when they start: give them one round timeout to reach
+        # min-sites before the first round, rather than failing it at once.
+        available = _wait_for_sites(transport, cfg.min_sites, cfg.round_timeout if rnd == 1 else 0)
         k = max(1, math.ceil(cfg.fraction_train * len(available)))
         chosen = sorted(sampler.sample(available, min(k, len(available))))
         row = RoundRow(round=rnd, sites_asked=len(chosen))
@@ -123,9 +142,11 @@ def run_federation(
             else:
                 outcome = plain_round(transport, chosen, plan, weights)
         row.aggregate_seconds = time.monotonic() - started
-        names = {res.node_id: _site_name(res) for res in outcome.results}
+        names = {res.node_id: _site_name(res, known_names) for res in outcome.results}
         row.upload_bytes = {names.get(n, f"node-{n}"): b for n, b in outcome.upload_bytes.items()}
         row.clipped = outcome.clipped
+        row.stage_seconds = {k: round(v, 3) for k, v in outcome.stage_seconds.items()}
+        row.trained_sites = sorted(names[res.node_id] for res in outcome.results if res.contributed)
         for res in outcome.results:
             _account(
                 res, sites.setdefault(names[res.node_id], SiteLedgerView(names[res.node_id])), row

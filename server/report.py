@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from server.federation import SiteLedgerView
 
 SUMMARY_VERSION = 1
+MAX_SITE_ROWS = 20  # the site table on screen; summary.json has them all
 
 
 @dataclass
@@ -44,6 +45,8 @@ class RoundRow:
     # Bytes each site sent this round (serialized message contents, all stages).
     upload_bytes: dict[str, int] = field(default_factory=dict)
     clipped: int = 0  # sites whose delta was scaled down to update-clip-norm
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # per message exchange
+    trained_sites: list[str] = field(default_factory=list)  # whose updates are in the mean
 
     @property
     def upload_kib(self) -> float | None:
@@ -138,14 +141,17 @@ class Reporter:
     def finish(self, summary: dict[str, Any], out_dir: Path) -> None:
         if self._progress is not None:
             self._progress.stop()
-        table = Table(title="sites", show_lines=False)
+        shown = summary["sites"][:MAX_SITE_ROWS]
+        more = len(summary["sites"]) - len(shown)
+        caption = f"... and {more} more sites in summary.json" if more else None
+        table = Table(title="sites", show_lines=False, caption=caption)
         for col in ("site", "n", "sigma", "q", "steps", "eps", "budget", "ok", "refused", "failed"):
             table.add_column(col, justify="right")
-        for s in summary["sites"]:
+        for s in shown:
             eps = s["epsilon"]
             table.add_row(
                 s["site"],
-                str(s["num_examples"]),
+                str(s["num_examples"]) if s["num_examples"] else "-",  # hidden under secagg
                 _fmt(s["noise_multiplier"], 3),
                 _fmt(s["sample_rate"], 3),
                 str(s["steps"]),

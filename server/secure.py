@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable
 
 from common.quantize import decode_sum
@@ -62,6 +63,7 @@ class _Round:
         self.index = {nid: i for i, nid in self.node_of.items()}
         self.results: dict[int, SiteResult] = {}
         self.upload: dict[int, int] = dict.fromkeys(chosen, 0)
+        self.seconds: dict[str, float] = {}
 
     def drop(self, nid: int, why: str) -> None:
         report = self.results[nid].report if nid in self.results else None
@@ -76,7 +78,9 @@ class _Round:
     ) -> None:
         """Send one stage message per protocol index; ``accept`` each valid reply."""
         contents = {self.node_of[u]: encode_stage(m) for u, m in messages.items()}
+        started = time.monotonic()
         replies = self.transport.exchange(contents, group=f"{self.plan.round}/{stage}")
+        self.seconds[stage] = time.monotonic() - started
         for u in sorted(messages):
             nid = self.node_of[u]
             reply: Reply = replies[nid]
@@ -123,7 +127,9 @@ def secure_round(
         nid: encode_plan(plan, weights, SecAggSetup(params, state.index[nid], spec.seed))
         for nid in chosen
     }
+    started = time.monotonic()
     replies = transport.exchange(contents, group=str(plan.round))
+    state.seconds["train"] = time.monotonic() - started
     keys: dict[int, PublicKeys] = {}
     for nid in chosen:
         reply = replies[nid]
@@ -150,7 +156,10 @@ def secure_round(
     alive: tuple[int, ...] = ()
     if not keys:  # nobody trained: nothing to aggregate, nothing to abort
         return RoundOutcome(
-            results=[state.results[n] for n in chosen], mean=None, upload_bytes=state.upload
+            results=[state.results[n] for n in chosen],
+            mean=None,
+            upload_bytes=state.upload,
+            stage_seconds=state.seconds,
         )
     try:
         # 2. share keys: each site gets its live holders' public keys
@@ -212,10 +221,12 @@ def secure_round(
             },
             take_revealed,
         )
+        started = time.monotonic()
         total, alive = coordinator.receive_unmask(revealed)
         mean_vector, _ = decode_sum(total, spec, len(alive))
         mean = unflatten(mean_vector, weights)
         mean = {k: v.to(weights[k].dtype) for k, v in mean.items()}
+        state.seconds["unmask-and-decode"] = time.monotonic() - started
     except SecAggAbort as err:
         failure = f"secure aggregation aborted: {err}"
     except (SecAggError, ValueError) as err:
@@ -237,5 +248,10 @@ def secure_round(
     if failure:
         log.warning("round %d: %s", plan.round, failure)
     return RoundOutcome(
-        results=results, mean=mean, failure=failure, upload_bytes=state.upload, clipped=clipped
+        results=results,
+        mean=mean,
+        failure=failure,
+        upload_bytes=state.upload,
+        clipped=clipped,
+        stage_seconds=state.seconds,
     )

@@ -568,6 +568,15 @@ class CoordinatorSession:
             )
         return requests
 
+    def _rebuild(self, shares: Mapping[int, bytes], what: str) -> bytes:
+        t = self.params.threshold
+        if len(shares) < t:
+            raise SecAggAbort(f"only {len(shares)} shares of {what}, need {t}")
+        try:
+            return shamir.combine(shares, threshold=t)
+        except SecAggError as err:
+            raise SecAggAbort(f"{what}: {err}") from None
+
     def receive_unmask(
         self, replies: Mapping[int, Mapping[int, bytes]]
     ) -> tuple[RingArray, tuple[int, ...]]:
@@ -591,30 +600,17 @@ class CoordinatorSession:
                 continue
             for v, share in per_site.items():
                 shares.setdefault(v, {})[holder] = share
-        t = self.params.threshold
         bits, n = self.params.ring_bits, self.params.vector_length
         total = self.total.copy()
         for u in sorted(self.alive):
-            got = shares.get(u, {})
-            if len(got) < t:
-                raise SecAggAbort(f"only {len(got)} shares of site {u}'s self mask, need {t}")
-            try:
-                seed = shamir.combine(got, threshold=t)
-            except SecAggError as err:
-                raise SecAggAbort(f"site {u}'s self-mask shares: {err}") from None
+            seed = self._rebuild(shares.get(u, {}), f"site {u}'s self-mask seed")
             if commitment(self.params, u, seed) != self.commitments[u]:
                 raise SecAggAbort(
                     f"site {u}'s rebuilt self-mask seed does not match its commitment"
                 )
             total = total - crypto.expand_mask(seed, n, bits)
         for v in sorted(dropped):
-            got = shares.get(v, {})
-            if len(got) < t:
-                raise SecAggAbort(f"only {len(got)} shares of dropped site {v}'s key, need {t}")
-            try:
-                secret = shamir.combine(got, threshold=t)
-            except SecAggError as err:
-                raise SecAggAbort(f"dropped site {v}'s key shares: {err}") from None
+            secret = self._rebuild(shares.get(v, {}), f"dropped site {v}'s key")
             if crypto.public_from_private(secret) != self.keys[v].s:
                 raise SecAggAbort(f"dropped site {v}'s rebuilt key does not match its public key")
             for w in sorted(self.alive & set(self.params.neighbours(v))):

@@ -106,7 +106,8 @@ def test_secure_round_reports_uploads_and_hides_example_counts(tmp_path: Path) -
 
 def test_sites_vanishing_after_their_masked_input_are_recovered(tmp_path: Path) -> None:
     # Prepare: 5 sites, threshold 3; two vanish when asked to unmask (n - t = 2).
-    grid = _grid(tmp_path, 5)
+    # (a vanished site never answers: the coordinator waits out the round timeout)
+    grid = _grid(tmp_path, 5, **{"round-timeout": 3.0})
     grid.vanish_at(NODE_ID_OFFSET + 1, "1/unmask")
     grid.vanish_at(NODE_ID_OFFSET + 3, "1/unmask")
 
@@ -122,7 +123,7 @@ def test_sites_vanishing_after_their_masked_input_are_recovered(tmp_path: Path) 
 
 def test_too_few_survivors_abort_the_round_and_the_run_goes_on(tmp_path: Path) -> None:
     # Prepare: 5 sites, threshold 3; three vanish before sending their masked input.
-    grid = _grid(tmp_path, 5, **{"num-server-rounds": 2})
+    grid = _grid(tmp_path, 5, **{"num-server-rounds": 2, "round-timeout": 3.0})
     for i in (0, 2, 4):
         grid.vanish_at(NODE_ID_OFFSET + i, "1/masked-input")
 
@@ -142,3 +143,25 @@ def test_too_few_survivors_abort_the_round_and_the_run_goes_on(tmp_path: Path) -
     notes = {n["site"]: n["reason"] for n in first["notes"]}
     assert all("dropped at masked-input" in notes[f"site-{i}"] for i in (0, 2, 4))
     assert all(math.isfinite(r["accuracy"]) for r in summary["rounds"])
+
+
+def test_simulated_crashes_fail_rounds_cleanly_and_the_run_finishes(tmp_path: Path) -> None:
+    # Prepare: every simulated site crashes in (almost) every round, at a random stage.
+    grid = _grid(tmp_path, 3, **{"num-server-rounds": 2, "dropout-rate": 0.999})
+
+    # Execute
+    summary = _go(grid, tmp_path)
+
+    # Assert: no round produced a model; each says why; the run still wrote its outputs.
+    assert [r["status"] for r in summary["rounds"]] == ["failed", "failed"]
+    for row in summary["rounds"]:
+        assert row["trained"] == 0
+        assert "unchanged" in row["reason"] or "aborted" in row["reason"]
+        assert {n["site"] for n in row["notes"]} <= {
+            "site-0",
+            "site-1",
+            "site-2",
+            *(f"node-{NODE_ID_OFFSET + i}" for i in range(3)),
+        }
+    assert summary["final"]["rounds_completed"] == 0
+    assert (tmp_path / "model" / "model.safetensors").is_file()

@@ -323,7 +323,7 @@ def test_dropouts_at_every_stage_together() -> None:
         (KEYS, "after advertise keys"),
         (SHARES, "after share keys"),
         (MASKED, "after masked input"),
-        (UNMASK, "only 2 shares of site 1's self mask"),
+        (UNMASK, "only 2 shares of site 1's self-mask seed"),
     ],
 )
 def test_too_many_dropouts_abort_at_that_stage(stage: str, raised_by: str) -> None:
