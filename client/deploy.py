@@ -1,0 +1,462 @@
+"""Site tooling for a data site joining a fedsilo federation: ``fedsilo site init``,
+``check`` and ``start``.
+
+What ``site init`` writes into the site folder ``DIR`` (mode 0700):
+
+| file | what |
+|---|---|
+| ``node.key`` (0600), ``node.pub`` | the SuperNode's authentication key (EC P-384, OpenSSH); ``node.pub`` goes to the coordinator |
+| ``ca.crt`` | the federation CA that must have signed the SuperLink's certificate |
+| ``site.toml`` | where the SuperLink is, and the federation's data set (its label names) for checks |
+| ``node-config.toml`` | the node config the ClientApp reads (``client/site.py`` ``SiteSettings``): site id, data path, the site's own budget, ledger folder, columns |
+| ``state/identity.key`` (0600), ``identity.pub``, ``ledger.jsonl`` | the signed privacy ledger and its key (``common/privacy/ledger.py``) |
+
+``site check`` loads the data file with the loader the ClientApp uses and prints
+only counts; ``site start`` runs the checks, then replaces itself with
+``flower-supernode`` (TLS root certificate, node key, node config, a free local
+runtime port), so the process id a supervisor holds is the SuperNode's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import socket
+import sys
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from client.site import (
+    DATA_PATH_KEY,
+    LABEL_COLUMN_KEY,
+    LEDGER_FILE,
+    SITE_DELTA_KEY,
+    SITE_EPSILON_KEY,
+    SITE_ID_KEY,
+    STATE_DIR_KEY,
+    TEXT_COLUMN_KEY,
+    SiteConfigError,
+    SiteSettings,
+)
+from common.config import ConfigError, RunConfig
+from common.data import BUILTIN_DATASETS, DataValidationError, builtin_label_names, load_site_file
+from common.privacy.ledger import (
+    KEY_FILE,
+    PUBLIC_KEY_FILE,
+    LedgerError,
+    dataset_fingerprint,
+    load_or_create_identity,
+    read_ledger,
+)
+from server.deploy import (
+    DeployError,
+    executable,
+    load_ca_certificate,
+    with_flower_path,
+    write_private,
+    write_public,
+)
+
+SITE_FILE = "site.toml"
+NODE_CONFIG_FILE = "node-config.toml"
+NODE_KEY = "node.key"
+NODE_PUB = "node.pub"
+CA_CERT = "ca.crt"
+STATE_DIR = "state"
+FLWR_HOME_DIR = "flwr"
+DEFAULT_EPSILON = 8.0
+DEFAULT_DELTA = 1e-5
+_CURVE = ec.SECP384R1()  # the curve Flower's `supernode register` documents
+
+
+def parse_superlink(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) of the SuperLink's Fleet API."""
+    host, sep, port_text = address.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise DeployError(
+            f"--superlink {address!r}: expected HOST:PORT, e.g. coord.example.org:8000"
+        )
+    return host, int(port_text)
+
+
+def render_node_config(
+    *,
+    site_id: str,
+    data_path: Path,
+    state_dir: Path,
+    epsilon: float,
+    delta: float,
+    text_column: str,
+    label_column: str,
+) -> dict[str, str | float]:
+    """The node config, keyed exactly as ``SiteSettings.from_node_config`` reads it,
+    and validated by it (so a value the ClientApp would refuse is refused now)."""
+    if not (math.isfinite(epsilon) and math.isfinite(delta)):
+        raise DeployError("--epsilon and --delta must be finite numbers")
+    config: dict[str, str | float] = {
+        SITE_ID_KEY: site_id,
+        DATA_PATH_KEY: str(data_path),
+        SITE_EPSILON_KEY: float(epsilon),
+        SITE_DELTA_KEY: float(delta),
+        STATE_DIR_KEY: str(state_dir),
+        TEXT_COLUMN_KEY: text_column,
+        LABEL_COLUMN_KEY: label_column,
+    }
+    if text_column == label_column:
+        raise DeployError(f"--text-column and --label-column must differ, both are {text_column!r}")
+    try:
+        SiteSettings.from_node_config(config, RunConfig())
+    except SiteConfigError as err:
+        raise DeployError(str(err)) from None
+    return config
+
+
+def node_config_toml(config: Mapping[str, Any]) -> str:
+    """A flat TOML table: ``flower-supernode --node-config FILE.toml`` reads it as is
+    (no quoting trouble with spaces or quotes in paths)."""
+    header = (
+        "# Node config of this fedsilo site (read by the ClientApp as context.node_config).\n"
+        "# epsilon/delta are this site's own budget: the coordinator cannot change them.\n"
+    )
+    return header + tomli_w.dumps(dict(config))
+
+
+@dataclass(frozen=True)
+class Site:
+    """A site folder as ``site init`` left it."""
+
+    directory: Path
+    superlink: str
+    dataset: str
+    node_config: dict[str, Any]
+
+    @property
+    def node_key(self) -> Path:
+        return self.directory / NODE_KEY
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.directory / CA_CERT
+
+    @property
+    def node_config_file(self) -> Path:
+        return self.directory / NODE_CONFIG_FILE
+
+    @classmethod
+    def load(cls, directory: Path) -> Site:
+        directory = directory.resolve()
+        settings = _read_toml(directory / SITE_FILE, hint="run `fedsilo site init` first")
+        node = _read_toml(directory / NODE_CONFIG_FILE, hint="run `fedsilo site init --force`")
+        try:
+            superlink = str(settings["superlink"])
+            dataset = str(settings.get("dataset", "rotten-tomatoes"))
+        except KeyError as err:
+            raise DeployError(f"{directory / SITE_FILE}: missing key {err}") from None
+        parse_superlink(superlink)
+        return cls(directory, superlink, dataset, node)
+
+
+def _read_toml(path: Path, *, hint: str) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise DeployError(f"{path}: not found ({hint})") from None
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise DeployError(f"{path}: unreadable ({err})") from None
+
+
+def _openssh_public(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+
+
+def _new_node_key() -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(_CURVE)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    return private, _openssh_public(key)
+
+
+def load_node_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The SuperNode's key as ``flower-supernode`` loads it (OpenSSH, EC)."""
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise DeployError(f"{path}: node key not found (run `fedsilo site init`)") from None
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise DeployError(f"{path}: not a readable OpenSSH private key ({err})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise DeployError(f"{path}: not an elliptic-curve key (Flower node keys are EC)")
+    return key
+
+
+def private_mode_problem(path: Path) -> str | None:
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        return f"{path}: private key is readable by others (mode {mode:04o}); chmod 600 it"
+    return None
+
+
+def init_site(
+    directory: Path,
+    *,
+    site_id: str,
+    data: Path,
+    ca: Path,
+    superlink: str,
+    epsilon: float = DEFAULT_EPSILON,
+    delta: float = DEFAULT_DELTA,
+    dataset: str = "rotten-tomatoes",
+    text_column: str = "text",
+    label_column: str = "label",
+    force: bool = False,
+) -> Site:
+    """Write the site's keys and settings. An existing site is refused unless
+    ``force``; even then its keys are kept (the node key is registered at the
+    coordinator, the ledger key signs the site's ledger)."""
+    directory = directory.resolve()
+    parse_superlink(superlink)
+    if dataset not in BUILTIN_DATASETS:
+        raise DeployError(f"--dataset {dataset!r}: one of {', '.join(BUILTIN_DATASETS)}")
+    data = data.expanduser().resolve()
+    if not data.exists():
+        raise DeployError(f"--data {data}: no such file")
+    if not data.is_file():
+        raise DeployError(f"--data {data}: not a regular file")
+    ca_cert = load_ca_certificate(ca)
+    state = directory / STATE_DIR
+    config = render_node_config(
+        site_id=site_id,
+        data_path=data,
+        state_dir=state,
+        epsilon=epsilon,
+        delta=delta,
+        text_column=text_column,
+        label_column=label_column,
+    )
+    if (directory / SITE_FILE).exists() or (directory / NODE_KEY).exists():
+        if not force:
+            raise DeployError(
+                f"{directory} already holds a site; use --force to rewrite its settings "
+                "(its keys are kept)"
+            )
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    if (directory / NODE_KEY).exists():  # --force: the registered key stays
+        public = _openssh_public(load_node_key(directory / NODE_KEY))
+    else:
+        private, public = _new_node_key()
+        write_private(directory / NODE_KEY, private)
+    write_public(directory / NODE_PUB, public + f" {site_id}\n".encode())
+    try:
+        load_or_create_identity(state)  # never replaces an existing ledger key
+    except LedgerError as err:
+        raise DeployError(str(err)) from None
+    write_public(directory / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM))
+    write_public(directory / NODE_CONFIG_FILE, node_config_toml(config))
+    write_public(
+        directory / SITE_FILE,
+        "# fedsilo site settings (written by `fedsilo site init`)\n"
+        + tomli_w.dumps({"superlink": superlink.strip(), "dataset": dataset}),
+    )
+    return Site(directory, superlink.strip(), dataset, config)
+
+
+def init_summary(site: Site) -> str:
+    d = site.directory
+    pub = (d / NODE_PUB).read_text().strip()
+    q = shlex.quote(str(d))
+    return f"""site {site.node_config[SITE_ID_KEY]} ready in {d}
+  node key      {d / NODE_KEY} (0600, stays here)
+  ledger key    {d / STATE_DIR / KEY_FILE} (0600, stays here); auditors get {d / STATE_DIR / PUBLIC_KEY_FILE}
+  node config   {d / NODE_CONFIG_FILE}: data {site.node_config[DATA_PATH_KEY]}, epsilon {site.node_config[SITE_EPSILON_KEY]:g}, delta {site.node_config[SITE_DELTA_KEY]:g}
+  SuperLink     {site.superlink} (TLS checked against {d / CA_CERT})
+
+hand this public key to the coordinator (file {d / NODE_PUB}):
+{pub}
+
+next: fedsilo site check {q}     then: fedsilo site start {q}"""
+
+
+@dataclass
+class CheckReport:
+    """What ``site check`` found: printable lines (counts only) and problems."""
+
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def ok(self, text: str) -> None:
+        self.lines.append(f"ok    {text}")
+
+    def fail(self, text: str) -> None:
+        self.lines.append(f"FAIL  {text}")
+        self.problems.append(text)
+
+
+def check_site(directory: Path) -> CheckReport:
+    """Everything ``site start`` needs, checked locally; nothing leaves the machine and
+    no text of the data is printed."""
+    report = CheckReport()
+    site = Site.load(directory)
+    d = site.directory
+    try:
+        key = load_node_key(site.node_key)
+        problem = private_mode_problem(site.node_key)
+        if problem:
+            report.fail(problem)
+        else:
+            pub = _openssh_public(key)
+            listed = (d / NODE_PUB).read_bytes().split()[:2] if (d / NODE_PUB).exists() else []
+            if b" ".join(listed) != pub:
+                report.fail(f"{d / NODE_PUB}: does not match {site.node_key}")
+            else:
+                report.ok(f"node key {site.node_key} (EC {key.curve.name}, mode 0600)")
+    except DeployError as err:
+        report.fail(str(err))
+    try:
+        ca = load_ca_certificate(site.ca_cert)
+        report.ok(f"CA certificate {site.ca_cert} (valid until {ca.not_valid_after_utc:%Y-%m-%d})")
+    except DeployError as err:
+        report.fail(str(err))
+    try:
+        config = RunConfig().with_overrides({"dataset": site.dataset})
+        settings = SiteSettings.from_node_config(site.node_config, config)
+    except (SiteConfigError, ConfigError, ValueError) as err:
+        report.fail(f"{site.node_config_file}: {err}")
+        return report
+    report.ok(
+        f"node config {site.node_config_file}: site {settings.site_id}, budget epsilon "
+        f"{settings.epsilon:g}, delta {settings.delta:g}"
+    )
+    if settings.data_path is None or settings.state_dir is None:
+        report.fail(
+            f"{site.node_config_file}: a deployed site needs '{DATA_PATH_KEY}' and '{STATE_DIR_KEY}'"
+        )
+        return report
+    fingerprint = _check_data(report, settings.data_path, settings, site.dataset)
+    _check_ledger(report, settings.state_dir, settings.epsilon, fingerprint)
+    return report
+
+
+def _check_data(
+    report: CheckReport, data_path: str, settings: SiteSettings, dataset: str
+) -> str | None:
+    """The ClientApp's own loader and label set (client/site.py ``_load``)."""
+    try:
+        data = load_site_file(
+            data_path,
+            label_names=builtin_label_names(dataset),
+            text_column=settings.text_column,
+            label_column=settings.label_column,
+        )
+    except DataValidationError as err:
+        report.fail(f"data rejected: {err} (the ClientApp refuses the whole file until fixed)")
+        return None
+    except (OSError, ValueError) as err:
+        report.fail(f"data {data_path}: cannot be loaded ({type(err).__name__})")
+        return None
+    counts = ", ".join(f"{k}: {v}" for k, v in data.label_counts().items())
+    n = len(data)
+    report.ok(f"data {data_path}: {n} rows, 0 rejected ({counts})")
+    if settings.delta >= 1.0 / n:
+        report.fail(f"delta {settings.delta:g} is not below 1/n = {1.0 / n:.3g}; lower --delta")
+    return dataset_fingerprint(data.texts, data.labels.tolist())
+
+
+def _check_ledger(report: CheckReport, state: Path, budget: float, fingerprint: str | None) -> None:
+    key_path = state / KEY_FILE
+    if not key_path.exists():
+        report.fail(f"{key_path}: ledger key missing (run `fedsilo site init --force`)")
+        return
+    problem = private_mode_problem(key_path)
+    if problem:
+        report.fail(problem)
+        return
+    try:
+        load_or_create_identity(state)  # both files exist: this only loads and compares
+        entries = read_ledger(state / LEDGER_FILE, missing_ok=True)
+    except LedgerError as err:
+        report.fail(str(err))
+        return
+    where = f"ledger {state / LEDGER_FILE}: {len(entries)} entries"
+    if fingerprint is None:  # the data did not load: no data set to look up
+        report.ok(where)
+        return
+    spent = max((e.epsilon_dataset for e in entries if e.dataset == fingerprint), default=0.0)
+    report.ok(f"{where}, epsilon spent on this data set {spent:.3f} of {budget:g}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def supernode_command(site: Site, *, port: int) -> list[str]:
+    """The exact SuperNode command: TLS against the federation CA, node
+    authentication, the node config file, a local runtime API port of its own."""
+    return [
+        "flower-supernode",
+        "--superlink",
+        site.superlink,
+        "--root-certificates",
+        str(site.ca_cert),
+        "--auth-supernode-private-key",
+        str(site.node_key),
+        "--node-config",
+        str(site.node_config_file),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
+def supernode_env(site: Site, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Each site keeps Flower's files (installed apps) in its own folder."""
+    env = dict(os.environ if base is None else base)
+    env.update(
+        {
+            "PATH": with_flower_path(env.get("PATH", "")),
+            "FLWR_HOME": str(site.directory / FLWR_HOME_DIR),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        }
+    )
+    return env
+
+
+def prepare_start(
+    directory: Path, *, port: int | None = None
+) -> tuple[CheckReport, list[str], dict[str, str]]:
+    """Run the checks; on success the SuperNode command and environment."""
+    report = check_site(directory)
+    if report.problems:
+        return report, [], {}
+    site = Site.load(directory)
+    cmd = supernode_command(site, port=port if port is not None else free_port())
+    cmd[0] = executable(cmd[0])
+    return report, cmd, supernode_env(site)
+
+
+def exec_supernode(cmd: list[str], env: dict[str, str]) -> None:
+    """Replace this process with the SuperNode (its PID is the one a supervisor holds)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(cmd[0], cmd, env)

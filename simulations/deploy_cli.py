@@ -1,0 +1,169 @@
+"""``fedsilo coordinator ...`` and ``fedsilo site ...``: thin typer wrappers around
+server/deploy.py and client/deploy.py. Errors are ``DeployError`` (a ConfigError),
+which ``fedsilo`` prints as one ``error:`` line with exit code 2."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+coordinator_app = typer.Typer(
+    help="Coordinator: CA, SuperLink certificate and command, site registration.",
+    no_args_is_help=True,
+)
+site_app = typer.Typer(
+    help="Data site: keys and node config, local checks, start the SuperNode.",
+    no_args_is_help=True,
+)
+
+
+@coordinator_app.command("init")
+def coordinator_init(
+    directory: Annotated[Path, typer.Argument(help="coordinator folder to create")],
+    host: Annotated[
+        list[str],
+        typer.Option(help="name or IP address sites use to reach the SuperLink (repeatable)"),
+    ],
+    port: Annotated[int, typer.Option(help="SuperLink port (Fleet, Control, Runtime)")] = 8000,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="replace an existing CA and keys (sites need the new CA)"),
+    ] = False,
+) -> None:
+    """A CA, the SuperLink's TLS certificate (SANs: each --host, 127.0.0.1, ::1,
+    localhost), the Flower CLI connection, and the next steps."""
+    from server.deploy import init_coordinator, next_steps
+
+    coord = init_coordinator(directory, host, port=port, force=force)
+    print(next_steps(coord))
+
+
+@coordinator_app.command("start")
+def coordinator_start(
+    directory: Annotated[Path, typer.Argument(help="coordinator folder")] = Path("."),
+    bind: Annotated[
+        str,
+        typer.Option(
+            help="address to listen on; 127.0.0.1 when a reverse proxy on this machine "
+            "is the sites' only way in"
+        ),
+    ] = "0.0.0.0",
+) -> None:
+    """Start the SuperLink with TLS, node authentication and a persistent database
+    (this process becomes flower-superlink; runs are written under DIR/runs/)."""
+    from server.deploy import Coordinator, flower_env, start_coordinator
+
+    cmd = start_coordinator(directory, bind=bind)
+    coord = Coordinator.load(directory)
+    print(shlex.join(cmd), flush=True)
+    os.chdir(coord.directory)
+    os.execve(cmd[0], cmd, flower_env(coord))
+
+
+@coordinator_app.command("register")
+def coordinator_register(
+    public_key: Annotated[Path, typer.Argument(help="the site's node.pub")],
+    name: Annotated[str, typer.Option(help="the site's name (its site-id)")],
+    directory: Annotated[Path, typer.Option("--dir", help="coordinator folder")] = Path("."),
+) -> None:
+    """Register a site's node key with the running SuperLink (`flwr supernode
+    register`); registering the same key again changes nothing."""
+    from server.deploy import register_site
+
+    reg = register_site(directory, public_key, name)
+    node = f"node {reg.node_id}" if reg.node_id is not None else "its node"
+    if reg.created:
+        print(f"registered site {reg.name} as {node} (key SHA-256 {reg.key_fingerprint[:16]}...)")
+    else:
+        print(f"site {reg.name} was already registered as {node}: nothing changed")
+
+
+@site_app.command("init")
+def site_init(
+    directory: Annotated[Path, typer.Argument(help="site folder to create")],
+    site_id: Annotated[str, typer.Option(help="this site's name in the federation")],
+    data: Annotated[Path, typer.Option(help="the site's CSV or JSONL data file")],
+    ca: Annotated[Path, typer.Option(help="the federation's CA certificate (ca.crt)")],
+    superlink: Annotated[str, typer.Option(help="the SuperLink's HOST:PORT")],
+    epsilon: Annotated[float, typer.Option(help="this site's own epsilon budget")] = 8.0,
+    delta: Annotated[float, typer.Option(help="this site's delta")] = 1e-5,
+    dataset: Annotated[
+        str, typer.Option(help="the federation's data set (its label names)")
+    ] = "rotten-tomatoes",
+    text_column: Annotated[str, typer.Option(help="column holding the text")] = "text",
+    label_column: Annotated[str, typer.Option(help="column holding the label")] = "label",
+    force: Annotated[
+        bool, typer.Option("--force", help="rewrite an existing site's settings (keys are kept)")
+    ] = False,
+) -> None:
+    """The site's node key, ledger key, node config and budget; prints the public key
+    to hand to the coordinator."""
+    from client.deploy import init_site, init_summary
+
+    site = init_site(
+        directory,
+        site_id=site_id,
+        data=data,
+        ca=ca,
+        superlink=superlink,
+        epsilon=epsilon,
+        delta=delta,
+        dataset=dataset,
+        text_column=text_column,
+        label_column=label_column,
+        force=force,
+    )
+    print(init_summary(site))
+
+
+def _print_report(directory: Path) -> list[str]:
+    from client.deploy import check_site
+
+    report = check_site(directory)
+    for line in report.lines:
+        print(line)
+    return report.problems
+
+
+@site_app.command("check")
+def site_check(
+    directory: Annotated[Path, typer.Argument(help="site folder")] = Path("."),
+) -> None:
+    """Keys, CA, node config, ledger, and the data file loaded by the ClientApp's own
+    loader; prints counts only, nothing leaves the machine."""
+    from server.deploy import DeployError
+
+    problems = _print_report(directory)
+    if problems:
+        raise DeployError(f"site check failed: {problems[0]}" + _more(problems))
+    print("site check passed")
+
+
+def _more(problems: list[str]) -> str:
+    return f" (and {len(problems) - 1} more above)" if len(problems) > 1 else ""
+
+
+@site_app.command("start")
+def site_start(
+    directory: Annotated[Path, typer.Argument(help="site folder")] = Path("."),
+    port: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="local runtime API port (default: a free one)"),
+    ] = None,
+) -> None:
+    """Run the checks, then become flower-supernode (TLS, node key, node config, a
+    local runtime port of its own)."""
+    from client.deploy import exec_supernode, prepare_start
+    from server.deploy import DeployError
+
+    report, cmd, env = prepare_start(directory, port=port)
+    for line in report.lines:
+        print(line)
+    if report.problems:
+        raise DeployError(f"not starting: {report.problems[0]}" + _more(report.problems))
+    print(shlex.join(cmd), flush=True)
+    exec_supernode(cmd, env)
