@@ -11,6 +11,8 @@ from rich.console import Console
 from common.config import ConfigError
 from common.data import DataValidationError
 from common.privacy.ledger import LedgerError
+from simulations.deploy_cli import coordinator_app, site_app
+from simulations.export import ExportError
 
 cli = typer.Typer(
     name="fedsilo",
@@ -58,11 +60,21 @@ def simulate(
         Optional[list[str]],  # noqa: UP045
         typer.Option("--set", help="any run-config key, e.g. --set learning-rate=0.5"),
     ] = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="federated, or central: the same model on the pooled training data, "
+            "no DP, same number of passes (the ceiling)"
+        ),
+    ] = "federated",
 ) -> None:
-    """Run a federation of simulated sites on the Flower Simulation Engine."""
+    """Run a federation of simulated sites on the Flower Simulation Engine (or, with
+    --mode central, train the same model centrally without DP)."""
     from simulations.runner import load_scenario
     from simulations.runner import simulate as run
 
+    if mode not in ("federated", "central"):
+        raise ConfigError(f"--mode must be 'federated' or 'central', got {mode!r}")
     options: dict[str, Any] = load_scenario(scenario) if scenario else {}
     flags = {
         "out-dir": out,
@@ -77,7 +89,52 @@ def simulate(
     if no_dp:
         options["dp"] = False
     options.update(_parse_set(set_ or []))
+    if mode == "central":
+        from simulations.central import run_central
+
+        run_central(options)
+        return
     run(options)
+
+
+@cli.command()
+def sweep(
+    scenario: Annotated[
+        str | None, typer.Option(help="scenario TOML file or bundled name (default: defaults)")
+    ] = None,
+    epsilon: Annotated[
+        str, typer.Option(help="comma-separated per-site epsilons; inf = federated without DP")
+    ] = "1,2,4,8,inf",
+    seeds: Annotated[int, typer.Option(help="seeds 0..N-1 per epsilon (and for central)")] = 1,
+    out: Annotated[
+        str | None, typer.Option(help="output folder (default runs/sweep-<timestamp>)")
+    ] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="number of rounds")] = None,  # noqa: UP045
+    sites: Annotated[Optional[int], typer.Option(help="number of simulated sites")] = None,  # noqa: UP045
+    set_: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--set", help="any run-config key, e.g. --set learning-rate=0.5"),
+    ] = None,
+) -> None:
+    """Privacy against utility: a federated run per epsilon and seed, a central no-DP
+    run per seed; prints a table, writes sweep.json and privacy_utility.png."""
+    from pathlib import Path
+
+    from simulations.runner import load_scenario
+    from simulations.sweep import default_out_dir, parse_epsilons, run_sweep
+
+    epsilons = parse_epsilons(epsilon)
+    options: dict[str, Any] = load_scenario(scenario) if scenario else {}
+    flags = {"num-server-rounds": rounds, "num-sites": sites}
+    options.update({k: v for k, v in flags.items() if v is not None})
+    options.update(_parse_set(set_ or []))
+    run_sweep(
+        options,
+        epsilons,
+        seeds,
+        Path(out) if out else default_out_dir(),
+        scenario=scenario,
+    )
 
 
 @cli.command("check-data")
@@ -101,6 +158,75 @@ def check_data(
     counts = ", ".join(f"{k}: {v}" for k, v in data.label_counts().items())
     Console().print(f"{path}: {len(data)} rows ok ({counts})")
 
+
+@cli.command("export")
+def export(
+    run_dir: Annotated[str, typer.Argument(help="a run folder (summary.json, model/)")],
+    out: Annotated[str | None, typer.Option(help="output folder (default RUN_DIR/export)")] = None,
+) -> None:
+    """Write the run's final model as fp32 and int8 files, with a model card."""
+    from simulations.export import export_run
+
+    card = export_run(run_dir, out)
+    acc, size, lat = card.accuracy, card.size_bytes, card.latency_ms
+    where = out if out is not None else f"{run_dir.rstrip('/')}/export"
+    if not card.dp:
+        print("NO DIFFERENTIAL PRIVACY: this model comes from a baseline run without DP")
+    print(f"accuracy  fp32 {acc['fp32']:.4f}  int8 {acc['int8']:.4f}")
+    print(
+        f"size      fp32 {size['fp32'] / 2**20:.2f} MiB  int8 {size['int8'] / 2**20:.2f} MiB"
+        f"  ({size['ratio']:.2f}x)"
+    )
+    print(
+        f"latency   batch of {lat['batch_size']}: fp32 {lat['fp32_batch']:.2f} ms, int8 "
+        f"{lat['int8_batch']:.2f} ms; one text: fp32 {lat['fp32_single']:.2f} ms, int8 "
+        f"{lat['int8_single']:.2f} ms (1 thread, {lat['cpu_cores']} cores)"
+    )
+    print(f"written to {where} (MODEL_CARD.md, model_card.json)")
+
+
+@cli.command("predict")
+def predict(
+    model_dir: Annotated[str, typer.Argument(help="an export folder (fedsilo export)")],
+    texts: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Argument(help="texts to classify"),
+    ] = None,
+    file: Annotated[str | None, typer.Option(help="a UTF-8 file with one text per line")] = None,
+    int8: Annotated[bool, typer.Option("--int8/--fp32", help="which model to run")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Label texts with the exported model; prints each label's probability."""
+    import json
+    from pathlib import Path
+
+    from simulations.export import predict as run_predict
+
+    items = list(texts or [])
+    if file is not None:
+        try:
+            lines = Path(file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ExportError(f"{file}: cannot read ({err})") from None
+        items += [line for line in lines if line.strip()]
+    if not items:
+        raise ExportError("no text to classify: give TEXT arguments or --file")
+    results = run_predict(model_dir, items, int8=int8)
+    if json_out:
+        rows = [
+            {"text": t, "label": lab, "probabilities": p}
+            for t, (lab, p) in zip(items, results, strict=True)
+        ]
+        print(json.dumps(rows, indent=2))
+        return
+    for text, (label, probs) in zip(items, results, strict=True):
+        top = sorted(probs.items(), key=lambda kv: -kv[1])[:3]
+        shown = ", ".join(f"{name} {p:.3f}" for name, p in top)
+        print(f"{label}\t{shown}\t{text}")
+
+
+cli.add_typer(coordinator_app, name="coordinator")
+cli.add_typer(site_app, name="site")
 
 audit = typer.Typer(help="Check and report sites' signed privacy ledgers.", no_args_is_help=True)
 cli.add_typer(audit, name="audit")
@@ -240,7 +366,7 @@ def audit_report(
 def main() -> None:
     try:
         cli()
-    except (ConfigError, DataValidationError, LedgerError) as err:
+    except (ConfigError, DataValidationError, LedgerError, ExportError) as err:
         # One plain line (no wrapping, no traceback) for errors the user can fix.
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

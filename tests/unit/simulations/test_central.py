@@ -1,0 +1,111 @@
+"""Central training, the ceiling: a tiny real run on a few hundred pooled examples."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from common.config import RunConfig
+from common.data import load_builtin
+from common.text import encode
+from common.training import Batchable
+from simulations.central import (
+    MODE,
+    CentralReporter,
+    central_config,
+    choose_learning_rate,
+    train_central,
+)
+
+TINY = {"num-server-rounds": 2, "max-length": 16, "batch-size": 64}
+
+
+def _quiet() -> tuple[CentralReporter, io.StringIO]:
+    out = io.StringIO()
+    return CentralReporter(Console(file=out, width=120)), out
+
+
+def test_tiny_central_run_writes_what_a_federated_run_writes(tmp_path: Path) -> None:
+    cfg = RunConfig().with_overrides(TINY)
+    reporter, out = _quiet()
+    summary = train_central(
+        cfg, tmp_path, reporter, max_train=300, learning_rates=(1e-3, 3e-3), workers=1
+    )
+
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved == summary
+    # The federated summary's top-level keys, so tools reading summaries take both.
+    assert {"version", "dp", "mode", "config", "rounds", "sites", "final"} <= set(saved)
+    assert saved["mode"] == MODE == "central-no-dp" and saved["dp"] is False
+    assert [r["round"] for r in saved["rounds"]] == [1, 2]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and math.isfinite(r["loss"]) for r in saved["rounds"])
+    assert saved["final"]["accuracy"] == saved["rounds"][-1]["accuracy"]
+    assert saved["final"]["rounds_completed"] == 2 and saved["final"]["epsilon_max"] is None
+
+    central = saved["central"]
+    assert central["epochs"] == 2 and central["train_examples"] == 300
+    assert central["test_examples"] == len(load_builtin("rotten-tomatoes", "test"))
+    candidates = central["selection"]["candidates"]
+    assert [c["learning_rate"] for c in candidates] == [1e-3, 3e-3]
+    assert central["learning_rate"] in (1e-3, 3e-3) and central["optimizer"] == "adam"
+    best = max(c["val_accuracy"] for c in candidates)
+    chosen = next(c for c in candidates if c["learning_rate"] == central["learning_rate"])
+    assert chosen["val_accuracy"] == best
+
+    for name in ("accuracy.png", "model/model.safetensors", "model/model.json"):
+        assert (tmp_path / name).is_file(), name
+    text = out.getvalue()
+    assert "NO DIFFERENTIAL PRIVACY" in text and "final accuracy" in text
+    assert text.count("\n    1  ") == 1 and text.count("\n    2  ") == 1  # one line per round
+
+
+def test_one_learning_rate_is_used_without_selection(tmp_path: Path) -> None:
+    cfg = RunConfig().with_overrides({**TINY, "num-server-rounds": 1})
+    summary = train_central(
+        cfg, tmp_path, _quiet()[0], max_train=120, optimizer="sgd", learning_rates=[0.5]
+    )
+    assert summary["central"]["learning_rate"] == 0.5 and summary["central"]["optimizer"] == "sgd"
+    assert summary["central"]["selection"]["candidates"] == []
+
+
+def _batch(n: int) -> Batchable:
+    data = load_builtin("rotten-tomatoes", "train").subset(np.arange(n))
+    return Batchable.from_encoded(encode(data.texts, 16), data.labels)
+
+
+def test_candidates_in_worker_processes_score_as_in_this_one() -> None:
+    # The default on a multi-core CPU: one process per candidate, one thread each.
+    cfg = RunConfig().with_overrides({**TINY, "num-server-rounds": 1})
+    batch = _batch(200)
+    here = choose_learning_rate(cfg, batch, 2, [1e-3, 3e-3], device=torch.device("cpu"))
+    there = choose_learning_rate(cfg, batch, 2, [1e-3, 3e-3], device=torch.device("cpu"), workers=2)
+    assert there[0] == here[0]
+    for a, b in zip(here[1], there[1], strict=True):
+        assert a["learning_rate"] == b["learning_rate"]
+        assert a["val_accuracy"] == b["val_accuracy"]
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+
+
+def test_a_diverging_rate_is_dropped_and_all_diverging_is_an_error() -> None:
+    cfg = RunConfig().with_overrides(TINY)
+    batch = _batch(200)
+    lr, results = choose_learning_rate(cfg, batch, 2, [1e30, 0.5], device=torch.device("cpu"))
+    assert lr == 0.5
+    assert results[0]["diverged"] is True and results[0]["val_accuracy"] is None
+    with pytest.raises(RuntimeError, match="diverged at every learning rate"):
+        choose_learning_rate(cfg, batch, 2, [1e30], optimizer="sgd", device=torch.device("cpu"))
+
+
+def test_central_config_names_the_keys_it_ignores() -> None:
+    cfg, ignored = central_config(
+        {"num-sites": 3, "epsilon": 2.0, "dp": False, "max-length": 16, "seed": 4}
+    )
+    assert ignored == ["dp", "epsilon", "num-sites"]
+    assert cfg.max_length == 16 and cfg.seed == 4
