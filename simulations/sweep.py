@@ -282,7 +282,7 @@ def plot_privacy_utility(
     ax.set_ylabel("test accuracy")
     ax.set_title(title or "privacy against utility")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
