@@ -146,14 +146,20 @@ def encode_plan(
 ) -> RecordDict:
     config = ConfigRecord({"round": plan.round, **plan.config.to_user_config()})
     content = RecordDict({GLOBAL_KEY: _arrays_to_record(global_arrays), PLAN_KEY: config})
-    if setup is not None:
-        content[SECAGG_KEY] = ConfigRecord(
-            {
-                "params": setup.params.to_json(),
-                "index": setup.index,
-                "rotation-seed": setup.rotation_seed,
-            }
-        )
+    return content if setup is None else with_setup(content, setup)
+
+
+def with_setup(plan_content: RecordDict, setup: SecAggSetup) -> RecordDict:
+    """A site's train message: the shared plan content plus its own secagg setup (the
+    global arrays are converted once per round, not once per site)."""
+    content = RecordDict(dict(plan_content))
+    content[SECAGG_KEY] = ConfigRecord(
+        {
+            "params": setup.params.to_json(),
+            "index": setup.index,
+            "rotation-seed": setup.rotation_seed,
+        }
+    )
     return content
 
 

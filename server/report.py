@@ -72,6 +72,22 @@ class RoundRow:
         return out
 
 
+def round_progress(console: Console, total: int) -> tuple[Progress | None, Any]:
+    """A transient rounds bar on a terminal (started), else none."""
+    if not console.is_terminal:
+        return None, None
+    progress = Progress(
+        TextColumn("rounds"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+    progress.start()
+    return progress, progress.add_task("rounds", total=total)
+
+
 class Reporter:
     """Prints a header, one table row per round with a progress bar, and a summary."""
 
@@ -106,17 +122,7 @@ class Reporter:
             f"{'KiB/site':>8}  note",
             style="bold",
         )
-        if self.console.is_terminal:
-            self._progress = Progress(
-                TextColumn("rounds"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=self.console,
-                transient=True,
-            )
-            self._progress.start()
-            self._task = self._progress.add_task("rounds", total=cfg.num_server_rounds)
+        self._progress, self._task = round_progress(self.console, cfg.num_server_rounds)
 
     def round(self, row: RoundRow) -> None:
         eps = row.epsilon_max

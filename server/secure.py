@@ -30,6 +30,7 @@ from common.wire import (
     decode_stage,
     encode_plan,
     encode_stage,
+    with_setup,
 )
 from server.aggregation import Arrays, Reply, RoundOutcome, SiteResult, Transport
 
@@ -123,9 +124,9 @@ def secure_round(
     coordinator = CoordinatorSession(params)
 
     # 1. train + advertise keys
+    base = encode_plan(plan, weights)
     contents = {
-        nid: encode_plan(plan, weights, SecAggSetup(params, state.index[nid], spec.seed))
-        for nid in chosen
+        nid: with_setup(base, SecAggSetup(params, state.index[nid], spec.seed)) for nid in chosen
     }
     started = time.monotonic()
     replies = transport.exchange(contents, group=str(plan.round))

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from torch import nn
 
 from common.config import RunConfig
@@ -49,7 +49,7 @@ from common.data import TextDataset, load_builtin
 from common.model import build_model
 from common.text import encode
 from common.training import Batchable, default_device, evaluate
-from server.report import SUMMARY_VERSION, RoundRow, plot_run, save_arrays
+from server.report import SUMMARY_VERSION, RoundRow, plot_run, round_progress, save_arrays
 
 MODE = "central-no-dp"
 # Adam, measured on seed 0's held-out part after 20 epochs: 3e-5 0.728 (underfits),
@@ -140,17 +140,7 @@ class CentralReporter:
         self.console.print(
             f"{'round':>5}  {'acc':>6}  {'loss':>6}  {'train':>6}  {'time':>6}", style="bold"
         )
-        if self.console.is_terminal:
-            self._progress = Progress(
-                TextColumn("rounds"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=self.console,
-                transient=True,
-            )
-            self._progress.start()
-            self._task = self._progress.add_task("rounds", total=rounds)
+        self._progress, self._task = round_progress(self.console, rounds)
 
     def round(self, row: RoundRow, train_loss: float) -> None:
         self.console.print(

@@ -30,6 +30,7 @@ from common.wire import (
     encode_plan,
     encode_reply,
     encode_stage,
+    with_setup,
 )
 
 ARRAYS = {"a": torch.ones(2, 3), "b": torch.zeros(4)}
@@ -178,6 +179,19 @@ def test_plan_carries_the_secagg_setup() -> None:
     # Assert
     assert decode_setup(content) == setup
     assert decode_setup(encode_plan(RoundPlan(1, RunConfig()), ARRAYS)) is None
+
+
+def test_per_site_setups_share_one_plan_without_changing_it() -> None:
+    # Prepare
+    base = encode_plan(RoundPlan(1, RunConfig()), ARRAYS)
+
+    # Execute
+    one, two = (with_setup(base, SecAggSetup(PARAMS, i, 7)) for i in (1, 2))
+
+    # Assert
+    assert decode_setup(base) is None
+    assert [decode_setup(c).index for c in (one, two)] == [1, 2]  # type: ignore[union-attr]
+    assert decode_plan(one)[0] == decode_plan(base)[0]
 
 
 def test_setup_naming_a_non_participant_is_rejected() -> None:
