@@ -10,7 +10,8 @@ Modes:
   ghost        Opacus ghost clipping (GradSampleModuleFastGradientClipping,
                DPOptimizerFastGradientClipping, DPLossFastGradientClipping): two backwards
   functorch    Opacus GradSampleModule(force_functorch=True) + DPOptimizer
-  bk           a prototype here, NOT used by common/training.py: "book-keeping" clipping
+  bookkeeping (fedsilo default)
+               common/dp_engine.py, what common/training.py uses: "book-keeping" clipping
                (ghost norms from the one backward's activations and output gradients,
                then the clipped sum as one matmul per layer; autograd computes no
                parameter gradient at all)
@@ -45,7 +46,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -57,6 +57,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
 from common.data import load_builtin
+from common.dp_engine import BookkeepingDPSGD
 from common.model import ModelSpec, TextClassifier, build_model
 from common.text import encode
 
@@ -180,140 +181,32 @@ def opacus_ghost(model: nn.Module, batch: Batch, sigma: float, clip: float = CLI
     return step
 
 
-class Bookkeeping:
-    """Prototype of book-keeping DP-SGD (Bu et al. 2023) for Linear, LayerNorm and
-    Embedding layers: one backward pass in which autograd computes no parameter
-    gradient (parameters are detached for the step); forward hooks keep each layer's
-    input and a tensor hook its output gradient. Per-example norms: ghost norms for
-    Linear on sequences (<a a^T, g g^T>), per-example gradients for the small layers.
-    Clipped sum: one matmul per Linear. Then Gaussian noise of std sigma * clip on the
-    sum, division by the expected batch, SGD, as Opacus's DPOptimizer does."""
-
-    def __init__(
-        self, model: nn.Module, *, sigma: float, expected_batch: int, clip: float = CLIP
-    ) -> None:
-        self.model, self.sigma, self.expected_batch = model, sigma, expected_batch
-        self.clip = clip
-        self.params = _trainable(model)
-        self.trainable_ids = {id(p) for p in self.params}
-        self.layers = [
-            m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
-        ]
-        for m in self.layers:
-            if not isinstance(m, nn.Linear | nn.LayerNorm | nn.Embedding):
-                raise TypeError(f"no per-example rule for {type(m).__name__}")
-        self.saved: dict[nn.Module, list[torch.Tensor]] = {}
-        self.handles = [m.register_forward_hook(self._keep) for m in self.layers]
-        self.generator = torch.Generator().manual_seed(0)
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-        for p in self.params:
-            p.requires_grad_(True)
-
-    def _keep(self, m: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> Any:
-        if m in self.saved:
-            raise RuntimeError("a layer used twice in one forward (tied weights)")
-        rec = [inputs[0].detach()]
-        self.saved[m] = rec
-        if not out.requires_grad:  # the first trainable layer: start the graph here
-            out = out.detach().requires_grad_()
-        out.register_hook(rec.append)  # type: ignore[no-untyped-call]
-        return out
-
-    def _norm2(self, m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Squared per-example gradient norm of the layer, and what the sum reuses."""
-        if isinstance(m, nn.Linear):
-            if g.dim() == 2:
-                n2 = (g * g).sum(1) * (a * a).sum(1)
-                gb = g
-            else:
-                ggt = torch.bmm(g, g.transpose(1, 2))
-                aat = torch.bmm(a, a.transpose(1, 2))
-                n2 = (ggt * aat).sum((1, 2))
-                gb = g.sum(1)
-            if id(m.bias) in self.trainable_ids:
-                n2 = n2 + (gb * gb).sum(1)
-            return n2, gb
-        if isinstance(m, nn.LayerNorm):
-            gw = F.layer_norm(a, m.normalized_shape, eps=m.eps) * g
-            gb = g
-            if g.dim() > 2:
-                gw, gb = gw.sum(tuple(range(1, g.dim() - 1))), gb.sum(tuple(range(1, g.dim() - 1)))
-            return (gw * gw).sum(1) + (gb * gb).sum(1), (gw, gb)
-        assert isinstance(m, nn.Embedding)
-        b, dim = a.shape[0], m.embedding_dim
-        gs = torch.zeros(b, *m.weight.shape, dtype=g.dtype)
-        gs.scatter_add_(1, a.reshape(b, -1, 1).expand(-1, -1, dim), g.reshape(b, -1, dim))
-        return gs.flatten(1).pow(2).sum(1), gs
-
-    def _clipped_sum(
-        self, m: nn.Module, a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, extra: Any
-    ) -> dict[torch.Tensor, torch.Tensor]:
-        if isinstance(m, nn.Linear):
-            shape = (-1,) + (1,) * (g.dim() - 1)
-            if g.shape[-1] <= a.shape[-1]:  # scale the narrower of the two
-                g = g * c.view(shape)
-            else:
-                a = a * c.view(shape)
-            weight = g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
-            out = {m.weight: weight}
-            if id(m.bias) in self.trainable_ids:
-                out[m.bias] = c @ extra
-            return out
-        if isinstance(m, nn.LayerNorm):
-            gw, gb = extra
-            return {m.weight: c @ gw, m.bias: c @ gb}
-        assert isinstance(m, nn.Embedding)
-        return {m.weight: torch.einsum("n,n...->...", c, extra)}
-
-    def step(self, ids: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One DP-SGD step; returns the per-example gradient norms."""
-        self.saved.clear()
-        F.cross_entropy(self.model(ids, mask), y, reduction="sum").backward()  # type: ignore[no-untyped-call]
-        with torch.no_grad():
-            n2 = torch.zeros(len(y))
-            extras = {}
-            for m in self.layers:
-                a, g = self.saved[m]
-                layer_n2, extras[m] = self._norm2(m, a, g)
-                n2 += layer_n2
-            norms = n2.sqrt()
-            c = (self.clip / (norms + 1e-6)).clamp(max=1.0)
-            grads: dict[torch.Tensor, torch.Tensor] = {}
-            for m in self.layers:
-                a, g = self.saved[m]
-                grads.update(self._clipped_sum(m, a, g, c, extras[m]))
-            std = self.sigma * self.clip
-            for p in self.params:  # same order and generator use as DPOptimizer
-                grad = grads[p]
-                if std > 0:
-                    grad = grad + torch.normal(0.0, std, p.shape, generator=self.generator)
-                p.add_(grad, alpha=-LR / self.expected_batch)
-        self.saved.clear()
-        return norms
-
-
 def bookkeeping(model: nn.Module, batch: Batch, sigma: float, clip: float = CLIP) -> Step:
+    """common/dp_engine.py, as common/training.py builds it."""
     ids, mask, y = batch
-    engine = Bookkeeping(model, sigma=sigma, expected_batch=len(y), clip=clip)
+    engine = BookkeepingDPSGD(
+        model,
+        clip_norm=clip,
+        noise_multiplier=sigma,
+        expected_batch=len(y),
+        learning_rate=LR,
+        generator=torch.Generator().manual_seed(0),
+    )
 
     def step() -> None:
-        engine.step(ids, mask, y)
+        engine.step(lambda: F.cross_entropy(model(ids, mask), y, reduction="none"))
 
     return step
 
 
+BK = "bookkeeping (fedsilo default)"
 Builder = Callable[[nn.Module, Batch, float, float], Step]
 MODES: dict[str, Builder] = {
     "non-private": non_private,
     "hooks": opacus_hooks,
     "ghost": opacus_ghost,
     "functorch": lambda m, b, s, c: opacus_hooks(m, b, s, c, functorch=True),
-    "bk (prototype)": bookkeeping,
+    BK: bookkeeping,
 }
 
 
@@ -366,14 +259,22 @@ def equivalence(batch: Batch) -> None:
     examples are clipped and some are not)."""
     torch.set_num_threads(1)
     model = base_model(scale=0.1)
-    norms = Bookkeeping(copy.deepcopy(model), sigma=0.0, expected_batch=1).step(*batch)
+    m = copy.deepcopy(model)
+    norms = BookkeepingDPSGD(
+        m,
+        clip_norm=1.0,
+        noise_multiplier=0.0,
+        expected_batch=1,
+        learning_rate=LR,
+        generator=torch.Generator(),
+    ).clipped_sum(lambda: F.cross_entropy(m(*batch[:2]), batch[2], reduction="none"))[1]
     clip = float(norms.median())  # half of the examples clipped, half not
     updates = {}
     for name, make in MODES.items():
         m = copy.deepcopy(model)
         before = {k: v.clone() for k, v in m.trainable_state().items()}
         make(m, batch, 0.0, clip)()
-        after = dict(m.named_parameters())  # bk leaves requires_grad off: go by name
+        after = dict(m.named_parameters())
         updates[name] = torch.cat([(after[k].detach() - v).flatten() for k, v in before.items()])
     ref = updates["hooks"]
     scale = float(ref.abs().max())
@@ -384,7 +285,7 @@ def equivalence(batch: Batch) -> None:
     )
     for name, u in updates.items():
         if name not in ("hooks", "non-private"):
-            print(f"  {name:<16} {float((u - ref).abs().max()) / scale:.1e}")
+            print(f"  {name:<29} {float((u - ref).abs().max()) / scale:.1e}")
     # and the per-example norms, against autograd one example at a time
     worst = 0.0
     for i in range(8):
@@ -393,7 +294,9 @@ def equivalence(batch: Batch) -> None:
         F.cross_entropy(m(ids, mask), y).backward()  # type: ignore[no-untyped-call]
         own = torch.cat([p.grad.flatten() for p in _trainable(m) if p.grad is not None]).norm()
         worst = max(worst, abs(float(own) - float(norms[i])) / float(own))
-    print(f"  bk per-example norms vs autograd (8 examples): max relative error {worst:.1e}")
+    print(
+        f"  bookkeeping per-example norms vs autograd (8 examples): max relative error {worst:.1e}"
+    )
 
 
 # --------------------------------------------------------------------------- attempts
@@ -418,7 +321,7 @@ def attempts(batch: Batch, reps: int, warmup: int) -> None:
             "non-private": non_private,
             "hooks": opacus_hooks,
             "hooks, sum loss": lambda m, b, s, c: opacus_hooks(m, b, s, c, sum_loss=True),
-            "bk (prototype)": bookkeeping,
+            BK: bookkeeping,
         },
         batch,
         model,
@@ -427,27 +330,27 @@ def attempts(batch: Batch, reps: int, warmup: int) -> None:
         {
             "non-private, LNs frozen": non_private,
             "hooks, LNs frozen": opacus_hooks,
-            "bk, LNs frozen": bookkeeping,
+            "bookkeeping, LNs frozen": bookkeeping,
         },
         batch,
         ln_frozen,
     )
     times = interleaved(steps, reps=reps, warmup=warmup)
     print(f"\nAttempts, 1 thread, batch {len(batch[2])}, median of {reps} (load {load()}):")
-    print(f"{'variant':<24} {'ms/step':>8} {'IQR':>6} {'x non-private':>14}")
+    print(f"{'variant':<29} {'ms/step':>8} {'IQR':>6} {'x non-private':>14}")
     base = statistics.median(times["non-private"])
     base_ln = statistics.median(times["non-private, LNs frozen"])
     for name, ms, iqr, ratio in summarise(times):
         if "LNs frozen" in name:  # against the non-private step of the same model
             ratio = ratio * base / base_ln
-        print(f"{name:<24} {ms:8.1f} {iqr:6.1f} {ratio:13.2f}x")
+        print(f"{name:<29} {ms:8.1f} {iqr:6.1f} {ratio:13.2f}x")
 
 
 def thp_child(reps: int, warmup: int) -> None:
     """Run in a fresh process, so that THP_MEM_ALLOC_ENABLE is read at startup."""
     torch.set_num_threads(1)
     steps = build_steps(
-        {k: MODES[k] for k in ("non-private", "hooks", "bk (prototype)")},
+        {k: MODES[k] for k in ("non-private", "hooks", BK)},
         real_batch(256),
         base_model(),
     )
@@ -496,7 +399,7 @@ def compile_attempt(batch: Batch, reps: int, warmup: int) -> None:
         f"\ntorch.compile, 1 thread, batch {len(batch[2])} (first steps incl. compiling: {time.perf_counter() - t0:.0f} s):"
     )
     for name, ms, iqr, ratio in summarise(interleaved(steps, reps=reps, warmup=warmup)):
-        print(f"{name:<24} {ms:8.1f} {iqr:6.1f} {ratio:13.2f}x")
+        print(f"{name:<29} {ms:8.1f} {iqr:6.1f} {ratio:13.2f}x")
 
 
 # --------------------------------------------------------------------------- main
@@ -537,10 +440,10 @@ def main() -> None:
             )
     print(f"\nOne step, median of {a.reps} interleaved rounds after {a.warmup} warm-up:")
     print(
-        f"{'threads':>7} {'batch':>5}  {'mode':<16} {'ms/step':>8} {'IQR':>6} {'x non-private':>14}"
+        f"{'threads':>7} {'batch':>5}  {'mode':<29} {'ms/step':>8} {'IQR':>6} {'x non-private':>14}"
     )
     for threads, size, name, ms, iqr, ratio in rows:
-        print(f"{threads:>7} {size:>5}  {name:<16} {ms:8.1f} {iqr:6.1f} {ratio:13.2f}x")
+        print(f"{threads:>7} {size:>5}  {name:<29} {ms:8.1f} {iqr:6.1f} {ratio:13.2f}x")
     equivalence(batches[64])
     if not a.no_attempts:
         attempts(big, reps=a.attempt_reps, warmup=a.warmup)

@@ -280,6 +280,7 @@ def run_round(
         clip_norm=cfg.clip_norm,
         learning_rate=cfg.learning_rate,
         generator=generator,
+        engine=cfg.dp_engine,
         device=default_device(),
     )
     if not cfg.dp and not settings.allow_no_dp:

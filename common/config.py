@@ -57,6 +57,8 @@ class RunConfig(BaseModel):
     epsilon: float = 8.0
     delta: float = 1e-5
     clip_norm: float = 1.5
+    # Per-example clipping: "bookkeeping" (one backward, common/dp_engine.py) or "opacus".
+    dp_engine: Literal["bookkeeping", "opacus"] = "bookkeeping"
     # Aggregation. Each site's model delta is L2-clipped to update-clip-norm (bounds its
     # influence and the quantization range); the mean is uniform over sites or weighted
     # by example counts (capped at max-site-weight, which is public).

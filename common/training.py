@@ -1,17 +1,21 @@
 """Local training and evaluation in plain torch (no Flower here).
 
-DP-SGD is Opacus's per-sample gradients (hooks) and DPOptimizer (clip, sum, add
-Gaussian noise), fed by Poisson sampling that we draw ourselves with a passed-in
-generator: each example joins each step independently with probability
-``sample_rate``, which is what the accountant assumes.
+DP-SGD is fed by Poisson sampling that we draw ourselves with a passed-in generator:
+each example joins each step independently with probability ``sample_rate``, which is
+what the accountant assumes. Two engines clip, sum and add Gaussian noise, with the
+same update: "bookkeeping" (default, common/dp_engine.py: one backward, no
+per-example gradient tensors of the big layers) and "opacus" (Opacus's per-sample
+gradient hooks and DPOptimizer; any layer Opacus supports).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,7 +24,10 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from common.dp_engine import BookkeepingDPSGD
 from common.text import Encoded
+
+Engine = Literal["bookkeeping", "opacus"]
 
 
 def default_device() -> torch.device:
@@ -76,51 +83,102 @@ def train_dp(
     learning_rate: float,
     generator: torch.Generator,
     device: torch.device,
+    engine: Engine = "bookkeeping",
 ) -> TrainResult:
     """``steps`` DP-SGD steps with plain SGD; the mechanism is exactly
-    SubsampledGaussianEvent(noise_multiplier, sample_rate, steps).
+    SubsampledGaussianEvent(noise_multiplier, sample_rate, steps) with either engine.
 
     ``noise_multiplier=0`` is the no-DP baseline: the same per-example clipping and
     sampling, no noise (unclipped SGD with these settings flipped between classes
     here), so the gap to it is the cost of the noise alone."""
     model.to(device).train()
     data = data.to(device)
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     params = [p for p in model.parameters() if p.requires_grad]
     expected_batch = max(1, round(sample_rate * len(data)))
-    optimizer = DPOptimizer(
-        torch.optim.SGD(params, lr=learning_rate),
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=clip_norm,
-        expected_batch_size=expected_batch,
-        generator=generator,
-    )
+    if engine not in ("bookkeeping", "opacus"):
+        raise ValueError(f"unknown DP engine {engine!r}; choose 'bookkeeping' or 'opacus'")
+    stepper = _bookkeeping_steps if engine == "bookkeeping" else _opacus_steps
+    settings = _Settings(noise_multiplier, clip_norm, expected_batch, learning_rate, generator)
     seen = 0
+    with stepper(model, params, data, settings) as dp_step:
+        for _ in range(steps):
+            chosen = torch.rand(len(data), generator=generator, device=generator.device)
+            idx = (chosen < sample_rate).nonzero().squeeze(1).to(device)
+            if idx.numel() == 0:
+                _noise_only_step(
+                    params, noise_multiplier * clip_norm / expected_batch, learning_rate, generator
+                )
+                continue
+            dp_step(idx)
+            seen += int(idx.numel())
+    return TrainResult(steps=steps, examples_seen=seen)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    noise_multiplier: float
+    clip_norm: float
+    expected_batch: int
+    learning_rate: float
+    generator: torch.Generator
+
+
+Stepper = Iterator[Callable[[torch.Tensor], None]]
+
+
+@contextmanager
+def _opacus_steps(
+    model: nn.Module, params: list[nn.Parameter], data: Batchable, s: _Settings
+) -> Stepper:
+    """Opacus hooks and DPOptimizer; yields a DP step on the examples ``idx``."""
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    optimizer = DPOptimizer(
+        torch.optim.SGD(params, lr=s.learning_rate),
+        noise_multiplier=s.noise_multiplier,
+        max_grad_norm=s.clip_norm,
+        expected_batch_size=s.expected_batch,
+        generator=s.generator,
+    )
+
+    def step(idx: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        logits = gsm(data.ids[idx], data.mask[idx])
+        F.cross_entropy(logits, data.labels[idx]).backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+
     try:
         with warnings.catch_warnings():
             # The frozen embedding feeds no input that requires grad: torch notes that
             # the full backward hook fires on outputs; Opacus's per-sample grads are right.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            for _ in range(steps):
-                chosen = torch.rand(len(data), generator=generator, device=generator.device)
-                idx = (chosen < sample_rate).nonzero().squeeze(1).to(device)
-                optimizer.zero_grad(set_to_none=True)
-                if idx.numel() == 0:
-                    _noise_only_step(
-                        params,
-                        noise_multiplier * clip_norm / expected_batch,
-                        learning_rate,
-                        generator,
-                    )
-                    continue
-                logits = gsm(data.ids[idx], data.mask[idx])
-                F.cross_entropy(logits, data.labels[idx]).backward()  # type: ignore[no-untyped-call]
-                optimizer.step()
-                seen += int(idx.numel())
+            yield step
     finally:
         optimizer.zero_grad(set_to_none=True)
         gsm._close()
-    return TrainResult(steps=steps, examples_seen=seen)
+
+
+@contextmanager
+def _bookkeeping_steps(
+    model: nn.Module, params: list[nn.Parameter], data: Batchable, s: _Settings
+) -> Stepper:
+    """common/dp_engine.py; yields a DP step on the examples ``idx``."""
+    engine = BookkeepingDPSGD(
+        model,
+        clip_norm=s.clip_norm,
+        noise_multiplier=s.noise_multiplier,
+        expected_batch=s.expected_batch,
+        learning_rate=s.learning_rate,
+        generator=s.generator,
+    )
+
+    def step(idx: torch.Tensor) -> None:
+        engine.step(
+            lambda: F.cross_entropy(
+                model(data.ids[idx], data.mask[idx]), data.labels[idx], reduction="none"
+            )
+        )
+
+    yield step
 
 
 @torch.no_grad()

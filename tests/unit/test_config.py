@@ -41,6 +41,7 @@ def test_unknown_key_is_named() -> None:
         ("server-optimizer", "sgd"),
         ("batch-size", "many"),
         ("server-momentum", 1.0),
+        ("dp-engine", "foo"),
     ],
 )
 def test_bad_values_name_their_key(key: str, value: object) -> None:

@@ -1,0 +1,370 @@
+"""Book-keeping DP-SGD against independent references: per-example autograd one
+example at a time, Opacus's hooks and DPOptimizer, and the Gaussian noise's moments."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from common.dp_engine import BookkeepingDPSGD, UnsupportedModelError
+from common.model import ModelSpec, TextClassifier, build_model
+from common.training import Batchable, Engine, train_dp
+
+TINY = ModelSpec.preset("tiny", num_classes=2, max_length=16)
+Inputs = tuple[torch.Tensor, ...]
+
+
+def _model(spec: ModelSpec = TINY, scale: float = 0.1) -> TextClassifier:
+    """The preset with its trainable weights nudged off zero, in eval mode."""
+    model = build_model(spec, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def _batch(n: int, num_classes: int = 2, length: int = 16, seed: int = 2) -> Inputs:
+    """Random token ids, 3 to ``length`` real tokens each, padding id 0 after them."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 30000, (n, length), generator=g)
+    lengths = torch.randint(3, length + 1, (n,), generator=g)
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    assert not mask.all()
+    return ids * mask, mask, torch.randint(0, num_classes, (n,), generator=g)
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _engine(model: nn.Module, clip: float, sigma: float = 0.0, **kw: object) -> BookkeepingDPSGD:
+    args: dict[str, object] = {
+        "expected_batch": 1,
+        "learning_rate": 1.0,
+        "generator": torch.Generator().manual_seed(0),
+    }
+    return BookkeepingDPSGD(model, clip_norm=clip, noise_multiplier=sigma, **(args | kw))  # type: ignore[arg-type]
+
+
+def _losses(model: nn.Module, inputs: Inputs) -> Callable[[], torch.Tensor]:
+    *x, y = inputs
+    return lambda: F.cross_entropy(model(*x), y, reduction="none")
+
+
+def _naive(
+    model: nn.Module, inputs: Inputs, clip: float
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Autograd one example at a time, each whole gradient clipped as Opacus does
+    (``min(1, C / (norm + 1e-6))``), summed."""
+    *x, y = inputs
+    params = _trainable(model)
+    sums = [torch.zeros_like(p) for p in params]
+    norms = []
+    for i in range(len(y)):
+        loss = F.cross_entropy(model(*(t[i : i + 1] for t in x)), y[i : i + 1])
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = tuple(
+            torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)
+        )
+        norm = torch.stack([g.norm() for g in grads]).norm()
+        factor = (clip / (norm + 1e-6)).clamp(max=1.0)
+        for s, g in zip(sums, grads, strict=True):
+            s += factor * g
+        norms.append(norm)
+    return sums, torch.stack(norms)
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]:
+    """max |a - b| and max |b| over all tensors."""
+    diff = max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+    return diff, max(float(y.abs().max()) for y in b)
+
+
+def _check_clipped_sum(model: nn.Module, inputs: Inputs) -> None:
+    _, norms = _naive(model, inputs, clip=1e9)
+    clip = float(norms.median())  # about half of the examples clipped
+    expected, ref_norms = _naive(model, inputs, clip)
+    got, got_norms = _engine(model, clip).clipped_sum(_losses(model, inputs))
+    assert (ref_norms > clip).any() and (ref_norms < clip).any()
+    torch.testing.assert_close(got_norms, ref_norms, rtol=1e-5, atol=1e-6)
+    diff, scale = _max_diff(got, expected)
+    assert diff <= 1e-5 * max(1.0, scale), (diff, scale)
+
+
+# --------------------------------------------------------------------------- clipped sum
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        TINY,
+        dataclasses.replace(TINY, projection="trainable"),
+        ModelSpec.preset("tiny", num_classes=5, max_length=16),
+    ],
+    ids=["tiny", "trainable-projection", "5-classes"],
+)
+def test_clipped_sum_equals_per_example_autograd(spec: ModelSpec) -> None:
+    model = _model(spec)
+    _check_clipped_sum(model, _batch(12, spec.num_classes))
+
+
+class _Toy(nn.Module):
+    """Every branch of every rule: an Embedding with padding_idx and repeated ids,
+    LayerNorms over 1 and 2 dims (one without bias, one without affine), Linear on 2-D,
+    3-D (ghost norm) and 4-D inputs (per-example gradient), a frozen weight with a
+    trainable bias, and a frozen layer of an unsupported type."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 6, padding_idx=0)
+        self.ln = nn.LayerNorm(6)
+        self.seq = nn.Linear(6, 5)  # 4 tokens: 16 <= 30, ghost norm
+        self.wide = nn.Linear(5, 3)  # on (b, 2, 2, 5): 4 tokens, 16 > 15, per-example
+        self.ln2 = nn.LayerNorm((2, 3), bias=False)
+        self.plain = nn.LayerNorm(3, elementwise_affine=False)
+        self.frozen_conv = nn.Conv1d(4, 4, 1).requires_grad_(False)
+        self.bias_only = nn.Linear(12, 12)
+        self.bias_only.weight.requires_grad_(False)
+        self.head = nn.Linear(12, 3, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.seq(self.ln(self.emb(ids)))
+        x = self.wide(F.gelu(x).view(-1, 2, 2, 5))
+        x = self.plain(self.ln2(x)).reshape(-1, 4, 3)
+        x = self.frozen_conv(x).flatten(1)
+        return self.head(torch.tanh(self.bias_only(x)))  # type: ignore[no-any-return]
+
+
+def test_every_layer_rule_equals_per_example_autograd() -> None:
+    torch.manual_seed(0)
+    model = _Toy()
+    with torch.no_grad():
+        for p in _trainable(model):
+            p.add_(torch.randn(p.shape))
+    ids = torch.tensor([[1, 1, 2, 0], [3, 0, 0, 0], [4, 5, 4, 5], [6, 6, 6, 6]] * 3)
+    ids[4:] = torch.randint(0, 7, (8, 4), generator=torch.Generator().manual_seed(3))
+    _check_clipped_sum(model, (ids, torch.randint(0, 3, (12,))))
+    # the padding row gets no gradient, as in torch
+    got, _ = _engine(model, 1.0).clipped_sum(_losses(model, (ids, torch.zeros(12).long())))
+    assert float(got[0][0].abs().max()) == 0.0
+
+
+# --------------------------------------------------------------------------- against Opacus
+
+
+def _opacus_update(
+    model: nn.Module, inputs: Inputs, clip: float, sigma: float, lr: float, seed: int
+) -> None:
+    *x, y = inputs
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    opt = DPOptimizer(
+        torch.optim.SGD(_trainable(model), lr=lr),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=len(y),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        F.cross_entropy(gsm(*x), y).backward()  # type: ignore[no-untyped-call]
+    opt.step()
+    gsm._close()
+
+
+def _state(model: TextClassifier) -> list[torch.Tensor]:
+    return [v.clone() for v in model.trainable_state().values()]
+
+
+@pytest.mark.parametrize(("sigma", "dropout"), [(0.0, 0.0), (1.0, 0.0), (0.0, 0.3)])
+def test_update_equals_opacus_hooks_update(sigma: float, dropout: float) -> None:
+    # Prepare: the same model, batch, generator seed and (train mode) dropout masks
+    spec = dataclasses.replace(TINY, dropout=dropout)
+    model = _model(spec).train()
+    inputs = _batch(16)
+    clip, lr = 2.2, 0.7  # about the median per-example norm
+    ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
+
+    # Execute
+    torch.manual_seed(5)
+    norms = _engine(ours, clip, sigma, expected_batch=16, learning_rate=lr).step(
+        _losses(ours, inputs)
+    )
+    torch.manual_seed(5)
+    _opacus_update(theirs, inputs, clip, sigma, lr, seed=0)
+
+    # Assert: the same update (the noise too: same draws in the same order)
+    assert (norms > clip).any() and (norms < clip).any()
+    start = _state(model)
+    diff, scale = _max_diff(
+        [a - s for a, s in zip(_state(ours), start, strict=True)],
+        [b - s for b, s in zip(_state(theirs), start, strict=True)],
+    )
+    assert scale > 0 and diff <= 1e-5 * max(1.0, scale), (diff, scale)
+    assert all(p.requires_grad and p.grad is None for p in _trainable(ours))
+
+
+def test_noise_has_the_calibrated_std_and_zero_mean() -> None:
+    # Prepare: one step with noise and one without, from the same model and batch
+    model, inputs = _model(), _batch(16)
+    sigma, clip, expected_batch, lr = 1.3, 0.8, 40, 0.5
+    noisy, clean = copy.deepcopy(model), copy.deepcopy(model)
+
+    # Execute
+    for m, s in ((noisy, sigma), (clean, 0.0)):
+        _engine(m, clip, s, expected_batch=expected_batch, learning_rate=lr).step(
+            _losses(m, inputs)
+        )
+
+    # Assert: the difference is -lr * N(0, (sigma * clip)^2) / expected_batch
+    noise = torch.cat(
+        [(a - b).flatten() for a, b in zip(_state(noisy), _state(clean), strict=True)]
+    )
+    std = lr * sigma * clip / expected_batch
+    assert noise.numel() >= 100_000
+    assert abs(float(noise.std()) / std - 1) < 0.02
+    assert abs(float(noise.mean())) < 5 * std / noise.numel() ** 0.5
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.7])
+def test_train_dp_engines_agree(sigma: float) -> None:
+    n = 40
+    ids, mask, y = _batch(n)
+    data = Batchable(ids, mask, y)
+    models = {}
+    engines: tuple[Engine, ...] = ("bookkeeping", "opacus")
+    for engine in engines:
+        models[engine] = _model()
+        result = train_dp(
+            models[engine],
+            data,
+            steps=5,
+            sample_rate=0.3,
+            noise_multiplier=sigma,
+            clip_norm=2.2,
+            learning_rate=1.0,
+            generator=torch.Generator().manual_seed(7),
+            device=torch.device("cpu"),
+            engine=engine,
+        )
+        assert result.examples_seen > 0
+    start = _state(_model())
+    diff, scale = _max_diff(
+        [a - s for a, s in zip(_state(models["bookkeeping"]), start, strict=True)],
+        [b - s for b, s in zip(_state(models["opacus"]), start, strict=True)],
+    )
+    assert scale > 0 and diff <= 1e-4 * max(1.0, scale), (diff, scale)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("gen_device", ["cpu", "cuda"])
+def test_cuda_matches_cpu(gen_device: str) -> None:
+    model, inputs = _model(), _batch(16)
+    cpu = _engine(model, 0.5).clipped_sum(_losses(model, inputs))[0]
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu_inputs = tuple(t.cuda() for t in inputs)
+    engine = _engine(gpu_model, 0.5, 1.0, generator=torch.Generator(gen_device).manual_seed(0))
+    gpu = engine.clipped_sum(_losses(gpu_model, gpu_inputs))[0]
+    diff, scale = _max_diff([g.cpu() for g in gpu], cpu)
+    assert diff <= 1e-4 * max(1.0, scale), (diff, scale)
+    engine.step(_losses(gpu_model, gpu_inputs))  # noise drawn on gen_device, applied on cuda
+    assert all(torch.isfinite(p).all() for p in gpu_model.parameters())
+
+
+# --------------------------------------------------------------------------- fail closed
+
+
+class _Net(nn.Module):
+    def __init__(self, extra: nn.Module) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.extra = extra
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (nn.Conv1d(4, 4, 1), "Conv1d 'extra'"),
+        (nn.MultiheadAttention(4, 2, batch_first=True), "MultiheadAttention 'extra'"),
+        (nn.Embedding(5, 4, max_norm=1.0), "max_norm"),
+    ],
+)
+def test_unsupported_trainable_layers_are_refused_by_name(extra: nn.Module, named: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=named):
+        _engine(_Net(extra), 1.0)
+    _engine(_Net(extra.requires_grad_(False)), 1.0)  # frozen, it is fine
+
+
+def test_tied_weights_are_refused() -> None:
+    net = _Net(nn.Linear(4, 4))
+    net.extra.weight = net.lin.weight
+    with pytest.raises(UnsupportedModelError, match="tied weights"):
+        _engine(net, 1.0)
+
+
+class _Faulty(nn.Module):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "transposed":  # dim 0 of b's input is not the batch
+            h: torch.Tensor = self.a(x).reshape(-1, 2, 4).transpose(0, 1)  # (2, batch / 2, 4)
+            out: torch.Tensor = self.b(h).transpose(0, 1).reshape(-1, 2)
+            return out
+        h = self.a(x)
+        if self.mode == "twice":
+            h = self.a(h)
+        if self.mode == "raise":
+            raise ValueError("boom")
+        if self.mode == "dead":  # b runs but does not reach the loss
+            self.b(h)
+            return h[:, :2]
+        if self.mode == "nan":
+            h = h * float("nan")
+        out = self.b(h)
+        return out
+
+
+@pytest.mark.parametrize(
+    ("mode", "error", "match"),
+    [
+        ("twice", RuntimeError, "called twice"),
+        ("raise", ValueError, "boom"),
+        ("dead", RuntimeError, "no input or output gradient"),
+        ("transposed", RuntimeError, "not the batch"),
+        ("nan", FloatingPointError, "non-finite"),
+    ],
+)
+def test_a_failed_step_changes_nothing(mode: str, error: type[Exception], match: str) -> None:
+    model = _Faulty(mode)
+    before = copy.deepcopy(model.state_dict())
+    engine = _engine(model, 1.0, 1.0)
+    x, y = torch.randn(8, 4), torch.zeros(8).long()
+    with pytest.raises(error, match=match):
+        engine.step(_losses(model, (x, y)))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert all(not m._forward_hooks for m in model.modules())
+    model.mode = "ok"  # and the engine still works
+    engine.step(_losses(model, (x, y)))
+
+
+def test_parameters_made_trainable_after_build_are_refused() -> None:
+    net = _Net(nn.Conv1d(4, 4, 1).requires_grad_(False))
+    engine = _engine(net, 1.0)
+    net.extra.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="trainable parameters changed"):
+        engine.step(lambda: net.lin(torch.randn(3, 4)).sum(1))
