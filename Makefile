@@ -44,10 +44,13 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
-# Ratio benchmarks (not part of the tests; long: run on a quiet machine).
+# P1-P6 (docs/benchmarks.md). Not part of the tests; about 1.5 hours on 2 cores: run
+# it on a quiet machine. P4/P6 reuse finished runs in runs/bench-accuracy (delete it
+# to measure afresh).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/dp_step.py --threads 1
 	$(BIN)/python benchmarks/secagg.py --sites 5,20,50 --rounds 3
+	$(BIN)/python benchmarks/accuracy.py --out runs/bench-accuracy
 	$(BIN)/python benchmarks/scale.py --rounds 3
 
 clean:

@@ -42,7 +42,7 @@ from common.config import RunConfig  # noqa: E402
 from common.secagg.updates import encoding_spec  # noqa: E402
 
 
-def _fedsilo(num_sites: int, rounds: int, secure: bool, out: Path) -> dict[str, Any]:
+def _fedsilo(num_sites: int, rounds: int, secure: bool, out: Path, bits: int) -> dict[str, Any]:
     from simulations.runner import simulate
 
     summary = simulate(
@@ -52,6 +52,7 @@ def _fedsilo(num_sites: int, rounds: int, secure: bool, out: Path) -> dict[str, 
             "partition": "iid",
             "min-partition-size": 20,
             "secure-aggregation": secure,
+            "secagg-bits": bits,
             "out-dir": str(out),
         }
     )
@@ -73,7 +74,9 @@ def _fedsilo(num_sites: int, rounds: int, secure: bool, out: Path) -> dict[str, 
 def _one(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.system == "fedsilo":
-            result = _fedsilo(args.one, args.rounds, args.mode == "secure", Path(tmp) / "run")
+            result = _fedsilo(
+                args.one, args.rounds, args.mode == "secure", Path(tmp) / "run", args.bits_one
+            )
         else:
             sys.path.insert(0, str(ROOT / "benchmarks"))
             import flower_secaggplus as anchor
@@ -86,9 +89,9 @@ def _one(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def _measure(system: str, num_sites: int, rounds: int, mode: str) -> dict[str, Any]:
+def _measure(system: str, num_sites: int, rounds: int, mode: str, bits: int = 8) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--one", str(num_sites), "--rounds", str(rounds)]
-    cmd += ["--system", system, "--mode", mode]
+    cmd += ["--system", system, "--mode", mode, "--bits-one", str(bits)]
     started = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--system", choices=("fedsilo", "flower"), default="fedsilo")
     parser.add_argument("--mode", choices=("plain", "secure"), default="secure")
     parser.add_argument("--skip-flower", action="store_true", help="fedsilo only")
+    parser.add_argument("--bits", default="16,8,4", help="P3: bit widths measured at 10 sites")
+    parser.add_argument("--bits-one", type=int, default=8, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         _one(args)
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{'flower plain':>12} {'SecAgg+':>8} {'ratio':>6} {'bytes/fp32':>10} | load"
     )
     print(header)
-    for n in (int(x) for x in args.sites.split(",")):
+    for n in (int(x) for x in args.sites.split(",") if x.strip()):
         plain = _measure("fedsilo", n, args.rounds, "plain")
         secure = _measure("fedsilo", n, args.rounds, "secure")
         line = (
@@ -154,6 +159,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"{f_secure['bytes_per_site'] / fp32:10.3f} | "
             )
         print(line + " ".join(f"{x:.1f}" for x in loads), flush=True)
+    if args.bits:
+        # P3 measured: everything a site uploads in a secure round, at each bit width.
+        p3 = []
+        for b in (int(x) for x in args.bits.split(",")):
+            result = _measure("fedsilo", 10, 2, "secure", bits=b)
+            p3.append(f"b={b}: {result['bytes_per_site'] / fp32:.3f}x")
+        print("P3 bytes uploaded per site per round / fp32 dense, 10 sites: " + ", ".join(p3))
 
 
 if __name__ == "__main__":
