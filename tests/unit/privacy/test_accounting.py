@@ -29,7 +29,14 @@ def reference_epsilon(sigma: float, q: float, steps: int, delta: float = DELTA) 
 
 @pytest.mark.parametrize(
     ("sigma", "q", "steps"),
-    [(1.0, 0.01, 1000), (1.6, 0.25, 120), (0.8, 0.05, 200), (4.0, 0.5, 50)],
+    [
+        (1.0, 0.01, 1000),
+        (1.6, 0.25, 120),
+        (0.8, 0.05, 200),
+        (4.0, 0.5, 50),
+        # q = 1: a site with no more examples than the batch size (e.g. in 20ng).
+        (3.0, 1.0, 20),
+    ],
 )
 def test_epsilon_agrees_with_independent_pld_accountant(sigma: float, q: float, steps: int) -> None:
     ours = compute_epsilon([SubsampledGaussianEvent(sigma, q, steps)], DELTA)
