@@ -156,7 +156,8 @@ def check_data(
         label_column=label_column,
     )
     counts = ", ".join(f"{k}: {v}" for k, v in data.label_counts().items())
-    Console().print(f"{path}: {len(data)} rows ok ({counts})")
+    # Plain print: a long path must not wrap, nor its brackets read as markup.
+    print(f"{path}: {len(data)} rows ok ({counts})")
 
 
 @cli.command("export")
