@@ -44,7 +44,7 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
-# P1-P6 (docs/benchmarks.md). Not part of the tests; about 1.5 hours on 2 cores: run
+# P1-P6 (docs/benchmarks.md). Not part of the tests; about an hour on 2 cores: run
 # it on a quiet machine. P4/P6 reuse finished runs in runs/bench-accuracy (delete it
 # to measure afresh).
 bench: $(STAMP)
