@@ -10,15 +10,7 @@ from pathlib import Path
 
 import pytest
 
-FEDSILO = [sys.executable, "-m", "simulations.cli"]
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def fedsilo(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [*FEDSILO, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
-    )
+from tests.support.runs import ROOT, fedsilo
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,26 +13,7 @@ from client.app import app as client_app
 from common.data import load_builtin
 from server.app import app as server_app
 from tests.support.inprocess_grid import InProcessGrid
-
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = Path(sys.executable).parent / "fedsilo"
-FEDSILO = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "simulations.cli"]
-SMALL = {
-    "num-server-rounds": 2,
-    "max-length": 16,
-    "batch-size": 64,
-    "min-partition-size": 20,
-    "learning-rate": 0.5,
-    "clip-norm": 1.0,
-    "epsilon": 4.0,
-}
-
-
-def fedsilo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [*FEDSILO, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
-    )
+from tests.support.runs import SMALL_RUN, fedsilo
 
 
 @pytest.mark.e2e
@@ -61,12 +39,12 @@ def test_export_and_predict_on_a_real_run(tmp_path: Path) -> None:
         )
     run = tmp_path / "run"
     grid = InProcessGrid(
-        client_app, num_nodes=3, node_configs=nodes, run_config={**SMALL, "out-dir": str(run)}
+        client_app, num_nodes=3, node_configs=nodes, run_config={**SMALL_RUN, "out-dir": str(run)}
     )
     server_app(grid, grid.server_context())
 
     # Execute: export with the default output folder
-    result = fedsilo("export", str(run))
+    result = fedsilo("export", str(run), timeout=120)
 
     # Assert
     assert result.returncode == 0, result.stderr[-3000:]
@@ -88,13 +66,13 @@ def test_export_and_predict_on_a_real_run(tmp_path: Path) -> None:
     texts = tmp_path / "texts.txt"
     texts.write_text("a dull, lifeless mess\n\nan utterly charming delight\n")
     result = fedsilo(
-        "predict", str(out), "a gripping, beautifully acted film", "--file", str(texts)
+        "predict", str(out), "a gripping, beautifully acted film", "--file", str(texts), timeout=120
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Warning" not in result.stderr, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 3 and all(line.split("\t")[0] in ("rotten", "fresh") for line in lines)
-    result = fedsilo("predict", str(out), "a gripping film", "--fp32", "--json")
+    result = fedsilo("predict", str(out), "a gripping film", "--fp32", "--json", timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     [row] = json.loads(result.stdout)
     assert row["label"] in ("rotten", "fresh") and set(row["probabilities"]) == {"rotten", "fresh"}
@@ -102,7 +80,7 @@ def test_export_and_predict_on_a_real_run(tmp_path: Path) -> None:
 
     # Bad input: one line naming the file, exit code 2
     (out / "model-int8.pt").write_bytes(b"junk")
-    result = fedsilo("predict", str(out), "text")
+    result = fedsilo("predict", str(out), "text", timeout=120)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith("error: ") and "model-int8.pt" in result.stderr

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-_SCRIPT = ROOT / ".venv" / "bin" / "fedsilo"
-FEDSILO = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "simulations.cli"]
-
-
-def fedsilo(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [*FEDSILO, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
-    )
+from tests.support.runs import fedsilo
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "abc", ""])

@@ -11,17 +11,8 @@ import pytest
 from client.app import app as client_app
 from server.app import app as server_app
 from tests.support.inprocess_grid import InProcessGrid
+from tests.support.runs import SMALL_RUN
 from tests.unit.privacy.test_accounting import reference_epsilon
-
-SMALL = {
-    "num-server-rounds": 2,
-    "max-length": 16,
-    "batch-size": 64,
-    "min-partition-size": 20,
-    "learning-rate": 0.5,
-    "clip-norm": 1.0,
-    "epsilon": 4.0,
-}
 
 
 def _run(tmp_path: Path, grid: InProcessGrid) -> dict:
@@ -31,7 +22,9 @@ def _run(tmp_path: Path, grid: InProcessGrid) -> dict:
 
 def test_three_sites_two_rounds_end_to_end(tmp_path: Path) -> None:
     # Prepare
-    grid = InProcessGrid(client_app, num_nodes=3, run_config={**SMALL, "out-dir": str(tmp_path)})
+    grid = InProcessGrid(
+        client_app, num_nodes=3, run_config={**SMALL_RUN, "out-dir": str(tmp_path)}
+    )
 
     # Execute
     summary = _run(tmp_path, grid)
@@ -73,7 +66,7 @@ def test_a_site_with_bad_data_fails_sanitized_and_the_round_goes_on(tmp_path: Pa
         client_app,
         num_nodes=3,
         node_configs=nodes,
-        run_config={**SMALL, "num-server-rounds": 1, "out-dir": str(out)},
+        run_config={**SMALL_RUN, "num-server-rounds": 1, "out-dir": str(out)},
     )
 
     # Execute
@@ -101,7 +94,7 @@ def test_no_site_trains_leaves_the_model_unchanged(tmp_path: Path) -> None:
         client_app,
         num_nodes=2,
         node_configs=nodes,
-        run_config={**SMALL, "num-server-rounds": 1, "out-dir": str(tmp_path)},
+        run_config={**SMALL_RUN, "num-server-rounds": 1, "out-dir": str(tmp_path)},
     )
     summary = _run(tmp_path, grid)
     row = summary["rounds"][0]

@@ -20,15 +20,11 @@ from common.quantize import error_bound
 from common.secagg.updates import encoding_spec, flatten
 from server.app import app as server_app
 from tests.support.inprocess_grid import NODE_ID_OFFSET, InProcessGrid
+from tests.support.runs import SMALL_RUN
 
 SMALL = {
+    **SMALL_RUN,
     "num-server-rounds": 1,
-    "max-length": 16,
-    "batch-size": 64,
-    "min-partition-size": 20,
-    "learning-rate": 0.5,
-    "clip-norm": 1.0,
-    "epsilon": 4.0,
     "server-optimizer": "fedavg",
     "server-ema": 0.0,
 }
