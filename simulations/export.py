@@ -37,6 +37,7 @@ from common.data import BUILTIN_DATASETS, load_builtin
 from common.model import ModelSpec, TextClassifier, build_model
 from common.text import encode
 from common.training import Batchable, evaluate
+from simulations.central import MODE as CENTRAL_MODE
 
 FP32_FILE = "model-fp32.safetensors"
 INT8_FILE = "model-int8.pt"
@@ -304,11 +305,16 @@ def _limitations(card: ModelCard) -> list[str]:
             "- **No differential privacy**: the model may memorise and reveal the sites' "
             "training examples."
         )
-    out += [
+    out.append(
         "- The int8 model is computed from the fp32 model alone (post-processing): it costs "
-        "no privacy and has the same guarantee.",
-        "- Secure aggregation hid each site's update from the coordinator during training; "
-        "it does not change what the final model reveals.",
+        "no privacy and has the same guarantee."
+    )
+    if card.secure_aggregation is True:
+        out.append(
+            "- Secure aggregation hid each site's update from the coordinator during "
+            "training; it does not change what the final model reveals."
+        )
+    out += [
         "- The public parts (MiniLM vocabulary and word embeddings, the public test split) "
         "are not covered by the guarantee. The training settings were chosen with runs "
         "evaluated on this same test split, so its accuracy may be slightly optimistic.",
@@ -424,6 +430,11 @@ def export_run(
     partition = str(config.get("partition", "unknown"))
     if partition == "dirichlet":
         partition += f" (alpha {config.get('dirichlet-alpha')})"
+    # A central run's config keeps the federated defaults it ignored: no sites, no
+    # secure aggregation took place.
+    central = run.summary.get("mode") == CENTRAL_MODE
+    if central:
+        partition = "none (central training on the pooled data)"
     card = ModelCard(
         source_run=str(run.run_dir),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -434,7 +445,7 @@ def export_run(
         rounds_completed=final.get("rounds_completed", run.round),
         partition=partition,
         dp=bool(run.summary["dp"]),
-        secure_aggregation=config.get("secure-aggregation"),
+        secure_aggregation=False if central else config.get("secure-aggregation"),
         epsilon_max=max(eps) if eps else None,
         delta_max=max(deltas) if deltas else None,
         sites=sites,

@@ -144,6 +144,21 @@ def test_a_no_dp_card_says_so(exported: tuple[Path, ModelCard]) -> None:
     assert "differential privacy: **NO**" in text and "No differential privacy" in text
 
 
+def test_a_central_run_claims_no_sites_and_no_secure_aggregation(
+    exported: tuple[Path, ModelCard], tmp_path: Path
+) -> None:
+    # A central run's config keeps the federated defaults (secure-aggregation true).
+    make_run(tmp_path)
+    summary = {**_summary(dp=False), "mode": "central-no-dp", "sites": []}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    card = export_run(tmp_path, latency_repeats=1)
+    text = (tmp_path / "export" / "MODEL_CARD.md").read_text()
+    assert card.secure_aggregation is False and card.partition.startswith("none (central")
+    assert "secure aggregation: off" in text and "Secure aggregation hid" not in text
+    federated_text = (exported[0] / "MODEL_CARD.md").read_text()
+    assert "Secure aggregation hid" in federated_text
+
+
 # ---- bad input: one ExportError naming the file ------------------------------------
 
 
