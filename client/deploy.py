@@ -49,6 +49,7 @@ from client.site import (
 )
 from common.config import ConfigError, RunConfig
 from common.data import BUILTIN_DATASETS, DataValidationError, builtin_label_names, load_site_file
+from common.privacy.accounting import PrivacyAccountant
 from common.privacy.ledger import (
     KEY_FILE,
     PUBLIC_KEY_FILE,
@@ -56,6 +57,7 @@ from common.privacy.ledger import (
     dataset_fingerprint,
     load_or_create_identity,
     read_ledger,
+    spent_events,
 )
 from server.deploy import (
     DeployError,
@@ -349,7 +351,7 @@ def check_site(directory: Path) -> CheckReport:
         )
         return report
     fingerprint = _check_data(report, settings.data_path, settings, site.dataset)
-    _check_ledger(report, settings.state_dir, settings.epsilon, fingerprint)
+    _check_ledger(report, settings.state_dir, settings.epsilon, settings.delta, fingerprint)
     return report
 
 
@@ -378,7 +380,9 @@ def _check_data(
     return dataset_fingerprint(data.texts, data.labels.tolist())
 
 
-def _check_ledger(report: CheckReport, state: Path, budget: float, fingerprint: str | None) -> None:
+def _check_ledger(
+    report: CheckReport, state: Path, budget: float, delta: float, fingerprint: str | None
+) -> None:
     key_path = state / KEY_FILE
     if not key_path.exists():
         report.fail(f"{key_path}: ledger key missing (run `fedsilo site init --force`)")
@@ -397,7 +401,9 @@ def _check_ledger(report: CheckReport, state: Path, budget: float, fingerprint: 
     if fingerprint is None:  # the data did not load: no data set to look up
         report.ok(where)
         return
-    spent = max((e.epsilon_dataset for e in entries if e.dataset == fingerprint), default=0.0)
+    # What the ClientApp's budget check composes: every entry on this data set, at the
+    # site's current delta (an entry's own epsilon was computed at its own delta).
+    spent = PrivacyAccountant(spent_events(entries, fingerprint)).epsilon(delta)
     report.ok(f"{where}, epsilon spent on this data set {spent:.3f} of {budget:g}")
 
 

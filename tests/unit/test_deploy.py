@@ -386,6 +386,43 @@ def test_site_check_prints_counts_only(tmp_path: Path, coord: coordinator.Coordi
     assert "SECRET" not in text
 
 
+def test_site_check_states_the_spend_the_clientapp_enforces(
+    tmp_path: Path, coord: coordinator.Coordinator
+) -> None:
+    # An entry written at another delta: the check recomputes it at the site's delta,
+    # as the ClientApp's budget check does, instead of echoing the entry's own epsilon.
+    from client.site import LEDGER_FILE, SiteSettings
+    from common.config import RunConfig
+    from common.data import builtin_label_names, load_site_file
+    from common.privacy.accounting import SubsampledGaussianEvent, compute_epsilon
+    from common.privacy.ledger import Ledger, dataset_fingerprint, load_or_create_identity
+
+    site = _site(tmp_path, coord)
+    settings = SiteSettings.from_node_config(site.node_config, RunConfig())
+    assert settings.data_path is not None and settings.state_dir is not None
+    data = load_site_file(settings.data_path, label_names=builtin_label_names(site.dataset))
+    event = SubsampledGaussianEvent(1.0, 0.5, 10)
+    Ledger(settings.state_dir / LEDGER_FILE, load_or_create_identity(settings.state_dir)).append(
+        site_id="site-a",
+        dataset=dataset_fingerprint(data.texts, data.labels.tolist()),
+        run_id="r1",
+        round=1,
+        event=event,
+        clip_norm=1.0,
+        delta=0.1,
+        epsilon_run=compute_epsilon([event], 0.1),
+        epsilon_dataset=compute_epsilon([event], 0.1),
+        budget=settings.epsilon,
+        code_version="test",
+    )
+
+    text = "\n".join(check_site(site.directory).lines)
+
+    enforced = compute_epsilon([event], settings.delta)
+    assert f"epsilon spent on this data set {enforced:.3f} of" in text
+    assert f"{compute_epsilon([event], 0.1):.3f} of" not in text
+
+
 def test_site_check_names_bad_data_and_loose_keys(
     tmp_path: Path, coord: coordinator.Coordinator
 ) -> None:
