@@ -582,8 +582,14 @@ def register_site(directory: Path, public_key: Path, name: str) -> Registration:
     node_id, error = _flwr_register(coord, public_key.resolve(), name)
     if node_id is None:
         if "already in use" in error.lower():
-            # The SuperLink knows this key: registering again changes nothing.
-            return Registration(name, fp, known.get("node_id") if known else None, False)
+            if known is None:  # held by the SuperLink, unknown to this folder's sites.json
+                raise DeployError(
+                    f"{public_key}: the SuperLink already holds this key, but {REGISTRY_FILE} "
+                    f"does not name it; find its node with `flwr supernode list` and "
+                    "unregister it first"
+                )
+            # Same key, same name: registering again changes nothing.
+            return Registration(name, fp, known.get("node_id"), False)
         raise DeployError(f"registering {name!r} failed: {error or 'no reason given by flwr'}")
     registry[name] = {"key": fp, "node_id": node_id}
     write_public(coord.directory / REGISTRY_FILE, json.dumps(registry, indent=2) + "\n")

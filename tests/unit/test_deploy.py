@@ -484,6 +484,10 @@ def test_register_is_idempotent_and_refuses_conflicts(
         register_site(coord.directory, b, "bad name")
     registry = json.loads((coord.directory / "sites.json").read_text())
     assert registry == {"site-a": {"key": first.key_fingerprint, "node_id": 1000}}
+    # A key the SuperLink holds but sites.json does not name is not "nothing changed".
+    (coord.directory / "sites.json").write_text("{}")
+    with pytest.raises(DeployError, match="the SuperLink already holds this key"):
+        register_site(coord.directory, a, "site-a")
 
 
 def test_register_reports_flowers_own_failure_in_one_line(
