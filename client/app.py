@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 
 from client import secure
 from client.site import (
+    DATA_PATH_KEY,
     PARTITION_ID_KEY,
     SITE_ID_KEY,
     SiteConfigError,
@@ -36,6 +37,7 @@ from common.secagg.updates import clip_update
 from common.training import default_device
 from common.wire import (
     SITE_NAME,
+    STAGES,
     SiteReport,
     decode_plan,
     decode_setup,
@@ -49,7 +51,7 @@ log = logging.getLogger("fedsilo.site")
 STATE_KEY = "fedsilo.site"
 SECAGG_STATE_KEY = "fedsilo.secagg"
 DROPOUT_KEY = "fedsilo.dropout"
-_STAGES = ("train", "share-keys", "masked-input", "unmask")
+_STAGES = ("train", *STAGES)
 
 
 class SimulatedDropout(RuntimeError):
@@ -58,7 +60,7 @@ class SimulatedDropout(RuntimeError):
 
 def _plan_dropout(context: Context, rate: float, secure: bool) -> str:
     """The stage at which this simulated site will crash this round ("" = none)."""
-    simulated = PARTITION_ID_KEY in context.node_config and "data-path" not in context.node_config
+    simulated = PARTITION_ID_KEY in context.node_config and DATA_PATH_KEY not in context.node_config
     if not simulated or rate <= 0 or secrets.SystemRandom().random() >= rate:
         return ""
     return secrets.choice(_STAGES if secure else _STAGES[:1])
