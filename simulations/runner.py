@@ -28,9 +28,10 @@ QUIET_FLOWER_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_DEDUP_LOGS": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    # Transparent huge pages for torch's CPU tensors: Opacus builds fresh per-example
-    # gradient tensors every step; with huge pages a DP step cost about 1.7x a plain one
-    # instead of about 2.0x (benchmarks/dp_step.py). Must be set before torch allocates.
+    # Transparent huge pages for torch's CPU tensors: the Opacus engine builds fresh
+    # per-example gradient tensors every step; with huge pages its DP step costs about
+    # 1.7x a plain one instead of about 2.0x (benchmarks/dp_step.py). Must be set before
+    # torch allocates.
     "THP_MEM_ALLOC_ENABLE": "1",
 }
 
@@ -60,17 +61,24 @@ def _drop_python_api_deprecation(record: logging.LogRecord) -> bool:
     return "`run_simulation` function is deprecated" not in record.getMessage()
 
 
+def check_options(options: Mapping[str, Any]) -> tuple[RunConfig, int]:
+    """The run config and number of sites of one simulation, or a ConfigError naming
+    the bad key (``fedsilo sweep`` checks every run with it before the first starts)."""
+    overrides = dict(options)
+    num_sites = overrides.pop("num-sites", DEFAULT_SITES)
+    if isinstance(num_sites, bool) or not isinstance(num_sites, int) or num_sites < 1:
+        raise ConfigError(f"num-sites must be a positive integer, got {num_sites!r}")
+    cfg = RunConfig().with_overrides(overrides)
+    if num_sites < cfg.min_sites:
+        raise ConfigError(f"num-sites {num_sites} is below min-sites {cfg.min_sites}")
+    return cfg, num_sites
+
+
 def simulate(options: Mapping[str, Any]) -> dict[str, Any]:
     """Run one simulation; ``options`` are run-config keys plus ``num-sites``."""
     for key, value in QUIET_FLOWER_ENV.items():
         os.environ.setdefault(key, value)
-    overrides = dict(options)
-    num_sites = int(overrides.pop("num-sites", DEFAULT_SITES))
-    if num_sites < 1:
-        raise ConfigError(f"num-sites must be at least 1, got {num_sites}")
-    cfg = RunConfig().with_overrides(overrides)  # validate before starting Ray
-    if num_sites < cfg.min_sites:
-        raise ConfigError(f"num-sites {num_sites} is below min-sites {cfg.min_sites}")
+    cfg, num_sites = check_options(options)  # before starting Ray
 
     import torch
     from flwr.simulation import run_simulation

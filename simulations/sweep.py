@@ -35,7 +35,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.config import ConfigError, RunConfig
+from common.config import ConfigError
 
 SWEEP_VERSION = 1
 NO_DP_LABEL = "inf (no DP)"
@@ -385,13 +385,10 @@ def validate(base: Mapping[str, Any], epsilons: Sequence[float], seeds: int) -> 
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     if not epsilons:
         raise ConfigError("--epsilon is empty; give a list such as 1,2,4,8,inf")
-    num_sites = base.get("num-sites", 1)
-    if not isinstance(num_sites, int) or num_sites < 1:
-        raise ConfigError(f"num-sites must be a positive integer, got {num_sites!r}")
+    from simulations.runner import check_options
+
     for eps in epsilons:
-        options = run_options(base, eps, 0, Path("x"))
-        options.pop("num-sites", None)
-        RunConfig().with_overrides(options)
+        check_options(run_options(base, eps, 0, Path("x")))
 
 
 def run_sweep(

@@ -197,3 +197,14 @@ def test_sweep_refuses_bad_settings_before_running(tmp_path: Path) -> None:
             simulate_fn=never,
             central_fn=never,
         )
+    # The same checks as `fedsilo simulate` (simulations.runner.check_options).
+    with pytest.raises(ConfigError, match="num-sites 1 is below min-sites 2"):
+        run_sweep(
+            {"num-sites": 1},
+            [1.0],
+            1,
+            tmp_path,
+            console=console,
+            simulate_fn=never,
+            central_fn=never,
+        )
