@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.site import (
     DATA_PATH_KEY,
+    DEFAULT_SITE_DELTA,
     LABEL_COLUMN_KEY,
     LEDGER_FILE,
     SITE_DELTA_KEY,
@@ -60,10 +61,14 @@ from common.privacy.ledger import (
     spent_events,
 )
 from server.deploy import (
+    CA_CERT,
+    FLWR_HOME_DIR,
+    STATE_DIR,
     DeployError,
     executable,
+    flower_env,
     load_ca_certificate,
-    with_flower_path,
+    private_mode_problem,
     write_private,
     write_public,
 )
@@ -72,11 +77,7 @@ SITE_FILE = "site.toml"
 NODE_CONFIG_FILE = "node-config.toml"
 NODE_KEY = "node.key"
 NODE_PUB = "node.pub"
-CA_CERT = "ca.crt"
-STATE_DIR = "state"
-FLWR_HOME_DIR = "flwr"
 DEFAULT_EPSILON = 8.0
-DEFAULT_DELTA = 1e-5
 _CURVE = ec.SECP384R1()  # the curve Flower's `supernode register` documents
 
 
@@ -207,13 +208,6 @@ def load_node_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def private_mode_problem(path: Path) -> str | None:
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        return f"{path}: private key is readable by others (mode {mode:04o}); chmod 600 it"
-    return None
-
-
 def init_site(
     directory: Path,
     *,
@@ -222,7 +216,7 @@ def init_site(
     ca: Path,
     superlink: str,
     epsilon: float = DEFAULT_EPSILON,
-    delta: float = DEFAULT_DELTA,
+    delta: float = DEFAULT_SITE_DELTA,
     dataset: str = "rotten-tomatoes",
     text_column: str = "text",
     label_column: str = "label",
@@ -435,17 +429,7 @@ def supernode_command(site: Site, *, port: int) -> list[str]:
 
 def supernode_env(site: Site, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Each site keeps Flower's files (installed apps) in its own folder."""
-    env = dict(os.environ if base is None else base)
-    env.update(
-        {
-            "PATH": with_flower_path(env.get("PATH", "")),
-            "FLWR_HOME": str(site.directory / FLWR_HOME_DIR),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        }
-    )
-    return env
+    return flower_env(site.directory / FLWR_HOME_DIR, base)
 
 
 def prepare_start(

@@ -30,7 +30,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -338,13 +338,14 @@ def superlink_command(coord: Coordinator, *, host: str = "0.0.0.0") -> list[str]
     ]
 
 
-def flower_env(coord: Coordinator, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for Flower's processes run from this folder."""
+def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower's processes: our venv's commands first, Flower's files
+    (installed apps, CLI config) in ``flwr_home``, no telemetry or run-time installs."""
     env = dict(os.environ if base is None else base)
     env.update(
         {
             "PATH": with_flower_path(env.get("PATH", "")),
-            "FLWR_HOME": str(coord.flwr_home),
+            "FLWR_HOME": str(flwr_home),
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -455,12 +456,18 @@ def start_coordinator(directory: Path, *, bind: str = "0.0.0.0") -> list[str]:
     return cmd
 
 
-def _check_private_mode(path: Path) -> None:
+def private_mode_problem(path: Path) -> str | None:
+    """What is wrong with a private key file's permissions, if anything."""
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
-        raise DeployError(
-            f"{path}: private key is readable by others (mode {mode:04o}); chmod 600 it"
-        )
+        return f"{path}: private key is readable by others (mode {mode:04o}); chmod 600 it"
+    return None
+
+
+def _check_private_mode(path: Path) -> None:
+    problem = private_mode_problem(path)
+    if problem:
+        raise DeployError(problem)
 
 
 # ---- registering sites ------------------------------------------------------------
@@ -535,7 +542,7 @@ def _flwr_register(coord: Coordinator, key_path: Path, name: str) -> tuple[int |
             capture_output=True,
             text=True,
             timeout=60,
-            env=flower_env(coord),
+            env=flower_env(coord.flwr_home),
             cwd=coord.directory,
         )
     except subprocess.TimeoutExpired:

@@ -61,7 +61,7 @@ def coordinator_start(
     coord = Coordinator.load(directory)
     print(shlex.join(cmd), flush=True)
     os.chdir(coord.directory)
-    os.execve(cmd[0], cmd, flower_env(coord))
+    os.execve(cmd[0], cmd, flower_env(coord.flwr_home))
 
 
 @coordinator_app.command("register")
