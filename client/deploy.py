@@ -47,9 +47,10 @@ from client.site import (
     TEXT_COLUMN_KEY,
     SiteConfigError,
     SiteSettings,
+    read_site_file,
 )
 from common.config import ConfigError, RunConfig
-from common.data import BUILTIN_DATASETS, DataValidationError, builtin_label_names, load_site_file
+from common.data import BUILTIN_DATASETS, DataValidationError
 from common.privacy.accounting import PrivacyAccountant
 from common.privacy.ledger import (
     KEY_FILE,
@@ -352,14 +353,9 @@ def check_site(directory: Path) -> CheckReport:
 def _check_data(
     report: CheckReport, data_path: str, settings: SiteSettings, dataset: str
 ) -> str | None:
-    """The ClientApp's own loader and label set (client/site.py ``_load``)."""
+    """The ClientApp's own loader and label set (client.site.read_site_file)."""
     try:
-        data = load_site_file(
-            data_path,
-            label_names=builtin_label_names(dataset),
-            text_column=settings.text_column,
-            label_column=settings.label_column,
-        )
+        data = read_site_file(data_path, dataset, settings.text_column, settings.label_column)
     except DataValidationError as err:
         report.fail(f"data rejected: {err} (the ClientApp refuses the whole file until fixed)")
         return None

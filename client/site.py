@@ -163,16 +163,24 @@ def data_key(settings: SiteSettings, config: RunConfig) -> tuple[Any, ...]:
     )
 
 
+def read_site_file(path: str, dataset: str, text_column: str, label_column: str) -> TextDataset:
+    """A deployed site's own data file, validated against the federation's label set
+    (``fedsilo site check`` reads it with this too)."""
+    return load_site_file(
+        path,
+        label_names=builtin_label_names(dataset),
+        text_column=text_column,
+        label_column=label_column,
+    )
+
+
 @lru_cache(maxsize=4)
 def _load(key: tuple[Any, ...]) -> tuple[Batchable, str]:
     """The site's tokenized examples and the data set's fingerprint (cached per process:
     simulated sites share actors)."""
     if key[0] == "file":
         _, path, _, _, dataset, text_col, label_col, max_length = key
-        labels = builtin_label_names(dataset)
-        data: TextDataset = load_site_file(
-            path, label_names=labels, text_column=text_col, label_column=label_col
-        )
+        data = read_site_file(path, dataset, text_col, label_col)
     else:
         _, dataset, scheme, alpha, min_size, seed, pid, num, max_length = key
         full = load_builtin(dataset, "train", seed=seed)
