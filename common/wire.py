@@ -141,12 +141,10 @@ def _record_to_arrays(record: ArrayRecord, what: str) -> dict[str, torch.Tensor]
     return arrays
 
 
-def encode_plan(
-    plan: RoundPlan, global_arrays: dict[str, torch.Tensor], setup: SecAggSetup | None = None
-) -> RecordDict:
+def encode_plan(plan: RoundPlan, global_arrays: dict[str, torch.Tensor]) -> RecordDict:
+    """A round's train message (secure rounds add each site's setup: ``with_setup``)."""
     config = ConfigRecord({"round": plan.round, **plan.config.to_user_config()})
-    content = RecordDict({GLOBAL_KEY: _arrays_to_record(global_arrays), PLAN_KEY: config})
-    return content if setup is None else with_setup(content, setup)
+    return RecordDict({GLOBAL_KEY: _arrays_to_record(global_arrays), PLAN_KEY: config})
 
 
 def with_setup(plan_content: RecordDict, setup: SecAggSetup) -> RecordDict:

@@ -174,7 +174,7 @@ def test_plan_carries_the_secagg_setup() -> None:
     setup = SecAggSetup(PARAMS, 2, rotation_seed=77)
 
     # Execute
-    content = encode_plan(RoundPlan(1, RunConfig()), ARRAYS, setup)
+    content = with_setup(encode_plan(RoundPlan(1, RunConfig()), ARRAYS), setup)
 
     # Assert
     assert decode_setup(content) == setup
@@ -195,7 +195,7 @@ def test_per_site_setups_share_one_plan_without_changing_it() -> None:
 
 
 def test_setup_naming_a_non_participant_is_rejected() -> None:
-    content = encode_plan(RoundPlan(1, RunConfig()), ARRAYS, SecAggSetup(PARAMS, 2, 7))
+    content = with_setup(encode_plan(RoundPlan(1, RunConfig()), ARRAYS), SecAggSetup(PARAMS, 2, 7))
     content.config_records["secagg"]["index"] = 9
     with pytest.raises(WireError, match="not a participant"):
         decode_setup(content)
