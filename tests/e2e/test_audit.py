@@ -9,15 +9,14 @@ import pytest
 
 from client.app import app as client_app
 from server.app import app as server_app
-from tests.e2e.test_cli import fedsilo
-from tests.integration.test_federation import SMALL
 from tests.support.inprocess_grid import InProcessGrid
+from tests.support.runs import SMALL_RUN, fedsilo
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    grid = InProcessGrid(client_app, num_nodes=3, run_config={**SMALL, "out-dir": str(out)})
+    grid = InProcessGrid(client_app, num_nodes=3, run_config={**SMALL_RUN, "out-dir": str(out)})
     server_app(grid, grid.server_context())
     return out
 
