@@ -29,8 +29,7 @@ from client.site import (
     site_report,
 )
 from common.data import DataValidationError
-from common.privacy.accounting import PrivacyError
-from common.privacy.ledger import LedgerError
+from common.privacy.errors import LedgerError, PrivacyError
 from common.secagg.errors import SecAggError
 from common.secagg.protocol import PublicKeys, SiteSession
 from common.secagg.updates import clip_update

@@ -39,7 +39,6 @@ from client.site import (
     DATA_PATH_KEY,
     DEFAULT_SITE_DELTA,
     LABEL_COLUMN_KEY,
-    LEDGER_FILE,
     SITE_DELTA_KEY,
     SITE_EPSILON_KEY,
     SITE_ID_KEY,
@@ -51,16 +50,10 @@ from client.site import (
 )
 from common.config import ConfigError, RunConfig
 from common.data import BUILTIN_DATASETS, DataValidationError
-from common.privacy.accounting import PrivacyAccountant
-from common.privacy.ledger import (
-    KEY_FILE,
-    PUBLIC_KEY_FILE,
-    LedgerError,
-    dataset_fingerprint,
-    load_or_create_identity,
-    read_ledger,
-    spent_events,
-)
+from common.privacy.budget import DatasetBudget, delta_problem
+from common.privacy.errors import LedgerError
+from common.privacy.identity import KEY_FILE, PUBLIC_KEY_FILE, load_or_create_identity
+from common.privacy.ledger import LEDGER_FILE, dataset_fingerprint, read_ledger
 from server.deploy import (
     CA_CERT,
     FLWR_HOME_DIR,
@@ -365,8 +358,9 @@ def _check_data(
     counts = ", ".join(f"{k}: {v}" for k, v in data.label_counts().items())
     n = len(data)
     report.ok(f"data {data_path}: {n} rows, 0 rejected ({counts})")
-    if settings.delta >= 1.0 / n:
-        report.fail(f"delta {settings.delta:g} is not below 1/n = {1.0 / n:.3g}; lower --delta")
+    problem = delta_problem(settings.delta, n)
+    if problem:
+        report.fail(f"{problem}; lower --delta")
     return dataset_fingerprint(data.texts, data.labels.tolist())
 
 
@@ -393,7 +387,7 @@ def _check_ledger(
         return
     # What the ClientApp's budget check composes: every entry on this data set, at the
     # site's current delta (an entry's own epsilon was computed at its own delta).
-    spent = PrivacyAccountant(spent_events(entries, fingerprint)).epsilon(delta)
+    spent = DatasetBudget.from_ledger(entries, fingerprint, budget=budget, delta=delta).spent()
     report.ok(f"{where}, epsilon spent on this data set {spent:.3f} of {budget:g}")
 
 

@@ -33,19 +33,12 @@ from common.data import (
     partition,
 )
 from common.model import build_model
-from common.privacy.accounting import (
-    PrivacyAccountant,
-    PrivacyError,
-    SubsampledGaussianEvent,
-    calibrate_noise_multiplier,
-    compute_epsilon,
-)
-from common.privacy.ledger import (
-    Ledger,
-    dataset_fingerprint,
-    load_or_create_identity,
-    spent_events,
-)
+from common.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
+from common.privacy.budget import DatasetBudget, check_delta
+from common.privacy.errors import PrivacyError
+from common.privacy.events import SubsampledGaussianEvent
+from common.privacy.identity import load_or_create_identity
+from common.privacy.ledger import LEDGER_FILE, Ledger, dataset_fingerprint
 from common.text import encode
 from common.training import (
     Batchable,
@@ -68,7 +61,6 @@ ALLOW_NO_DP_KEY = "allow-no-dp"
 TEXT_COLUMN_KEY = "text-column"
 LABEL_COLUMN_KEY = "label-column"
 DEFAULT_SITE_DELTA = 1e-5
-LEDGER_FILE = "ledger.jsonl"
 LOCK_FILE = "ledger.lock"
 
 
@@ -310,8 +302,7 @@ def run_round(
             **no_dp,
         ), trainable_delta(global_arrays, model.trainable_state())
 
-    if settings.delta >= 1.0 / n:
-        raise PrivacyError(f"delta {settings.delta:g} is not below 1/n = {1.0 / n:.3g}")
+    check_delta(settings.delta, n)
     if settings.state_dir is None:
         raise SiteConfigError(f"a DP site needs '{STATE_DIR_KEY}' for its privacy ledger")
     ledger = Ledger(settings.state_dir / LEDGER_FILE, load_or_create_identity(settings.state_dir))
@@ -349,8 +340,9 @@ def _dp_round(
 ) -> tuple[SiteReport, dict[str, torch.Tensor] | None]:
     cfg = plan.config
     everything = ledger.entries()  # a torn ledger raises LedgerError: fail closed
-    entries = [e for e in everything if e.dataset == fingerprint]
-    accountant = PrivacyAccountant(spent_events(entries, fingerprint))  # every run
+    budget = DatasetBudget.from_ledger(
+        everything, fingerprint, budget=settings.epsilon, delta=settings.delta
+    )  # every run
     this_run = [e.event for e in everything if e.run_id == run_id]  # as the auditor composes
     common = {
         "num_examples": n,
@@ -364,9 +356,9 @@ def _dp_round(
             "refused",
             reason,
             settings.site_id,
-            epsilon=accountant.epsilon(settings.delta),
+            epsilon=budget.spent(),
             steps=0,
-            total_steps=accountant.steps,
+            total_steps=budget.steps,
             noise_multiplier=state.noise_multiplier,
             **common,
         ), None
@@ -375,7 +367,7 @@ def _dp_round(
     if state.plan_key != plan_key:
         # Once per run: the noise that, composed after what earlier runs spent on this
         # data set, reaches the budget exactly at the last planned round.
-        earlier = tuple(e.event for e in entries if e.run_id != run_id)
+        earlier = budget.earlier_runs(run_id)
         try:
             state.noise_multiplier = calibrate_noise_multiplier(
                 target_epsilon=settings.epsilon,
@@ -388,8 +380,8 @@ def _dp_round(
             return refuse(f"no noise fits this plan: {err}")
         state.plan_key = plan_key
     event = SubsampledGaussianEvent(state.noise_multiplier, q, steps)
-    after = accountant.epsilon_if(event, settings.delta)
-    if after > settings.epsilon:
+    fits, after = budget.allows(event)
+    if not fits:
         return refuse(f"budget {settings.epsilon:g} would reach {after:.2f}")
     train(noise_multiplier=state.noise_multiplier)
     entry = ledger.append(  # written and fsync'd before the update exists outside
@@ -411,7 +403,7 @@ def _dp_round(
         settings.site_id,
         epsilon=after,
         steps=steps,
-        total_steps=accountant.steps + steps,
+        total_steps=budget.steps + steps,
         noise_multiplier=state.noise_multiplier,
         ledger_head=entry.entry_hash(),
         ledger_signature=entry.signature,

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from common.config import ConfigError
 from common.data import DataValidationError
-from common.privacy.ledger import LedgerError
+from common.privacy.errors import LedgerError
 from simulations.deploy_cli import coordinator_app, site_app
 from simulations.export import ExportError
 

@@ -1,16 +1,17 @@
-"""Privacy accounting for DP-SGD with Poisson sampling.
+"""Privacy accounting for DP-SGD with Poisson sampling: epsilon of a history of
+events, and the noise that spends a budget exactly.
 
-A mechanism run is an immutable event; an accountant composes a list of events. The
-record of what was run is the site's signed ledger (common/privacy/ledger.py), from which
-the events are rebuilt; the mathematics is Opacus's PRV accountant (tight: numerical composition of privacy-loss distributions), and the
-tests check it against Google's dp_accounting, an independent implementation.
+A mechanism run is an immutable event (common/privacy/events.py); an accountant
+composes a list of them. The record of what was run is the site's signed ledger
+(common/privacy/ledger.py), from which the events are rebuilt. The mathematics is
+Opacus's PRV accountant (tight: numerical composition of privacy-loss distributions),
+which only the training path loads; the tests check it against Google's dp_accounting,
+an independent implementation.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
@@ -18,48 +19,17 @@ import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from scipy.optimize import brentq
 
+from common.privacy.errors import PrivacyError
+from common.privacy.events import (
+    PRV_EPS_ERROR,
+    PRV_MAX_EPSILON,
+    SubsampledGaussianEvent,
+    merged_history,
+)
+
 AccountantName = Literal["prv", "rdp"]
-# Opacus's PRV accountant bounds its own numerical error by this much epsilon.
-PRV_EPS_ERROR = 0.01
-PRV_MAX_EPSILON = 64.0
 MAX_NOISE_MULTIPLIER = 1000.0
 MIN_NOISE_MULTIPLIER = 0.3
-
-
-class PrivacyError(ValueError):
-    """A privacy parameter or accounting state that cannot be right."""
-
-
-@dataclass(frozen=True)
-class SubsampledGaussianEvent:
-    """``steps`` DP-SGD steps: Poisson sampling at ``sample_rate``, Gaussian noise of
-    std ``noise_multiplier * clip`` on the sum of clipped per-example gradients."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
-            raise PrivacyError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
-        if not 0 < self.sample_rate <= 1:
-            raise PrivacyError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise PrivacyError(f"steps must be a non-negative integer, got {self.steps!r}")
-
-
-def merged_history(events: Sequence[SubsampledGaussianEvent]) -> list[tuple[float, float, int]]:
-    """(sigma, q, steps) history, consecutive equal mechanisms merged (same composition)."""
-    history: list[tuple[float, float, int]] = []
-    for e in events:
-        if e.steps == 0:
-            continue
-        if history and history[-1][:2] == (e.noise_multiplier, e.sample_rate):
-            sigma, q, steps = history.pop()
-            history.append((sigma, q, steps + e.steps))
-        else:
-            history.append((e.noise_multiplier, e.sample_rate, e.steps))
-    return history
 
 
 def compute_epsilon(
@@ -136,23 +106,3 @@ def calibrate_noise_multiplier(
     while excess(math.log(sigma)) > 0:
         sigma *= 1.0002
     return sigma
-
-
-class PrivacyAccountant:
-    """The events a site has run (rebuilt from its ledger), composable into epsilon."""
-
-    def __init__(self, events: list[SubsampledGaussianEvent] | None = None) -> None:
-        self._events: list[SubsampledGaussianEvent] = list(events or [])
-
-    @property
-    def steps(self) -> int:
-        return sum(e.steps for e in self._events)
-
-    def epsilon(self, delta: float, *, accountant: AccountantName = "prv") -> float:
-        return compute_epsilon(self._events, delta, accountant=accountant)
-
-    def epsilon_if(
-        self, planned: SubsampledGaussianEvent, delta: float, *, accountant: AccountantName = "prv"
-    ) -> float:
-        """Epsilon after also running ``planned``: the composition, not a sum of epsilons."""
-        return compute_epsilon([*self._events, planned], delta, accountant=accountant)

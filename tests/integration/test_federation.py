@@ -11,8 +11,8 @@ import pytest
 from client.app import app as client_app
 from server.app import app as server_app
 from tests.support.inprocess_grid import InProcessGrid
+from tests.support.reference import reference_epsilon
 from tests.support.runs import SMALL_RUN
-from tests.unit.privacy.test_accounting import reference_epsilon
 
 
 def _run(tmp_path: Path, grid: InProcessGrid) -> dict:

@@ -394,8 +394,10 @@ def test_site_check_states_the_spend_the_clientapp_enforces(
     from client.site import LEDGER_FILE, SiteSettings
     from common.config import RunConfig
     from common.data import builtin_label_names, load_site_file
-    from common.privacy.accounting import SubsampledGaussianEvent, compute_epsilon
-    from common.privacy.ledger import Ledger, dataset_fingerprint, load_or_create_identity
+    from common.privacy.accounting import compute_epsilon
+    from common.privacy.events import SubsampledGaussianEvent
+    from common.privacy.identity import load_or_create_identity
+    from common.privacy.ledger import Ledger, dataset_fingerprint
 
     site = _site(tmp_path, coord)
     settings = SiteSettings.from_node_config(site.node_config, RunConfig())

@@ -13,10 +13,11 @@ import torch
 from client.site import LEDGER_FILE, SiteConfigError, SiteSettings, SiteState, run_round
 from common.config import RunConfig
 from common.model import build_model
-from common.privacy.accounting import PrivacyError
-from common.privacy.ledger import LedgerError, load_public_key, verify_ledger
+from common.privacy.audit import verify_ledger
+from common.privacy.errors import LedgerError, PrivacyError
+from common.privacy.identity import load_public_key
 from common.wire import RoundPlan, SiteReport
-from tests.unit.privacy.test_accounting import reference_epsilon
+from tests.support.reference import reference_epsilon
 
 NODE = {"partition-id": 3, "num-partitions": 20}
 
