@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common.config import RunConfig  # noqa: E402
-from common.secagg.updates import encoding_spec  # noqa: E402
+from common.secagg.encoding import encoding_spec  # noqa: E402
 
 
 def _fedsilo(num_sites: int, rounds: int, secure: bool, out: Path, bits: int) -> dict[str, Any]:

@@ -28,11 +28,12 @@ from client.site import (
     run_round,
     site_report,
 )
+from common.arrays import clip_update
 from common.data import DataValidationError
 from common.privacy.errors import LedgerError, PrivacyError
 from common.secagg.errors import SecAggError
-from common.secagg.protocol import PublicKeys, SiteSession
-from common.secagg.updates import clip_update
+from common.secagg.params import PublicKeys
+from common.secagg.site import SiteSession
 from common.training import default_device
 from common.wire import (
     SITE_NAME,

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.arrays import Arrays, flatten
 from common.config import RunConfig
 from common.quantize import encode, pack, unpack
+from common.secagg.encoding import encoding_spec, site_weight
 from common.secagg.errors import SecAggError
-from common.secagg.protocol import PublicKeys, SiteSession, UnmaskRequest, pack_masked
-from common.secagg.updates import Arrays, encoding_spec, flatten, site_weight
+from common.secagg.params import PublicKeys, UnmaskRequest, pack_masked
+from common.secagg.site import SiteSession
 from common.wire import SecAggSetup, StageMessage
 
 log = logging.getLogger("fedsilo.site")

@@ -27,7 +27,7 @@ from flwr.common.serde import recorddict_to_proto
 
 from common.config import ConfigError, RunConfig
 from common.secagg.errors import SecAggError
-from common.secagg.protocol import PublicKeys, SecAggParams
+from common.secagg.params import PublicKeys, SecAggParams
 
 GLOBAL_KEY = "global"
 PLAN_KEY = "plan"

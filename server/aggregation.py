@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 from flwr.app import RecordDict
 
-from common.secagg.updates import site_weight
+from common.secagg.encoding import site_weight
 from common.wire import RoundPlan, SiteReport, WireError, decode_reply, encode_plan
 from server.optimizers import weighted_mean
 

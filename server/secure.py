@@ -1,6 +1,6 @@
 """The secure workflow: one round of SecAgg+ driven over the Transport.
 
-Four exchanges with the sampled sites (common/secagg/protocol.py has the protocol):
+Four exchanges with the sampled sites (common/secagg/ has the protocol):
 train + advertise keys, share keys, masked input, unmask. The coordinator never holds
 a site's update in the clear: it routes opaque sealed shares, sums masked vectors,
 removes the masks from the sum and decodes the sum into the mean clipped update. A
@@ -16,10 +16,12 @@ import secrets
 import time
 from collections.abc import Callable
 
+from common.arrays import unflatten
 from common.quantize import decode_sum
-from common.secagg.errors import SecAggError
-from common.secagg.protocol import CoordinatorSession, PublicKeys, SecAggAbort, SecAggParams
-from common.secagg.updates import encoding_spec, unflatten
+from common.secagg.coordinator import CoordinatorSession
+from common.secagg.encoding import encoding_spec
+from common.secagg.errors import SecAggAbort, SecAggError
+from common.secagg.params import PublicKeys, SecAggParams
 from common.wire import (
     RoundPlan,
     SecAggSetup,

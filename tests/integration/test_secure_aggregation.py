@@ -13,11 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from client.app import app as client_app
+from common.arrays import flatten
 from common.config import RunConfig
 from common.data import builtin_label_names
 from common.model import build_model
 from common.quantize import error_bound
-from common.secagg.updates import encoding_spec, flatten
+from common.secagg.encoding import encoding_spec
 from server.app import app as server_app
 from tests.support.inprocess_grid import NODE_ID_OFFSET, InProcessGrid
 from tests.support.runs import SMALL_RUN

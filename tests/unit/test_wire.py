@@ -9,7 +9,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.config import RunConfig
-from common.secagg.protocol import SecAggParams, SiteSession
+from common.secagg.params import SecAggParams
+from common.secagg.site import SiteSession
 from common.wire import (
     KEYS_KEY,
     METRICS_KEY,

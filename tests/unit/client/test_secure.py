@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from client import secure
+from common.arrays import flatten
 from common.config import RunConfig
 from common.quantize import decode_sum, unpack
+from common.secagg.coordinator import CoordinatorSession
+from common.secagg.encoding import encoding_spec
 from common.secagg.errors import SecAggError
-from common.secagg.protocol import CoordinatorSession, SecAggParams
-from common.secagg.updates import encoding_spec, flatten
+from common.secagg.params import SecAggParams
 from common.wire import SecAggSetup, StageMessage
 
 CFG = RunConfig(update_clip_norm=1.0)

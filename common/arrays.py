@@ -1,8 +1,7 @@
-"""Model deltas as flat vectors, and the encoding both sides derive for a round.
+"""Model arrays as flat vectors, and the L2 clip of a site's model delta.
 
-The site and the coordinator must agree, without talking, on the layout of the flat
-vector (arrays in sorted name order, each flattened row-major) and on every public
-parameter of the encoding; both come from here.
+Both sides agree, without talking, on the layout of the flat vector: arrays in sorted
+name order, each flattened row-major (the secure sum is of these vectors).
 """
 
 from __future__ import annotations
@@ -13,8 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from common.config import RunConfig
-from common.quantize import EncodingSpec, FloatArray
+from common.quantize import FloatArray
 
 Arrays = dict[str, torch.Tensor]
 
@@ -48,20 +46,3 @@ def clip_update(delta: Mapping[str, torch.Tensor], bound: float) -> tuple[Arrays
         return dict(delta), False
     scale = bound / norm
     return {k: v * scale for k, v in delta.items()}, True
-
-
-def site_weight(cfg: RunConfig, num_examples: int) -> int:
-    """A site's aggregation weight: 1, or its example count capped at the public bound."""
-    return 1 if cfg.weighting == "uniform" else max(1, min(num_examples, cfg.max_site_weight))
-
-
-def encoding_spec(cfg: RunConfig, *, num_sites: int, seed: int, dim: int) -> EncodingSpec:
-    """The round's public encoding: both sides call this with the same arguments."""
-    return EncodingSpec(
-        clip_norm=cfg.update_clip_norm,
-        bits=cfg.secagg_bits,
-        num_sites=num_sites,
-        seed=seed,
-        dim=dim,
-        weight_bound=1 if cfg.weighting == "uniform" else cfg.max_site_weight,
-    )

@@ -1,207 +1,52 @@
-"""SecAgg+ rounds end to end: the unmasked total is the modular sum of the alive sites'
-inputs (complete and sparse graphs, real encodings, dropouts at every stage), a masked
-input looks uniform to the coordinator, a site never reveals both secrets of a peer,
-tampered, replayed and malformed messages are refused, and the public parameters are
-checked and deterministic."""
+"""SecAgg+ rounds end to end through both state machines: the unmasked total is the
+modular sum of the alive sites' inputs (complete and sparse graphs, real encodings,
+dropouts at every stage), a masked input looks uniform to the coordinator, a site never
+reveals both secrets of a peer, and tampered, replayed and malformed messages are
+refused."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
-from functools import reduce
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from scipy.stats import chisquare
 
 from common.quantize import (
     EncodingSpec,
-    RingArray,
-    add_mod,
     decode_sum,
     encode,
     error_bound,
-    unpack,
 )
 from common.secagg import shamir
-from common.secagg.errors import SecAggError
-from common.secagg.protocol import (
+from common.secagg.coordinator import CoordinatorSession
+from common.secagg.errors import SecAggAbort, SecAggError
+from common.secagg.params import (
     SEALED_BYTES,
-    CoordinatorSession,
     PublicKeys,
-    SecAggAbort,
-    SecAggParams,
-    SiteSession,
     UnmaskRequest,
     default_degree,
-    default_threshold,
-    pack_masked,
 )
-
-FAST = settings(max_examples=25, deadline=None)
-
-# Message stages of one round. A site that "drops" at a site->coordinator stage sends
-# nothing at that stage (and, never routed to again, nothing later). A tamper hook
-# may be applied to the messages of any stage, in either direction.
-KEYS = "keys"  # stage 1, site -> coordinator: PublicKeys
-KEYS_ROUTED = "keys_routed"  # coordinator -> site: its holders' PublicKeys
-SHARES = "shares"  # stage 2, site -> coordinator: sealed shares per receiver
-SHARES_ROUTED = "shares_routed"  # coordinator -> site: sealed shares per sender
-MASKED = "masked"  # stage 3, site -> coordinator: packed masked input
-REQUESTS = "requests"  # coordinator -> site: UnmaskRequest
-UNMASK = "unmask"  # stage 4, site -> coordinator: shares per peer
-
-Hook = Callable[[dict[int, Any]], dict[int, Any]]
-
-
-# ---- a reusable round driver ------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    """Everything one round left behind: the result or the error, and every message."""
-
-    params: SecAggParams
-    inputs: dict[int, RingArray]
-    sessions: dict[int, SiteSession] = field(default_factory=dict)
-    coordinator: CoordinatorSession | None = None
-    messages: dict[str, dict[int, Any]] = field(default_factory=dict)  # after tampering
-    total: RingArray | None = None
-    alive: tuple[int, ...] = ()
-    error: SecAggError | None = None
-    site_errors: dict[int, SecAggError] = field(default_factory=dict)  # site_errors="drop"
-
-    @property
-    def co(self) -> CoordinatorSession:
-        assert self.coordinator is not None
-        return self.coordinator
-
-    def plain_sum(self, sites: Collection[int]) -> RingArray:
-        """The modular sum of the inputs of ``sites``, computed in the clear."""
-        zero = np.zeros(self.params.vector_length, dtype=np.uint64)
-        bits = self.params.ring_bits
-        return reduce(lambda a, u: add_mod(a, self.inputs[u], bits), sorted(sites), zero)
-
-    def assert_correct(self) -> None:
-        assert self.error is None, f"round failed: {self.error!r}"
-        assert self.total is not None
-        assert self.total.dtype == np.uint64
-        assert np.array_equal(self.total, self.plain_sum(self.alive))
-
-
-class _Stop(Exception):
-    """Raised by the driver to pause a round after a given stage."""
-
-
-def random_inputs(params: SecAggParams, seed: int = 0) -> dict[int, RingArray]:
-    rng = np.random.default_rng(seed)
-    high = 1 << params.ring_bits
-    return {
-        u: rng.integers(0, high, params.vector_length, dtype=np.uint64) for u in params.participants
-    }
-
-
-def run_round(
-    params: SecAggParams,
-    inputs: Mapping[int, RingArray] | None = None,
-    *,
-    drop: Mapping[str, Collection[int]] | None = None,
-    tamper: Mapping[str, Hook] | None = None,
-    until: str | None = None,
-    site_errors: str = "raise",
-) -> Outcome:
-    """One honest round, but for the sites in ``drop[stage]`` (they do not answer that
-    stage: KEYS, SHARES, MASKED or UNMASK) and the hooks in ``tamper[stage]`` (applied to
-    the messages of that stage, keyed by sender for site->coordinator stages and by
-    receiver for coordinator->site ones). Returns the total and ``alive``, or the first
-    SecAggError raised by a site or the coordinator. With ``site_errors="drop"`` a site
-    that raises is recorded in ``site_errors`` and just does not answer that stage (what
-    a deployment sees). With ``until``, the round stops once that stage's messages are
-    sent (the sessions wait for the next stage)."""
-    drops = {stage: set(sites) for stage, sites in (drop or {}).items()}
-    hooks = dict(tamper or {})
-    out = Outcome(params, dict(inputs) if inputs is not None else random_inputs(params))
-
-    def send(stage: str, messages: dict[int, Any]) -> dict[int, Any]:
-        kept = {u: m for u, m in messages.items() if u not in drops.get(stage, set())}
-        if stage in hooks:
-            kept = hooks[stage](kept)
-        out.messages[stage] = kept
-        if stage == until:
-            raise _Stop
-        return kept
-
-    def answer(routed: dict[int, Any], act: Callable[[int, Any], Any]) -> dict[int, Any]:
-        replies = {}
-        for u, message in routed.items():
-            try:
-                replies[u] = act(u, message)
-            except SecAggError as err:
-                if site_errors == "raise":
-                    raise
-                out.site_errors[u] = err
-        return replies
-
-    def masked_input(u: int, sealed: Any) -> tuple[bytes, bytes]:
-        session = out.sessions[u]
-        return pack_masked(session.masked_input(sealed, out.inputs[u]), params), session.commitment
-
-    try:
-        keys = {}
-        for u in params.participants:
-            out.sessions[u], keys[u] = SiteSession.start(params, u)
-        out.coordinator = co = CoordinatorSession(params)
-        routed = send(KEYS_ROUTED, co.receive_keys(send(KEYS, keys)))
-        shares = answer(routed, lambda u, m: out.sessions[u].share_keys(m))
-        routed = send(SHARES_ROUTED, co.receive_shares(send(SHARES, shares)))
-        masked = answer(routed, masked_input)
-        requests = send(REQUESTS, co.receive_masked(send(MASKED, masked)))
-        replies = answer(requests, lambda u, m: out.sessions[u].unmask(m))
-        out.total, out.alive = co.receive_unmask(send(UNMASK, replies))
-    except SecAggError as err:
-        out.error = err
-    except _Stop:
-        pass
-    return out
-
-
-def make_params(n: int, *, k: int = 16, length: int = 64, **kwargs: Any) -> SecAggParams:
-    return SecAggParams.create(range(1, n + 1), ring_bits=k, vector_length=length, **kwargs)
-
-
-def flip(data: bytes, index: int, bit: int = 0) -> bytes:
-    out = bytearray(data)
-    out[index] ^= 1 << bit
-    return bytes(out)
-
-
-def lagrange_at_zero(xs: Collection[int], x: int) -> int:
-    """Holder ``x``'s Lagrange coefficient at 0 among ``xs``: the secret is
-    sum(lambda_x * y_x) over any threshold-sized set of shares."""
-    p = shamir.PRIME
-    num, den = 1, 1
-    for other in xs:
-        if other != x:
-            num = num * (-other) % p
-            den = den * (x - other) % p
-    return num * pow(den, -1, p) % p
-
-
-def chi_square_top_bits(values: RingArray, ring_bits: int, top_bits: int = 6) -> float:
-    """p-value of the chi-square test that the top bits of ``values`` are uniform."""
-    buckets = (values >> np.uint64(ring_bits - top_bits)).astype(np.int64)
-    counts = np.bincount(buckets, minlength=1 << top_bits)
-    return float(chisquare(counts).pvalue)
-
-
-def unpack_masked(out: Outcome, site: int) -> RingArray:
-    """What the coordinator received from ``site`` in the masked-input stage."""
-    return unpack(out.messages[MASKED][site][0], out.params.ring_bits, out.params.vector_length)
-
+from common.secagg.site import SiteSession
+from tests.unit.common.secagg.rounds import (
+    KEYS,
+    KEYS_ROUTED,
+    MASKED,
+    REQUESTS,
+    SHARES,
+    SHARES_ROUTED,
+    UNMASK,
+    Hook,
+    Outcome,
+    chi_square_top_bits,
+    flip,
+    lagrange_at_zero,
+    make_params,
+    random_inputs,
+    run_round,
+    unpack_masked,
+)
 
 # ---- 1. correctness ---------------------------------------------------------------------
 
@@ -978,217 +823,3 @@ def test_decode_sum_refuses_uniform_garbage_totals_at_ten_sites() -> None:
     # Assert: the weight check alone catches all but 1 in 4096.
     assert len(refused) == len(garbage)
     assert all("impossible" in msg or "beyond" in msg for msg in refused)
-
-
-# ---- 6. parameters ------------------------------------------------------------------------
-
-
-def raw_params(participants: tuple[int, ...], threshold: int, degree: int, **kw: Any) -> None:
-    fields: dict[str, Any] = {"session": "s", "ring_bits": 16, "vector_length": 8}
-    fields.update(kw)
-    SecAggParams(participants=participants, threshold=threshold, degree=degree, **fields)
-
-
-@pytest.mark.parametrize(
-    ("n", "degree", "threshold"),
-    [
-        (5, 4, 2),  # t <= holders / 2
-        (4, 3, 2),  # t == holders / 2
-        (30, 16, 8),  # t <= holders / 2, sparse
-        (2, 1, 1),  # t < 2
-        (5, 4, 0),
-        (5, 4, 6),  # t > holders
-        (30, 16, 18),
-    ],
-)
-def test_params_refuse_an_unsafe_threshold(n: int, degree: int, threshold: int) -> None:
-    # Execute / Assert
-    with pytest.raises(SecAggError, match=f"threshold {threshold} is unsafe for"):
-        raw_params(tuple(range(1, n + 1)), threshold, degree)
-
-
-@pytest.mark.parametrize(("n", "degree"), [(10, 3), (10, 7), (10, 0), (10, 10), (5, -2)])
-def test_params_refuse_a_bad_degree(n: int, degree: int) -> None:
-    # Execute / Assert
-    with pytest.raises(SecAggError, match="degree must be n - 1"):
-        raw_params(tuple(range(1, n + 1)), 3, degree)
-
-
-@pytest.mark.parametrize(
-    ("participants", "message"),
-    [
-        ((), "at least 2 sites, got 0"),
-        ((1,), "at least 2 sites, got 1"),
-        ((1, 1, 2), "distinct integers"),
-        ((1, 2, 2), "distinct integers"),
-        ((0, 1, 2), "distinct integers"),
-        ((1, 2, 2**31), "distinct integers"),
-        ((True, 2, 3), "distinct integers"),
-        ((1, 2.0, 3), "distinct integers"),
-        ((2, 1, 3), "must be sorted"),
-    ],
-)
-def test_params_refuse_bad_participants(participants: tuple[Any, ...], message: str) -> None:
-    # Execute / Assert
-    with pytest.raises(SecAggError, match=message):
-        raw_params(participants, 2, len(participants) - 1)
-
-
-@pytest.mark.parametrize(
-    ("field_values", "message"),
-    [
-        ({"session": ""}, "session must be a non-empty string"),
-        ({"session": "x" * 201}, "session must be a non-empty string"),
-        ({"ring_bits": 0}, "ring_bits must be in 1..64"),
-        ({"ring_bits": 65}, "ring_bits must be in 1..64"),
-        ({"vector_length": 0}, "vector_length must be >= 1"),
-    ],
-)
-def test_params_refuse_bad_fields(field_values: dict[str, Any], message: str) -> None:
-    # Execute / Assert
-    with pytest.raises(SecAggError, match=message):
-        raw_params((1, 2, 3), 2, 2, **field_values)
-
-
-@pytest.mark.parametrize(
-    ("n", "degree", "threshold"),
-    [(2, 1, 2), (3, 2, 2), (5, 4, 3), (10, 9, 6), (30, 16, 9), (100, 20, 11)],
-)
-def test_defaults_are_safe(n: int, degree: int, threshold: int) -> None:
-    # Execute
-    params = make_params(n)
-
-    # Assert
-    assert (default_degree(n), params.degree) == (degree, degree)
-    assert (default_threshold(degree + 1), params.threshold) == (threshold, threshold)
-
-
-def test_default_threshold_can_be_raised_but_not_lowered() -> None:
-    # Execute / Assert
-    assert default_threshold(10, 0.8) == 8
-    assert default_threshold(10, 0.1) == 6
-    assert default_threshold(2, 0.0) == 2
-
-
-@FAST
-@given(n=st.integers(2, 60), k=st.integers(1, 64), length=st.integers(1, 10_000))
-def test_params_json_round_trip(n: int, k: int, length: int) -> None:
-    # Prepare
-    params = make_params(n, k=k, length=length)
-
-    # Execute
-    again = SecAggParams.from_json(params.to_json())
-
-    # Assert
-    assert again == params
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "not json",
-        "null",
-        "[]",
-        '{"session": "x"}',
-        '{"session": "x", "participants": 5, "threshold": 2, "degree": 1, '
-        '"ring_bits": 8, "vector_length": 4}',
-        '{"session": "x", "participants": [1, 2], "threshold": "two", "degree": 1, '
-        '"ring_bits": 8, "vector_length": 4}',
-    ],
-)
-def test_params_from_malformed_json_are_refused(text: str) -> None:
-    # Execute / Assert
-    with pytest.raises(SecAggError, match="secagg parameters are malformed"):
-        SecAggParams.from_json(text)
-
-
-def test_params_from_json_keep_the_validation() -> None:
-    # Prepare
-    text = make_params(5).to_json().replace('"threshold": 3', '"threshold": 2')
-
-    # Execute / Assert
-    with pytest.raises(SecAggError, match="threshold 2 is unsafe"):
-        SecAggParams.from_json(text)
-
-
-@st.composite
-def sparse_graphs(draw: st.DrawFn) -> SecAggParams:
-    n = draw(st.integers(5, 80))
-    degree = 2 * draw(st.integers(1, (n - 2) // 2))
-    session = draw(st.text(min_size=1, max_size=20))
-    return make_params(n, degree=degree, session=session)
-
-
-@FAST
-@given(params=sparse_graphs())
-def test_sparse_neighbours_are_symmetric_regular_and_deterministic(params: SecAggParams) -> None:
-    # Execute
-    graph = {u: params.neighbours(u) for u in params.participants}
-
-    # Assert
-    again = SecAggParams.from_json(params.to_json())
-    for u, near in graph.items():
-        assert len(near) == params.degree
-        assert u not in near
-        assert all(u in graph[v] for v in near)
-        assert params.holders(u) == tuple(sorted((*near, u)))
-        assert params.neighbours(u) == near == again.neighbours(u)
-
-
-def test_neighbours_depend_on_the_session() -> None:
-    # Prepare
-    a, b = make_params(30, session="round-1"), make_params(30, session="round-2")
-
-    # Execute / Assert
-    assert [a.neighbours(u) for u in a.participants] != [b.neighbours(u) for u in b.participants]
-
-
-def test_complete_graph_neighbours_are_everyone_else() -> None:
-    # Prepare
-    params = make_params(6)
-
-    # Execute / Assert
-    assert params.neighbours(3) == (1, 2, 4, 5, 6)
-
-
-def test_neighbours_of_a_non_participant_are_refused() -> None:
-    # Execute / Assert
-    with pytest.raises(SecAggError, match="site 9 is not a participant"):
-        make_params(5).neighbours(9)
-    with pytest.raises(SecAggError, match="site 9 is not a participant"):
-        SiteSession.start(make_params(5), 9)
-
-
-def test_site_session_json_round_trip_mid_protocol() -> None:
-    # Prepare: pause after the shares are routed; each site saves and restores its state.
-    out = run_round(make_params(5), until=SHARES_ROUTED)
-    routed = out.messages[SHARES_ROUTED]
-    restored = {u: SiteSession.from_json(out.sessions[u].to_json()) for u in routed}
-    assert restored == {u: out.sessions[u] for u in routed}
-    assert {s.stage for s in restored.values()} == {"shared"}
-
-    # Execute
-    co = out.co
-    masked = {
-        u: (
-            pack_masked(restored[u].masked_input(routed[u], out.inputs[u]), out.params),
-            restored[u].commitment,
-        )
-        for u in routed
-    }
-    requests = co.receive_masked(masked)
-    replies = {
-        u: SiteSession.from_json(restored[u].to_json()).unmask(r) for u, r in requests.items()
-    }
-    total, alive = co.receive_unmask(replies)
-
-    # Assert
-    assert alive == out.params.participants
-    assert np.array_equal(total, out.plain_sum(alive))
-
-
-@pytest.mark.parametrize("text", ["not json", "{}", '{"params": "{}"}'])
-def test_site_session_from_malformed_json_is_refused(text: str) -> None:
-    # Execute / Assert
-    with pytest.raises(SecAggError):
-        SiteSession.from_json(text)

@@ -1,0 +1,188 @@
+"""A reusable driver of one SecAgg+ round through both state machines (common/secagg/
+site.py and coordinator.py), with hooks to drop sites or tamper with any stage's
+messages; the protocol, parameter and site tests share it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from functools import reduce
+from typing import Any
+
+import numpy as np
+from hypothesis import settings
+from scipy.stats import chisquare
+
+from common.quantize import (
+    RingArray,
+    add_mod,
+    unpack,
+)
+from common.secagg import shamir
+from common.secagg.coordinator import CoordinatorSession
+from common.secagg.errors import SecAggError
+from common.secagg.params import (
+    SecAggParams,
+    pack_masked,
+)
+from common.secagg.site import SiteSession
+
+FAST = settings(max_examples=25, deadline=None)
+
+# Message stages of one round. A site that "drops" at a site->coordinator stage sends
+# nothing at that stage (and, never routed to again, nothing later). A tamper hook
+# may be applied to the messages of any stage, in either direction.
+KEYS = "keys"  # stage 1, site -> coordinator: PublicKeys
+KEYS_ROUTED = "keys_routed"  # coordinator -> site: its holders' PublicKeys
+SHARES = "shares"  # stage 2, site -> coordinator: sealed shares per receiver
+SHARES_ROUTED = "shares_routed"  # coordinator -> site: sealed shares per sender
+MASKED = "masked"  # stage 3, site -> coordinator: packed masked input
+REQUESTS = "requests"  # coordinator -> site: UnmaskRequest
+UNMASK = "unmask"  # stage 4, site -> coordinator: shares per peer
+
+Hook = Callable[[dict[int, Any]], dict[int, Any]]
+
+
+# ---- a reusable round driver ------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """Everything one round left behind: the result or the error, and every message."""
+
+    params: SecAggParams
+    inputs: dict[int, RingArray]
+    sessions: dict[int, SiteSession] = field(default_factory=dict)
+    coordinator: CoordinatorSession | None = None
+    messages: dict[str, dict[int, Any]] = field(default_factory=dict)  # after tampering
+    total: RingArray | None = None
+    alive: tuple[int, ...] = ()
+    error: SecAggError | None = None
+    site_errors: dict[int, SecAggError] = field(default_factory=dict)  # site_errors="drop"
+
+    @property
+    def co(self) -> CoordinatorSession:
+        assert self.coordinator is not None
+        return self.coordinator
+
+    def plain_sum(self, sites: Collection[int]) -> RingArray:
+        """The modular sum of the inputs of ``sites``, computed in the clear."""
+        zero = np.zeros(self.params.vector_length, dtype=np.uint64)
+        bits = self.params.ring_bits
+        return reduce(lambda a, u: add_mod(a, self.inputs[u], bits), sorted(sites), zero)
+
+    def assert_correct(self) -> None:
+        assert self.error is None, f"round failed: {self.error!r}"
+        assert self.total is not None
+        assert self.total.dtype == np.uint64
+        assert np.array_equal(self.total, self.plain_sum(self.alive))
+
+
+class _Stop(Exception):
+    """Raised by the driver to pause a round after a given stage."""
+
+
+def random_inputs(params: SecAggParams, seed: int = 0) -> dict[int, RingArray]:
+    rng = np.random.default_rng(seed)
+    high = 1 << params.ring_bits
+    return {
+        u: rng.integers(0, high, params.vector_length, dtype=np.uint64) for u in params.participants
+    }
+
+
+def run_round(
+    params: SecAggParams,
+    inputs: Mapping[int, RingArray] | None = None,
+    *,
+    drop: Mapping[str, Collection[int]] | None = None,
+    tamper: Mapping[str, Hook] | None = None,
+    until: str | None = None,
+    site_errors: str = "raise",
+) -> Outcome:
+    """One honest round, but for the sites in ``drop[stage]`` (they do not answer that
+    stage: KEYS, SHARES, MASKED or UNMASK) and the hooks in ``tamper[stage]`` (applied to
+    the messages of that stage, keyed by sender for site->coordinator stages and by
+    receiver for coordinator->site ones). Returns the total and ``alive``, or the first
+    SecAggError raised by a site or the coordinator. With ``site_errors="drop"`` a site
+    that raises is recorded in ``site_errors`` and just does not answer that stage (what
+    a deployment sees). With ``until``, the round stops once that stage's messages are
+    sent (the sessions wait for the next stage)."""
+    drops = {stage: set(sites) for stage, sites in (drop or {}).items()}
+    hooks = dict(tamper or {})
+    out = Outcome(params, dict(inputs) if inputs is not None else random_inputs(params))
+
+    def send(stage: str, messages: dict[int, Any]) -> dict[int, Any]:
+        kept = {u: m for u, m in messages.items() if u not in drops.get(stage, set())}
+        if stage in hooks:
+            kept = hooks[stage](kept)
+        out.messages[stage] = kept
+        if stage == until:
+            raise _Stop
+        return kept
+
+    def answer(routed: dict[int, Any], act: Callable[[int, Any], Any]) -> dict[int, Any]:
+        replies = {}
+        for u, message in routed.items():
+            try:
+                replies[u] = act(u, message)
+            except SecAggError as err:
+                if site_errors == "raise":
+                    raise
+                out.site_errors[u] = err
+        return replies
+
+    def masked_input(u: int, sealed: Any) -> tuple[bytes, bytes]:
+        session = out.sessions[u]
+        return pack_masked(session.masked_input(sealed, out.inputs[u]), params), session.commitment
+
+    try:
+        keys = {}
+        for u in params.participants:
+            out.sessions[u], keys[u] = SiteSession.start(params, u)
+        out.coordinator = co = CoordinatorSession(params)
+        routed = send(KEYS_ROUTED, co.receive_keys(send(KEYS, keys)))
+        shares = answer(routed, lambda u, m: out.sessions[u].share_keys(m))
+        routed = send(SHARES_ROUTED, co.receive_shares(send(SHARES, shares)))
+        masked = answer(routed, masked_input)
+        requests = send(REQUESTS, co.receive_masked(send(MASKED, masked)))
+        replies = answer(requests, lambda u, m: out.sessions[u].unmask(m))
+        out.total, out.alive = co.receive_unmask(send(UNMASK, replies))
+    except SecAggError as err:
+        out.error = err
+    except _Stop:
+        pass
+    return out
+
+
+def make_params(n: int, *, k: int = 16, length: int = 64, **kwargs: Any) -> SecAggParams:
+    return SecAggParams.create(range(1, n + 1), ring_bits=k, vector_length=length, **kwargs)
+
+
+def flip(data: bytes, index: int, bit: int = 0) -> bytes:
+    out = bytearray(data)
+    out[index] ^= 1 << bit
+    return bytes(out)
+
+
+def lagrange_at_zero(xs: Collection[int], x: int) -> int:
+    """Holder ``x``'s Lagrange coefficient at 0 among ``xs``: the secret is
+    sum(lambda_x * y_x) over any threshold-sized set of shares."""
+    p = shamir.PRIME
+    num, den = 1, 1
+    for other in xs:
+        if other != x:
+            num = num * (-other) % p
+            den = den * (x - other) % p
+    return num * pow(den, -1, p) % p
+
+
+def chi_square_top_bits(values: RingArray, ring_bits: int, top_bits: int = 6) -> float:
+    """p-value of the chi-square test that the top bits of ``values`` are uniform."""
+    buckets = (values >> np.uint64(ring_bits - top_bits)).astype(np.int64)
+    counts = np.bincount(buckets, minlength=1 << top_bits)
+    return float(chisquare(counts).pvalue)
+
+
+def unpack_masked(out: Outcome, site: int) -> RingArray:
+    """What the coordinator received from ``site`` in the masked-input stage."""
+    return unpack(out.messages[MASKED][site][0], out.params.ring_bits, out.params.vector_length)
