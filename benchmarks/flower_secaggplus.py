@@ -5,7 +5,7 @@ one CPU per simulated site): once as a plain legacy FedAvg round, once with Flow
 built-in SecAgg+ (``SecAggPlusWorkflow`` on the server, ``secaggplus_mod`` on the
 sites). The client workload is identical in both modes and is fedsilo's: each site
 trains the tiny model for one local epoch of DP-SGD on its iid share of Rotten
-Tomatoes, through the same functions fedsilo's site uses (``client.site.load_site_data``,
+Tomatoes, through the same functions fedsilo's site uses (``client.data.load_site_data``,
 ``common.training.train_dp``, ``common.model.build_model``), with a fixed noise
 multiplier instead of a calibrated one and no ledger. The ratio secagg/plain therefore
 measures the protocol alone.
@@ -110,10 +110,11 @@ from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.simulation import run_simulation
 
-from client.site import SiteSettings, load_site_data
+from client.data import load_site_data
+from client.settings import SiteSettings
 from common.config import RunConfig
 from common.data import builtin_label_names, load_builtin, partition
-from common.model import TextClassifier, build_model
+from common.model import TextClassifier, build_model, model_spec
 from common.training import (
     Batchable,
     batches_per_epoch,
@@ -148,7 +149,7 @@ def num_trainable(model: TextClassifier) -> int:
 
 def initial_model() -> TextClassifier:
     cfg = run_config()
-    return build_model(cfg.model_spec(len(builtin_label_names(cfg.dataset))), seed=cfg.seed)
+    return build_model(model_spec(cfg, len(builtin_label_names(cfg.dataset))), seed=cfg.seed)
 
 
 # ---- the site ---------------------------------------------------------------------
@@ -169,7 +170,7 @@ class DPSite(NumPyClient):
         cfg = run_config()
         self.settings = settings
         self.data = _site_data(settings)
-        self.model = build_model(cfg.model_spec(len(builtin_label_names(cfg.dataset))))
+        self.model = build_model(model_spec(cfg, len(builtin_label_names(cfg.dataset))))
         self.names = list(self.model.trainable_state())
 
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:

@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         _one(args)
         return
     cfg = RunConfig()
-    from common.model import build_model
+    from common.model import build_model, model_spec
 
-    dim = sum(v.numel() for v in build_model(cfg.model_spec(2)).trainable_state().values())
+    dim = sum(v.numel() for v in build_model(model_spec(cfg, 2)).trainable_state().values())
     fp32 = 4 * dim
     print(f"cores: {os.cpu_count()}; trainable parameters {dim:,}; fp32 dense {fp32:,} bytes")
     print(

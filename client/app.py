@@ -1,8 +1,13 @@
-"""The site's ClientApp: unpack the message, call client.site, pack the reply.
+"""The site's ClientApp: decode the message, call the site's code, encode the reply.
 
-A train message runs the round (client/site.py); with secure aggregation the update
+A train message runs the round (client/round.py); with secure aggregation the update
 does not leave with the reply: it is encoded and waits in node state for the three
 protocol stages (client/secure.py) that follow as messages of their own.
+
+Only a train message loads the training path (torch, Opacus, the model): in deployment
+Flower starts a fresh process for every message, and a stage message's process imports
+neither torch nor Opacus.
+
 Errors at a site are logged in full locally; the coordinator receives a status and
 a generic reason that quotes no data (Flower would forward exception text verbatim).
 """
@@ -11,41 +16,24 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import replace
 
-import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client import secure
-from client.site import (
+from client.settings import (
     DATA_PATH_KEY,
     PARTITION_ID_KEY,
     SITE_ID_KEY,
     SiteConfigError,
     SiteSettings,
-    SiteState,
-    run_round,
-    site_report,
 )
-from common.arrays import clip_update
-from common.data import DataValidationError
+from common.codec import decode_stage, decode_train, encode_reply, encode_stage, is_stage
+from common.data.dataset import DataValidationError
+from common.messages import SITE_NAME, STAGES, SiteReport, TrainReply
 from common.privacy.errors import LedgerError, PrivacyError
 from common.secagg.errors import SecAggError
-from common.secagg.params import PublicKeys
 from common.secagg.site import SiteSession
-from common.training import default_device
-from common.wire import (
-    SITE_NAME,
-    STAGES,
-    SiteReport,
-    decode_plan,
-    decode_setup,
-    decode_stage,
-    encode_reply,
-    encode_stage,
-    is_stage,
-)
 
 log = logging.getLogger("fedsilo.site")
 STATE_KEY = "fedsilo.site"
@@ -89,7 +77,7 @@ def _failure(err: BaseException, site: str) -> SiteReport:
         (text for kind, text in _PUBLIC_REASONS.items() if isinstance(err, kind)),
         "site error (details in the site's log)",
     )
-    return site_report("failed", reason, site)
+    return SiteReport.of("failed", reason, site)
 
 
 def _safe_site_name(name: object, node_id: int) -> str:
@@ -139,37 +127,25 @@ def _stage(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     if is_stage(msg.content):
         return _stage(msg, context)
-    plan, global_arrays = decode_plan(msg.content)  # our own WireError: names no data
-    setup = decode_setup(msg.content)
+    # The training path: torch, Opacus and the model load here, for train messages only.
+    from client.round import SiteState, train_round
+
+    request = decode_train(msg.content)  # our own WireError: names no data
     _save_pending(context, None)  # a new round ends any unfinished one
-    crash_at = _plan_dropout(context, plan.config.dropout_rate, setup is not None)
+    crash_at = _plan_dropout(context, request.plan.config.dropout_rate, request.setup is not None)
     context.state[DROPOUT_KEY] = ConfigRecord({"stage": crash_at})
     _maybe_crash(context, "train")
     record = context.state.config_records.get(STATE_KEY)
     state = SiteState.from_json(str(record["json"]) if record else None)
-    # Noise and sampling must be unpredictable to anyone else: OS entropy.
-    generator = torch.Generator(device=default_device()).manual_seed(secrets.randbits(63))
-    keys: PublicKeys | None = None
     try:
-        settings = SiteSettings.from_node_config(context.node_config, plan.config)
-        report, update = run_round(
-            plan, global_arrays, settings, state, run_id=str(context.run_id), generator=generator
-        )
-        if update is not None and setup is None:
-            update, clipped = clip_update(update, plan.config.update_clip_norm)
-            report = replace(report, update_clipped=int(clipped))
-        elif update is not None and setup is not None:
-            pending, keys, clipped = secure.join(setup, plan.config, update, report.num_examples)
-            _save_pending(context, pending)
-            report = replace(report, update_clipped=int(clipped))
-            update = None
-        if setup is not None:  # the example count travels only inside the secure sum
-            report = replace(report, num_examples=0)
+        settings = SiteSettings.from_node_config(context.node_config, request.plan.config)
+        reply, pending = train_round(request, settings, state, run_id=str(context.run_id))
+        _save_pending(context, pending)
     except Exception as err:
-        log.exception("round %d failed at this site", plan.round)
+        log.exception("round %d failed at this site", request.plan.round)
         name = context.node_config.get(SITE_ID_KEY, context.node_config.get(PARTITION_ID_KEY))
-        report, update, keys = _failure(err, _safe_site_name(name, context.node_id)), None, None
+        reply = TrainReply(_failure(err, _safe_site_name(name, context.node_id)))
         _save_pending(context, None)
     # The ledger entry is already on disk; persist the run's calibration too.
     context.state[STATE_KEY] = ConfigRecord({"json": state.to_json()})
-    return Message(encode_reply(report, update, keys), reply_to=msg)
+    return Message(encode_reply(reply), reply_to=msg)

@@ -8,7 +8,7 @@ What ``site init`` writes into the site folder ``DIR`` (mode 0700):
 | ``node.key`` (0600), ``node.pub`` | the SuperNode's authentication key (EC P-384, OpenSSH); ``node.pub`` goes to the coordinator |
 | ``ca.crt`` | the federation CA that must have signed the SuperLink's certificate |
 | ``site.toml`` | where the SuperLink is, and the federation's data set (its label names) for checks |
-| ``node-config.toml`` | the node config the ClientApp reads (``client/site.py`` ``SiteSettings``): site id, data path, the site's own budget, ledger folder, columns |
+| ``node-config.toml`` | the node config the ClientApp reads (``client/settings.py`` ``SiteSettings``): site id, data path, the site's own budget, ledger folder, columns |
 | ``state/identity.key`` (0600), ``identity.pub``, ``ledger.jsonl`` | the signed privacy ledger and its key (``common/privacy/ledger.py``) |
 
 ``site check`` loads the data file with the loader the ClientApp uses and prints
@@ -35,7 +35,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client.site import (
+from client.data import read_site_file
+from client.settings import (
     DATA_PATH_KEY,
     DEFAULT_SITE_DELTA,
     LABEL_COLUMN_KEY,
@@ -46,7 +47,6 @@ from client.site import (
     TEXT_COLUMN_KEY,
     SiteConfigError,
     SiteSettings,
-    read_site_file,
 )
 from common.config import ConfigError, RunConfig
 from common.data import BUILTIN_DATASETS, DataValidationError
@@ -346,7 +346,7 @@ def check_site(directory: Path) -> CheckReport:
 def _check_data(
     report: CheckReport, data_path: str, settings: SiteSettings, dataset: str
 ) -> str | None:
-    """The ClientApp's own loader and label set (client.site.read_site_file)."""
+    """The ClientApp's own loader and label set (client.data.read_site_file)."""
     try:
         data = read_site_file(data_path, dataset, settings.text_column, settings.label_column)
     except DataValidationError as err:

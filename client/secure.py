@@ -1,6 +1,6 @@
 """The site's side of secure aggregation, between Flower messages and the protocol.
 
-After training (client/site.py) the site encodes its delta (clip, rotate, quantize
+After training (client/round.py) the site encodes its delta (clip, rotate, quantize
 into Z_2^k), starts a protocol session and answers with its public keys; the session
 and the encoded vector wait in node state for the next three stages. A stage that
 fails (a tampered share, a replayed or out-of-order message) ends the site's part in
@@ -16,14 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.arrays import Arrays, flatten
 from common.config import RunConfig
-from common.quantize import encode, pack, unpack
+from common.messages import SecAggSetup, StageMessage
+from common.quantize import FloatArray, encode, pack, unpack
 from common.secagg.encoding import encoding_spec, site_weight
 from common.secagg.errors import SecAggError
 from common.secagg.params import PublicKeys, UnmaskRequest, pack_masked
 from common.secagg.site import SiteSession
-from common.wire import SecAggSetup, StageMessage
 
 log = logging.getLogger("fedsilo.site")
 
@@ -37,11 +36,11 @@ class Pending:
 
 
 def join(
-    setup: SecAggSetup, cfg: RunConfig, delta: Arrays, num_examples: int
+    setup: SecAggSetup, cfg: RunConfig, vector: FloatArray, num_examples: int
 ) -> tuple[Pending, PublicKeys, bool]:
-    """Encode the update for the round's secure sum; returns the state, the public keys
-    to advertise and whether the delta had to be clipped."""
-    vector = flatten(delta)
+    """Encode the flat update (common/arrays.py ``flatten``) for the round's secure sum;
+    returns the state, the public keys to advertise and whether the delta had to be
+    clipped. Imports no torch: neither do the stages after it."""
     params = setup.params
     spec = encoding_spec(
         cfg, num_sites=len(params.participants), seed=setup.rotation_seed, dim=vector.size

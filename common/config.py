@@ -13,7 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from common.model import ModelSpec, Preset
+# The model presets common/model.py builds (listed here so that parsing a config does
+# not load torch).
+Preset = Literal["tiny", "small"]
 
 
 def _kebab(name: str) -> str:
@@ -183,11 +185,6 @@ class RunConfig(BaseModel):
     def to_user_config(self) -> dict[str, Any]:
         """Back to the flat kebab-case dict (what summary.json and Flower carry)."""
         return self.model_dump(by_alias=True)
-
-    def model_spec(self, num_classes: int) -> ModelSpec:
-        return ModelSpec.preset(
-            self.model_preset, num_classes=num_classes, max_length=self.max_length
-        )
 
 
 def describe_validation_error(err: ValidationError) -> str:

@@ -26,12 +26,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from common.config import Preset, RunConfig
 from common.text import VOCAB_SIZE, pretrained_file
 
 EMBED_DIM = 384
 PRETRAINED_EMBEDDING_KEY = "embeddings.word_embeddings.weight"
-
-Preset = Literal["tiny", "small"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +73,11 @@ class ModelSpec:
         if name not in sizes:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(sizes)}")
         return cls(num_classes=num_classes, max_length=max_length, **sizes[name])
+
+
+def model_spec(cfg: RunConfig, num_classes: int) -> ModelSpec:
+    """The architecture a run's config names, for ``num_classes`` labels."""
+    return ModelSpec.preset(cfg.model_preset, num_classes=num_classes, max_length=cfg.max_length)
 
 
 class EncoderLayer(nn.Module):

@@ -6,33 +6,46 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import torch
-from flwr.app import RecordDict
 
+from common.messages import RoundPlan, SiteReport, StageMessage, TrainReply, TrainRequest
 from common.secagg.encoding import site_weight
-from common.wire import RoundPlan, SiteReport, WireError, decode_reply, encode_plan
 from server.optimizers import weighted_mean
 
 Arrays = dict[str, torch.Tensor]
+M = TypeVar("M", TrainReply, StageMessage)
 
 
 @dataclass(frozen=True)
-class Reply:
-    """A site's reply to one message: its content, or why there is none."""
+class Reply(Generic[M]):
+    """A site's reply to one message: the decoded message, or why there is none (no
+    reply, a Flower error, or a malformed message: ``malformed reply: ...``)."""
 
-    content: RecordDict | None
+    message: M | None
     error: str | None = None
-    nbytes: int = 0  # serialized size of the content
+    nbytes: int = 0  # serialized size of what the site sent
 
 
 class Transport(Protocol):
+    """How messages reach the sites (server/app.py: Flower's Grid). Workflows speak
+    common/messages.py's values; the transport encodes, decodes and counts bytes."""
+
     def node_ids(self) -> list[int]: ...
 
-    def exchange(self, contents: dict[int, RecordDict], *, group: str) -> dict[int, Reply]:
-        """Send each node its content; a reply (or an error) for every node asked."""
+    def train(
+        self, requests: Mapping[int, TrainRequest], *, group: str
+    ) -> dict[int, Reply[TrainReply]]:
+        """Send each node its train request; a reply (or an error) for every node asked."""
+        ...
+
+    def stage(
+        self, messages: Mapping[int, StageMessage], *, group: str
+    ) -> dict[int, Reply[StageMessage]]:
+        """Send each node its secure-aggregation stage message (all of one stage)."""
         ...
 
 
@@ -71,9 +84,9 @@ def plain_round(
     transport: Transport, chosen: list[int], plan: RoundPlan, weights: Arrays
 ) -> RoundOutcome:
     """Every site sends its clipped update in the clear; the coordinator averages them."""
-    content = encode_plan(plan, weights)
+    request = TrainRequest(plan, weights)
     started = time.monotonic()
-    replies = transport.exchange({nid: content for nid in chosen}, group=str(plan.round))
+    replies = transport.train(dict.fromkeys(chosen, request), group=str(plan.round))
     stage_seconds = {"train": time.monotonic() - started}
     results, updates, counts = [], [], []
     upload: dict[int, int] = {}
@@ -81,14 +94,10 @@ def plain_round(
     for nid in chosen:
         reply = replies[nid]
         upload[nid] = reply.nbytes
-        if reply.content is None:
+        if reply.message is None:
             results.append(SiteResult(nid, None, reply.error or "no reply"))
             continue
-        try:
-            report, update, _keys = decode_reply(reply.content)
-        except WireError as err:
-            results.append(SiteResult(nid, None, f"malformed reply: {err}"))
-            continue
+        report, update = reply.message.report, reply.message.update
         if report.status != "ok":
             results.append(SiteResult(nid, report))
             continue

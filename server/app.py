@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
+from common.codec import (
+    content_bytes,
+    decode_reply,
+    decode_stage,
+    encode_plan,
+    encode_stage,
+    encode_train,
+)
 from common.config import RunConfig
-from common.wire import content_bytes
+from common.messages import StageMessage, TrainReply, TrainRequest, WireError
 from server.aggregation import Reply
 from server.federation import run_federation
 from server.report import Reporter
@@ -37,8 +45,12 @@ _ERROR_CODES = {
 }
 
 
+M = TypeVar("M", TrainReply, StageMessage)
+
+
 class GridTransport:
-    """One message per node and stage over Flower's Grid; replies keyed by node."""
+    """One message per node and stage over Flower's Grid: encodes the workflows'
+    messages, decodes (and validates) the replies, counts the bytes sites send."""
 
     def __init__(self, grid: Grid, *, timeout: float) -> None:
         self.grid = grid
@@ -46,6 +58,29 @@ class GridTransport:
 
     def node_ids(self) -> list[int]:
         return list(self.grid.get_node_ids())
+
+    def train(
+        self, requests: Mapping[int, TrainRequest], *, group: str
+    ) -> dict[int, Reply[TrainReply]]:
+        bases: dict[tuple[int, int], RecordDict] = {}
+        contents: dict[int, RecordDict] = {}
+        for nid, request in requests.items():
+            # The sites of a round share its plan and arrays: convert the arrays once.
+            key = (id(request.plan), id(request.arrays))
+            if key not in bases:
+                bases[key] = encode_plan(request.plan, request.arrays)
+            contents[nid] = encode_train(request, bases[key])
+        return self._exchange(contents, group, decode_reply)
+
+    def stage(
+        self, messages: Mapping[int, StageMessage], *, group: str
+    ) -> dict[int, Reply[StageMessage]]:
+        stages = {m.stage for m in messages.values()}
+        if len(stages) > 1:
+            raise ValueError(f"one exchange carries one stage, got {sorted(stages)}")
+        expect = stages.pop() if stages else None
+        contents = {nid: encode_stage(m) for nid, m in messages.items()}
+        return self._exchange(contents, group, lambda c: decode_stage(c, expect=expect))
 
     def _send_and_receive(self, messages: list[Message]) -> list[Message]:
         """Push, then pull until every reply is in or the timeout passes. Flower's own
@@ -65,13 +100,15 @@ class GridTransport:
             delay = min(delay * 1.5, 1.0)
         return replies
 
-    def exchange(self, contents: dict[int, RecordDict], *, group: str) -> dict[int, Reply]:
+    def _exchange(
+        self, contents: dict[int, RecordDict], group: str, decode: Callable[[RecordDict], M]
+    ) -> dict[int, Reply[M]]:
         messages = [
             Message(content=c, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=group)
             for nid, c in contents.items()
         ]
         replies = self._send_and_receive(messages)
-        out: dict[int, Reply] = {}
+        out: dict[int, Reply[M]] = {}
         for reply in replies:
             nid = reply.metadata.src_node_id
             if nid not in contents or nid in out:
@@ -83,7 +120,11 @@ class GridTransport:
                 what = _ERROR_CODES.get(code, "site error")
                 out[nid] = Reply(None, f"{what} (Flower error {code})")
                 continue
-            out[nid] = Reply(reply.content, None, content_bytes(reply.content))
+            nbytes = content_bytes(reply.content)
+            try:
+                out[nid] = Reply(decode(reply.content), None, nbytes)
+            except WireError as err:
+                out[nid] = Reply(None, f"malformed reply: {err}", nbytes)
         for nid in contents:
             out.setdefault(nid, Reply(None, "no reply before the round timeout"))
         return out

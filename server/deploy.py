@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.config import ConfigError
-from common.wire import SITE_NAME
+from common.messages import SITE_NAME
 
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"

@@ -22,10 +22,10 @@ import torch
 
 from common.config import RunConfig
 from common.data import load_builtin
-from common.model import build_model
+from common.messages import RoundPlan
+from common.model import build_model, model_spec
 from common.text import encode
 from common.training import Batchable, default_device, evaluate
-from common.wire import RoundPlan, report_dict
 from server.aggregation import RoundOutcome, SiteResult, Transport, plain_round
 from server.optimizers import ServerOptimizer
 from server.report import Reporter, RoundRow, save_arrays, write_outputs
@@ -80,7 +80,7 @@ def _account(res: SiteResult, view: SiteLedgerView, row: RoundRow) -> None:
         row.note(name, "failed", res.error or "no reply")
         return
     if report.status != "failed":  # a failure report carries no accounting
-        view.last = report_dict(report)
+        view.last = report.to_json()
         if report.dp and not math.isnan(report.epsilon):
             row.epsilon_per_site[name] = report.epsilon
         if report.ledger_head and report.dp:
@@ -109,7 +109,7 @@ def run_federation(
     """Run all rounds; returns the summary (also written to ``out_dir``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     test = load_builtin(cfg.dataset, "test", seed=cfg.seed)
-    spec = cfg.model_spec(len(test.label_names))
+    spec = model_spec(cfg, len(test.label_names))
     model = build_model(spec, seed=cfg.seed)
     weights: Arrays = {k: v.clone() for k, v in model.trainable_state().items()}
     shipped: Arrays | None = None  # what is evaluated and saved: the EMA of `weights`

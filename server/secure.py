@@ -17,24 +17,19 @@ import time
 from collections.abc import Callable
 
 from common.arrays import unflatten
+from common.messages import (
+    RoundPlan,
+    SecAggSetup,
+    StageMessage,
+    StageName,
+    TrainRequest,
+)
 from common.quantize import decode_sum
 from common.secagg.coordinator import CoordinatorSession
 from common.secagg.encoding import encoding_spec
 from common.secagg.errors import SecAggAbort, SecAggError
 from common.secagg.params import PublicKeys, SecAggParams
-from common.wire import (
-    RoundPlan,
-    SecAggSetup,
-    StageMessage,
-    StageName,
-    WireError,
-    decode_reply,
-    decode_stage,
-    encode_plan,
-    encode_stage,
-    with_setup,
-)
-from server.aggregation import Arrays, Reply, RoundOutcome, SiteResult, Transport
+from server.aggregation import Arrays, RoundOutcome, SiteResult, Transport
 
 log = logging.getLogger("fedsilo.coordinator")
 
@@ -80,21 +75,20 @@ class _Round:
         accept: Callable[[int, StageMessage], None],
     ) -> None:
         """Send one stage message per protocol index; ``accept`` each valid reply."""
-        contents = {self.node_of[u]: encode_stage(m) for u, m in messages.items()}
+        outgoing = {self.node_of[u]: m for u, m in messages.items()}
         started = time.monotonic()
-        replies = self.transport.exchange(contents, group=f"{self.plan.round}/{stage}")
+        replies = self.transport.stage(outgoing, group=f"{self.plan.round}/{stage}")
         self.seconds[stage] = time.monotonic() - started
         for u in sorted(messages):
             nid = self.node_of[u]
-            reply: Reply = replies[nid]
+            reply = replies[nid]
             self.upload[nid] += reply.nbytes
-            if reply.content is None:
+            message = reply.message
+            if message is None:
                 self.drop(nid, f"dropped at {stage}: {reply.error or 'no reply'}")
                 continue
-            try:
-                message = decode_stage(reply.content, expect=stage)
-            except WireError as err:
-                self.drop(nid, f"dropped at {stage}: malformed reply: {err}")
+            if message.stage != stage:
+                self.drop(nid, f"dropped at {stage}: malformed reply: a {message.stage} message")
                 continue
             if message.session != session:
                 self.drop(nid, f"dropped at {stage}: reply for another session (replay?)")
@@ -126,25 +120,21 @@ def secure_round(
     coordinator = CoordinatorSession(params)
 
     # 1. train + advertise keys
-    base = encode_plan(plan, weights)
-    contents = {
-        nid: with_setup(base, SecAggSetup(params, state.index[nid], spec.seed)) for nid in chosen
+    train = {
+        nid: TrainRequest(plan, weights, SecAggSetup(params, state.index[nid], spec.seed))
+        for nid in chosen
     }
     started = time.monotonic()
-    replies = transport.exchange(contents, group=str(plan.round))
+    replies = transport.train(train, group=str(plan.round))
     state.seconds["train"] = time.monotonic() - started
     keys: dict[int, PublicKeys] = {}
     for nid in chosen:
         reply = replies[nid]
         state.upload[nid] += reply.nbytes
-        if reply.content is None:
+        if reply.message is None:
             state.results[nid] = SiteResult(nid, None, reply.error or "no reply")
             continue
-        try:
-            report, update, site_keys = decode_reply(reply.content)
-        except WireError as err:
-            state.results[nid] = SiteResult(nid, None, f"malformed reply: {err}")
-            continue
+        report, update, site_keys = reply.message.report, reply.message.update, reply.message.keys
         state.results[nid] = SiteResult(nid, report)
         if report.status != "ok":
             continue

@@ -44,7 +44,7 @@ from torch import nn
 
 from common.config import RunConfig
 from common.data import TextDataset, load_builtin
-from common.model import build_model
+from common.model import build_model, model_spec
 from common.text import encode
 from common.training import Batchable, default_device, evaluate
 from server.report import SUMMARY_VERSION, RoundRow, round_progress, write_run_files
@@ -261,7 +261,7 @@ def score_candidate(
 ) -> dict[str, Any]:
     """The full schedule on ``fit`` at one rate, scored on ``val``."""
     started = time.monotonic()
-    model = build_model(cfg.model_spec(num_classes), seed=cfg.seed).to(device)
+    model = build_model(model_spec(cfg, num_classes), seed=cfg.seed).to(device)
     opt = make_optimizer(optimizer, model, learning_rate)
     generator = torch.Generator().manual_seed(cfg.seed)
     diverged = False
@@ -411,7 +411,7 @@ def _train_central(
     train_set = _subsample(load_builtin(cfg.dataset, "train", seed=cfg.seed), max_train, cfg.seed)
     test_set = load_builtin(cfg.dataset, "test", seed=cfg.seed)
     label_names = test_set.label_names
-    spec = cfg.model_spec(len(label_names))
+    spec = model_spec(cfg, len(label_names))
     train = Batchable.from_encoded(encode(train_set.texts, cfg.max_length), train_set.labels)
     test = Batchable.from_encoded(encode(test_set.texts, cfg.max_length), test_set.labels)
     model = build_model(spec, seed=cfg.seed).to(device)

@@ -386,5 +386,3 @@ class Ledger:
         if created:
             fsync_dir(self.path.parent)
         return entry
-
-

@@ -16,7 +16,7 @@ from client.app import app as client_app
 from common.arrays import flatten
 from common.config import RunConfig
 from common.data import builtin_label_names
-from common.model import build_model
+from common.model import build_model, model_spec
 from common.quantize import error_bound
 from common.secagg.encoding import encoding_spec
 from server.app import app as server_app
@@ -52,7 +52,7 @@ def _go(grid: InProcessGrid, out: Path) -> dict:
 
 
 def _initial(cfg: RunConfig) -> dict[str, torch.Tensor]:
-    spec = cfg.model_spec(len(builtin_label_names(cfg.dataset)))
+    spec = model_spec(cfg, len(builtin_label_names(cfg.dataset)))
     return build_model(spec, seed=cfg.seed).trainable_state()
 
 

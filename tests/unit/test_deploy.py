@@ -32,7 +32,7 @@ from client.deploy import (
     render_node_config,
     supernode_command,
 )
-from client.site import SiteSettings
+from client.settings import SiteSettings
 from common.config import RunConfig
 from server import deploy as coordinator
 from server.deploy import (
@@ -391,13 +391,13 @@ def test_site_check_states_the_spend_the_clientapp_enforces(
 ) -> None:
     # An entry written at another delta: the check recomputes it at the site's delta,
     # as the ClientApp's budget check does, instead of echoing the entry's own epsilon.
-    from client.site import LEDGER_FILE, SiteSettings
+    from client.settings import SiteSettings
     from common.config import RunConfig
     from common.data import builtin_label_names, load_site_file
     from common.privacy.accounting import compute_epsilon
     from common.privacy.events import SubsampledGaussianEvent
     from common.privacy.identity import load_or_create_identity
-    from common.privacy.ledger import Ledger, dataset_fingerprint
+    from common.privacy.ledger import LEDGER_FILE, Ledger, dataset_fingerprint
 
     site = _site(tmp_path, coord)
     settings = SiteSettings.from_node_config(site.node_config, RunConfig())

@@ -9,12 +9,12 @@ import torch
 from client import secure
 from common.arrays import flatten
 from common.config import RunConfig
+from common.messages import SecAggSetup, StageMessage
 from common.quantize import decode_sum, unpack
 from common.secagg.coordinator import CoordinatorSession
 from common.secagg.encoding import encoding_spec
 from common.secagg.errors import SecAggError
 from common.secagg.params import SecAggParams
-from common.wire import SecAggSetup, StageMessage
 
 CFG = RunConfig(update_clip_norm=1.0)
 DELTAS = [
@@ -36,7 +36,9 @@ def test_three_sites_through_join_and_step_give_the_mean() -> None:
     params, seed = _params()
     pending, keys = {}, {}
     for u, delta in zip(params.participants, DELTAS, strict=True):
-        pending[u], keys[u], clipped = secure.join(SecAggSetup(params, u, seed), CFG, delta, 100)
+        pending[u], keys[u], clipped = secure.join(
+            SecAggSetup(params, u, seed), CFG, flatten(delta), 100
+        )
         assert not clipped
     co = CoordinatorSession(params)
 
@@ -86,7 +88,7 @@ def test_join_clips_a_large_delta_and_says_so() -> None:
     big = {"w": torch.full((3, 4), 10.0), "b": torch.zeros(5)}
 
     # Execute
-    pending, _, clipped = secure.join(SecAggSetup(params, 1, seed), CFG, big, 100)
+    pending, _, clipped = secure.join(SecAggSetup(params, 1, seed), CFG, flatten(big), 100)
 
     # Assert
     assert clipped
@@ -101,13 +103,13 @@ def test_join_refuses_parameters_that_do_not_match_the_plan() -> None:
 
     # Execute / Assert
     with pytest.raises(SecAggError, match="do not match"):
-        secure.join(SecAggSetup(params, 1, 1), CFG, DELTAS[0], 100)
+        secure.join(SecAggSetup(params, 1, 1), CFG, flatten(DELTAS[0]), 100)
 
 
 def test_a_message_of_another_round_is_refused() -> None:
     # Prepare
     params, seed = _params()
-    pending, _, _ = secure.join(SecAggSetup(params, 1, seed), CFG, DELTAS[0], 100)
+    pending, _, _ = secure.join(SecAggSetup(params, 1, seed), CFG, flatten(DELTAS[0]), 100)
     stale = StageMessage("unmask", "another-session", alive=(1, 2, 3))
 
     # Execute / Assert
@@ -118,7 +120,7 @@ def test_a_message_of_another_round_is_refused() -> None:
 def test_a_stage_out_of_order_is_refused() -> None:
     # Prepare
     params, seed = _params()
-    pending, _, _ = secure.join(SecAggSetup(params, 1, seed), CFG, DELTAS[0], 100)
+    pending, _, _ = secure.join(SecAggSetup(params, 1, seed), CFG, flatten(DELTAS[0]), 100)
 
     # Execute / Assert: unmask before any share was exchanged
     with pytest.raises(SecAggError, match="not allowed at stage 'advertised'"):

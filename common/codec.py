@@ -1,33 +1,44 @@
-"""The one place that converts between fedsilo's values and Flower records.
+"""Flower's record codec: the one place that converts common/messages.py's values to
+Flower records and back, for the ClientApp, the ServerApp's transport and nothing else.
 
-What crosses the wire, and nothing else:
-- coordinator -> site: the trainable global arrays and the round plan (round number
-  plus the federation's RunConfig);
-- site -> coordinator: a status, the update (only when trained) and declared public
-  metrics. No loss, no per-example value, no text: those are data-dependent and
-  not covered by the DP guarantee.
-- with secure aggregation, the first reply carries the site's two public keys instead
-  of the update, and three more exchanges (``StageMessage``) carry public keys, sealed
-  shares, the masked (uniformly random-looking) input and unmasking shares.
-
-Every message is validated on arrival; anything malformed raises ``WireError``
-naming what is wrong, and is never used.
+Every message is validated on arrival; anything malformed raises ``WireError`` naming
+what is wrong, and is never used. Arrays are torch tensors, and torch is imported only
+where arrays are converted: a secure-aggregation stage message (all bytes and
+integers) is coded without it, so a deployed site's process for such a message does
+not pay for torch's import.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import asdict, dataclass, fields
-from typing import Literal
+from dataclasses import fields
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from common.config import ConfigError, RunConfig
+from common.messages import (
+    LEDGER_HEAD,
+    LEDGER_SIGNATURE,
+    REPORT_TEXT_FIELDS,
+    SITE_NAME,
+    STAGES,
+    STATUSES,
+    RoundPlan,
+    SecAggSetup,
+    SiteReport,
+    StageMessage,
+    StageName,
+    TrainReply,
+    TrainRequest,
+    WireError,
+)
 from common.secagg.errors import SecAggError
 from common.secagg.params import PublicKeys, SecAggParams
+
+if TYPE_CHECKING:
+    from common.messages import Arrays
 
 GLOBAL_KEY = "global"
 PLAN_KEY = "plan"
@@ -38,97 +49,14 @@ SECAGG_KEY = "secagg"
 KEYS_KEY = "secagg-keys"
 STAGE_KEY = "secagg-stage"
 
-Status = Literal["ok", "refused", "failed"]
-STATUSES: tuple[Status, ...] = ("ok", "refused", "failed")
-_STRING_FIELDS = ("status", "reason", "site", "dp", "ledger_head", "ledger_signature")
-LEDGER_HEAD = re.compile(r"(|[0-9a-f]{64})")
-LEDGER_SIGNATURE = re.compile(r"(|[A-Za-z0-9+/]{86}==)")  # base64 of 64 bytes
-SITE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
-
-class WireError(ValueError):
-    """A message that does not have the declared shape; it is rejected, not used."""
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """What the coordinator asks of every site this round."""
-
-    round: int
-    config: RunConfig
-
-
-@dataclass(frozen=True)
-class SiteReport:
-    """A site's declared public metrics for one round.
-
-    ``epsilon`` is the site's spend on this data set in this run after the round (0
-    for refused rounds that spent nothing new; NaN when DP is off), ``budget`` the
-    site's own epsilon budget.
-    """
-
-    status: Status
-    reason: str
-    site: str
-    num_examples: int
-    dp: bool
-    epsilon: float
-    budget: float
-    delta: float
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    total_steps: int
-    # The site's privacy ledger after this round: hash and signature of its last entry
-    # ("" when the site keeps no ledger), so an auditor can match the ledger later.
-    ledger_head: str = ""
-    ledger_signature: str = ""
-    # 1 when the site's model delta was scaled down to the plan's update-clip-norm.
-    update_clipped: int = 0
-
-
-@dataclass(frozen=True)
-class SecAggSetup:
-    """What one site needs to join a secure round: the public parameters, its own
-    protocol index and the public seed of the round's rotation."""
-
-    params: SecAggParams
-    index: int
-    rotation_seed: int
-
-
-StageName = Literal["share-keys", "masked-input", "unmask"]
-STAGES: tuple[StageName, ...] = ("share-keys", "masked-input", "unmask")
-
-
-@dataclass(frozen=True)
-class StageMessage:
-    """One secure-aggregation exchange after the first (either direction).
-
-    share-keys: coordinator -> site: ``ids`` with their ``blobs`` (c keys) and ``more``
-    (s keys); site -> coordinator: ``ids`` with sealed shares in ``blobs``.
-    masked-input: coordinator -> site: sealed shares by sender; site -> coordinator:
-    its own index with its packed masked vector.
-    unmask: coordinator -> site: ``alive`` and ``dropped``; site -> coordinator: ``ids``
-    with one share each in ``blobs``.
-    ``error`` (site -> coordinator only) says why the site left the round.
-    """
-
-    stage: StageName
-    session: str
-    ids: tuple[int, ...] = ()
-    blobs: tuple[bytes, ...] = ()
-    more: tuple[bytes, ...] = ()
-    alive: tuple[int, ...] = ()
-    dropped: tuple[int, ...] = ()
-    error: str = ""
-
-
-def _arrays_to_record(arrays: dict[str, torch.Tensor]) -> ArrayRecord:
+def _arrays_to_record(arrays: Arrays) -> ArrayRecord:
     return ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in arrays.items()})
 
 
-def _record_to_arrays(record: ArrayRecord, what: str) -> dict[str, torch.Tensor]:
+def _record_to_arrays(record: ArrayRecord, what: str) -> Arrays:
+    import torch  # only messages that carry arrays pay for it
+
     try:
         arrays = dict(record.to_torch_state_dict())
     except Exception as err:  # noqa: BLE001 - any decoding failure is a bad message
@@ -141,8 +69,11 @@ def _record_to_arrays(record: ArrayRecord, what: str) -> dict[str, torch.Tensor]
     return arrays
 
 
-def encode_plan(plan: RoundPlan, global_arrays: dict[str, torch.Tensor]) -> RecordDict:
-    """A round's train message (secure rounds add each site's setup: ``with_setup``)."""
+# ---- coordinator -> site: the train message -----------------------------------------
+
+
+def encode_plan(plan: RoundPlan, global_arrays: Arrays) -> RecordDict:
+    """A round's train message without a site's secure-aggregation setup."""
     config = ConfigRecord({"round": plan.round, **plan.config.to_user_config()})
     return RecordDict({GLOBAL_KEY: _arrays_to_record(global_arrays), PLAN_KEY: config})
 
@@ -161,8 +92,14 @@ def with_setup(plan_content: RecordDict, setup: SecAggSetup) -> RecordDict:
     return content
 
 
-def decode_setup(content: RecordDict) -> SecAggSetup | None:
-    """The secure-aggregation part of a train message (None: plain aggregation)."""
+def encode_train(request: TrainRequest, base: RecordDict | None = None) -> RecordDict:
+    """``request`` as a record; ``base`` is ``encode_plan`` of its plan and arrays when
+    the caller has it already (one conversion of the arrays per round)."""
+    content = base if base is not None else encode_plan(request.plan, request.arrays)
+    return content if request.setup is None else with_setup(content, request.setup)
+
+
+def _decode_setup(content: RecordDict) -> SecAggSetup | None:
     record = content.config_records.get(SECAGG_KEY)
     if record is None:
         return None
@@ -182,7 +119,7 @@ def decode_setup(content: RecordDict) -> SecAggSetup | None:
     return SecAggSetup(params=parsed, index=index, rotation_seed=seed)
 
 
-def decode_plan(content: RecordDict) -> tuple[RoundPlan, dict[str, torch.Tensor]]:
+def decode_train(content: RecordDict) -> TrainRequest:
     if PLAN_KEY not in content.config_records or GLOBAL_KEY not in content.array_records:
         raise WireError("train message lacks its plan or global arrays")
     raw = dict(content.config_records[PLAN_KEY])
@@ -193,23 +130,21 @@ def decode_plan(content: RecordDict) -> tuple[RoundPlan, dict[str, torch.Tensor]
         config = RunConfig.from_user_config(raw)
     except ConfigError as err:
         raise WireError(f"train message carries a bad plan: {err}") from None
-    return RoundPlan(round=rnd, config=config), _record_to_arrays(
-        content.array_records[GLOBAL_KEY], "global model"
-    )
+    setup = _decode_setup(content)
+    arrays = _record_to_arrays(content.array_records[GLOBAL_KEY], "global model")
+    return TrainRequest(RoundPlan(round=rnd, config=config), arrays, setup)
 
 
-def encode_reply(
-    report: SiteReport,
-    update: dict[str, torch.Tensor] | None,
-    keys: PublicKeys | None = None,
-) -> RecordDict:
+# ---- site -> coordinator: the reply to a train message ------------------------------
+
+
+def encode_reply(reply: TrainReply) -> RecordDict:
     """An ok reply carries the update (plain) or the site's public keys (secure)."""
-    if ((update is None) == (keys is None)) == (report.status == "ok"):
-        raise ValueError("an update or keys (one of them) travel exactly when status is 'ok'")
+    report = reply.report
     numbers = {
         f.name.replace("_", "-"): getattr(report, f.name)
         for f in fields(report)
-        if f.name not in _STRING_FIELDS
+        if f.name not in REPORT_TEXT_FIELDS
     }
     content = RecordDict(
         {
@@ -226,16 +161,14 @@ def encode_reply(
             METRICS_KEY: MetricRecord(numbers),
         }
     )
-    if update is not None:
-        content[UPDATE_KEY] = _arrays_to_record(update)
-    if keys is not None:
-        content[KEYS_KEY] = ConfigRecord({"c": keys.c, "s": keys.s})
+    if reply.update is not None:
+        content[UPDATE_KEY] = _arrays_to_record(reply.update)
+    if reply.keys is not None:
+        content[KEYS_KEY] = ConfigRecord({"c": reply.keys.c, "s": reply.keys.s})
     return content
 
 
-def decode_reply(
-    content: RecordDict,
-) -> tuple[SiteReport, dict[str, torch.Tensor] | None, PublicKeys | None]:
+def _decode_report(content: RecordDict) -> SiteReport:
     if STATUS_KEY not in content.config_records or METRICS_KEY not in content.metric_records:
         raise WireError("reply lacks its status or metrics")
     status_rec = content.config_records[STATUS_KEY]
@@ -253,7 +186,7 @@ def decode_reply(
     metrics = dict(content.metric_records[METRICS_KEY])
     values: dict[str, object] = {}
     for f in fields(SiteReport):
-        if f.name in _STRING_FIELDS:
+        if f.name in REPORT_TEXT_FIELDS:
             continue
         key = f.name.replace("_", "-")
         value = metrics.pop(key, None)
@@ -268,7 +201,7 @@ def decode_reply(
     # NaN means "no DP" and nothing else: a DP report's numbers are all finite.
     if dp and any(isinstance(v, float) and math.isnan(v) for v in values.values()):
         raise WireError("reply claims DP but carries NaN metrics")
-    report = SiteReport(
+    return SiteReport(
         status=status,
         reason=reason[:200],
         site=site,
@@ -277,13 +210,17 @@ def decode_reply(
         ledger_signature=signature,
         **values,  # type: ignore[arg-type]
     )
+
+
+def decode_reply(content: RecordDict) -> TrainReply:
+    report = _decode_report(content)
     has_update = UPDATE_KEY in content.array_records
     has_keys = KEYS_KEY in content.config_records
     if has_update and has_keys:
         raise WireError("reply carries both an update and secagg keys")
-    if (has_update or has_keys) != (status == "ok"):
+    if (has_update or has_keys) != (report.status == "ok"):
         raise WireError(
-            f"reply with status {status!r} {'has' if has_update else 'lacks'} an update"
+            f"reply with status {report.status!r} {'has' if has_update else 'lacks'} an update"
         )
     update = _record_to_arrays(content.array_records[UPDATE_KEY], "update") if has_update else None
     keys = None
@@ -296,7 +233,10 @@ def decode_reply(
             keys = PublicKeys(c, s_key)
         except SecAggError as err:
             raise WireError(f"reply has bad secagg keys: {err}") from None
-    return report, update, keys
+    return TrainReply(report, update, keys)
+
+
+# ---- secure-aggregation stages, both directions --------------------------------------
 
 
 def encode_stage(message: StageMessage) -> RecordDict:
@@ -369,12 +309,3 @@ def decode_stage(content: RecordDict, *, expect: StageName | None = None) -> Sta
 def content_bytes(content: RecordDict) -> int:
     """What a message's content costs on the wire (its serialized protobuf size)."""
     return int(recorddict_to_proto(content).ByteSize())
-
-
-def report_dict(report: SiteReport) -> dict[str, object]:
-    """JSON-ready form (NaN epsilon of a non-DP site becomes None)."""
-    out = asdict(report)
-    for k, v in out.items():
-        if isinstance(v, float) and math.isnan(v):
-            out[k] = None
-    return out

@@ -1,6 +1,7 @@
-"""What a site does with one round plan, in plain Python (no Flower).
+"""What a site does with one train message, in plain Python (no Flower): the training
+path of the ClientApp, which alone loads torch, Opacus and the model.
 
-Order of a DP round (the invariants of ARCHITECTURE.md):
+Order of a DP round (the invariants of docs/architecture.md):
 1. know the site's budget (its own node config first, else the federation's);
 2. calibrate sigma ONCE per run from the whole plan (rounds x local steps);
 3. budget filter: compose everything spent with the planned round, refuse if it
@@ -14,178 +15,38 @@ from __future__ import annotations
 import fcntl
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping
+import secrets
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import lru_cache, partial
+from dataclasses import dataclass, replace
+from functools import partial
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from common.config import RunConfig
-from common.data import (
-    TextDataset,
-    builtin_label_names,
-    load_builtin,
-    load_site_file,
-    partition,
-)
-from common.model import build_model
+from client import secure
+from client.data import load_site_data
+from client.settings import ALLOW_NO_DP_KEY, STATE_DIR_KEY, SiteConfigError, SiteSettings
+from common.arrays import clip_update, flatten
+from common.data import builtin_label_names
+from common.messages import RoundPlan, SiteReport, TrainReply, TrainRequest
+from common.model import build_model, model_spec
 from common.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
 from common.privacy.budget import DatasetBudget, check_delta
 from common.privacy.errors import PrivacyError
 from common.privacy.events import SubsampledGaussianEvent
 from common.privacy.identity import load_or_create_identity
-from common.privacy.ledger import LEDGER_FILE, Ledger, dataset_fingerprint
-from common.text import encode
+from common.privacy.ledger import LEDGER_FILE, Ledger
 from common.training import (
-    Batchable,
     batches_per_epoch,
     default_device,
     sample_rate,
     train_dp,
     trainable_delta,
 )
-from common.wire import SITE_NAME, RoundPlan, SiteReport
 
-PARTITION_ID_KEY = "partition-id"
-NUM_PARTITIONS_KEY = "num-partitions"
-DATA_PATH_KEY = "data-path"
-SITE_EPSILON_KEY = "epsilon"
-SITE_DELTA_KEY = "delta"
-SITE_ID_KEY = "site-id"
-STATE_DIR_KEY = "state-dir"
-ALLOW_NO_DP_KEY = "allow-no-dp"
-TEXT_COLUMN_KEY = "text-column"
-LABEL_COLUMN_KEY = "label-column"
-DEFAULT_SITE_DELTA = 1e-5
 LOCK_FILE = "ledger.lock"
-
-
-class SiteConfigError(ValueError):
-    """The site's own settings (node config) are unusable."""
-
-
-@dataclass(frozen=True)
-class SiteSettings:
-    """Where the site's data comes from and what it allows itself to spend."""
-
-    site_id: str
-    data_path: str | None
-    partition_id: int | None
-    num_partitions: int | None
-    epsilon: float
-    delta: float
-    state_dir: Path | None  # identity key + privacy ledger; None: no ledger (no-DP only)
-    allow_no_dp: bool  # a deployed site trains without DP only if its own config says so
-    text_column: str
-    label_column: str
-
-    @classmethod
-    def from_node_config(cls, node: Mapping[str, Any], config: RunConfig) -> SiteSettings:
-        """Deployment: ``data-path`` (+ optional own ``epsilon``/``delta``).
-        Simulation: ``partition-id``/``num-partitions`` from the engine, and a ledger
-        folder per site under the plan's ``sites-dir``."""
-        data_path = node.get(DATA_PATH_KEY)
-        pid, num = node.get(PARTITION_ID_KEY), node.get(NUM_PARTITIONS_KEY)
-        if data_path is None and (pid is None or num is None):
-            raise SiteConfigError(
-                f"node config needs '{DATA_PATH_KEY}' (a site's data file) or "
-                f"'{PARTITION_ID_KEY}' and '{NUM_PARTITIONS_KEY}' (simulation)"
-            )
-        if data_path is None:  # simulation: the researcher is coordinator and site at once
-            epsilon = float(node.get(SITE_EPSILON_KEY, config.epsilon))
-            delta = float(node.get(SITE_DELTA_KEY, config.delta))
-        else:  # a deployed site's budget is its own, never the coordinator's plan
-            if SITE_EPSILON_KEY not in node:
-                raise SiteConfigError(f"a deployed site sets its own '{SITE_EPSILON_KEY}' budget")
-            epsilon = float(node[SITE_EPSILON_KEY])
-            delta = float(node.get(SITE_DELTA_KEY, DEFAULT_SITE_DELTA))
-        if not (math.isfinite(epsilon) and epsilon > 0):
-            raise SiteConfigError(f"site epsilon budget must be positive, got {epsilon}")
-        if not 0 < delta < 1:
-            raise SiteConfigError(f"site delta must be in (0, 1), got {delta}")
-        default_id = f"site-{pid}" if data_path is None else "site"
-        site_id = str(node.get(SITE_ID_KEY, default_id))
-        if not SITE_NAME.fullmatch(site_id):
-            raise SiteConfigError(f"site-id {site_id!r}: use 1-64 letters, digits, '.', '_', '-'")
-        state = node.get(STATE_DIR_KEY)
-        if state is None and data_path is None and config.sites_dir:
-            state = str(Path(config.sites_dir) / site_id)
-        return cls(
-            allow_no_dp=data_path is None or bool(node.get(ALLOW_NO_DP_KEY, False)),
-            text_column=str(node.get(TEXT_COLUMN_KEY, "text")),
-            label_column=str(node.get(LABEL_COLUMN_KEY, "label")),
-            state_dir=Path(str(state)) if state is not None else None,
-            site_id=site_id,
-            data_path=str(data_path) if data_path is not None else None,
-            partition_id=int(pid) if data_path is None and pid is not None else None,
-            num_partitions=int(num) if data_path is None and num is not None else None,
-            epsilon=epsilon,
-            delta=delta,
-        )
-
-
-def data_key(settings: SiteSettings, config: RunConfig) -> tuple[Any, ...]:
-    if settings.data_path is not None:
-        path = Path(settings.data_path)
-        stat = path.stat() if path.is_file() else None
-        return (
-            "file",
-            str(path.resolve()),
-            stat.st_mtime_ns if stat else None,
-            stat.st_size if stat else None,
-            config.dataset,
-            settings.text_column,
-            settings.label_column,
-            config.max_length,
-        )
-    return (
-        "partition",
-        config.dataset,
-        config.partition,
-        config.dirichlet_alpha,
-        config.min_partition_size,
-        config.seed,
-        settings.partition_id,
-        settings.num_partitions,
-        config.max_length,
-    )
-
-
-def read_site_file(path: str, dataset: str, text_column: str, label_column: str) -> TextDataset:
-    """A deployed site's own data file, validated against the federation's label set
-    (``fedsilo site check`` reads it with this too)."""
-    return load_site_file(
-        path,
-        label_names=builtin_label_names(dataset),
-        text_column=text_column,
-        label_column=label_column,
-    )
-
-
-@lru_cache(maxsize=4)
-def _load(key: tuple[Any, ...]) -> tuple[Batchable, str]:
-    """The site's tokenized examples and the data set's fingerprint (cached per process:
-    simulated sites share actors)."""
-    if key[0] == "file":
-        _, path, _, _, dataset, text_col, label_col, max_length = key
-        data = read_site_file(path, dataset, text_col, label_col)
-    else:
-        _, dataset, scheme, alpha, min_size, seed, pid, num, max_length = key
-        full = load_builtin(dataset, "train", seed=seed)
-        parts = partition(full, scheme, num, seed=seed, alpha=alpha, min_size=min_size)
-        if not 0 <= pid < num:
-            raise SiteConfigError(f"partition-id {pid} is outside 0..{num - 1}")
-        data = full.subset(parts[pid])
-    fingerprint = dataset_fingerprint(data.texts, data.labels.tolist())
-    return Batchable.from_encoded(encode(data.texts, max_length), data.labels), fingerprint
-
-
-def load_site_data(settings: SiteSettings, config: RunConfig) -> tuple[Batchable, str]:
-    return _load(data_key(settings, config))
 
 
 @dataclass
@@ -215,23 +76,6 @@ class SiteState:
             noise_multiplier=float(raw["noise_multiplier"]),
             noise_free_steps=int(raw.get("noise_free_steps", 0)),
         )
-
-
-def site_report(status: str, reason: str, site: str, **values: Any) -> SiteReport:
-    """A report with every number not given set to 0."""
-    base: dict[str, Any] = {
-        "num_examples": 0,
-        "dp": True,
-        "epsilon": 0.0,
-        "budget": 0.0,
-        "delta": 0.0,
-        "noise_multiplier": 0.0,
-        "sample_rate": 0.0,
-        "steps": 0,
-        "total_steps": 0,
-    }
-    base.update(values)
-    return SiteReport(status=status, reason=reason, site=site, **base)  # type: ignore[arg-type]
 
 
 @contextmanager
@@ -267,7 +111,7 @@ def run_round(
     cfg = plan.config
     data, fingerprint = load_site_data(settings, cfg)
     n = len(data)
-    model = build_model(cfg.model_spec(len(builtin_label_names(cfg.dataset))))
+    model = build_model(model_spec(cfg, len(builtin_label_names(cfg.dataset))))
     model.load_trainable_state(global_arrays)
     q = sample_rate(n, cfg.batch_size)
     steps = cfg.local_epochs * batches_per_epoch(n, cfg.batch_size)
@@ -291,7 +135,7 @@ def run_round(
         train(noise_multiplier=0.0)  # the labelled baseline: clipped, no noise, no epsilon
         state.noise_free_steps += steps
         no_dp = {"dp": False, "epsilon": math.nan, "budget": math.nan, "delta": math.nan}
-        return site_report(
+        return SiteReport.of(
             "ok",
             "",
             settings.site_id,
@@ -352,7 +196,7 @@ def _dp_round(
     }
 
     def refuse(reason: str) -> tuple[SiteReport, None]:
-        return site_report(
+        return SiteReport.of(
             "refused",
             reason,
             settings.site_id,
@@ -397,7 +241,7 @@ def _dp_round(
         budget=settings.epsilon,
         code_version=code_version(),
     )
-    return site_report(
+    return SiteReport.of(
         "ok",
         "",
         settings.site_id,
@@ -409,3 +253,28 @@ def _dp_round(
         ledger_signature=entry.signature,
         **common,
     ), trained()
+
+
+def train_round(
+    request: TrainRequest, settings: SiteSettings, state: SiteState, *, run_id: str
+) -> tuple[TrainReply, secure.Pending | None]:
+    """Answer a train message: run the round, then clip the update (plain aggregation)
+    or encode it and join the secure round (the update then waits for the protocol's
+    stages in the returned state, and only public keys leave now)."""
+    plan, setup = request.plan, request.setup
+    # Noise and sampling must be unpredictable to anyone else: OS entropy.
+    generator = torch.Generator(device=default_device()).manual_seed(secrets.randbits(63))
+    report, update = run_round(
+        plan, request.arrays, settings, state, run_id=run_id, generator=generator
+    )
+    if setup is None:
+        if update is None:
+            return TrainReply(report), None
+        update, clipped = clip_update(update, plan.config.update_clip_norm)
+        return TrainReply(replace(report, update_clipped=int(clipped)), update), None
+    # Under secure aggregation the example count travels only inside the secure sum.
+    hidden = replace(report, num_examples=0)
+    if update is None:
+        return TrainReply(hidden), None
+    pending, keys, clipped = secure.join(setup, plan.config, flatten(update), report.num_examples)
+    return TrainReply(replace(hidden, update_clipped=int(clipped)), keys=keys), pending

@@ -10,13 +10,15 @@ from typing import Any
 import pytest
 import torch
 
-from client.site import LEDGER_FILE, SiteConfigError, SiteSettings, SiteState, run_round
+from client.round import SiteState, run_round
+from client.settings import SiteConfigError, SiteSettings
 from common.config import RunConfig
-from common.model import build_model
+from common.messages import RoundPlan, SiteReport
+from common.model import build_model, model_spec
 from common.privacy.audit import verify_ledger
 from common.privacy.errors import LedgerError, PrivacyError
 from common.privacy.identity import load_public_key
-from common.wire import RoundPlan, SiteReport
+from common.privacy.ledger import LEDGER_FILE
 from tests.support.reference import reference_epsilon
 
 NODE = {"partition-id": 3, "num-partitions": 20}
@@ -42,7 +44,7 @@ def _round(
     settings = SiteSettings.from_node_config(node, cfg)
     return run_round(
         RoundPlan(rnd, cfg),
-        build_model(cfg.model_spec(2), seed=0).trainable_state(),
+        build_model(model_spec(cfg, 2), seed=0).trainable_state(),
         settings,
         state,
         run_id=run_id,

@@ -1,0 +1,94 @@
+"""A site's own settings: what its node config says (where its data is, what it allows
+itself to spend, where its ledger lives), read and checked once per round.
+
+A deployed site's node config is written by ``fedsilo site init`` (client/deploy.py);
+a simulated site's comes from the Simulation Engine (partition id and count) and the
+plan's ``sites-dir``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.config import RunConfig
+from common.messages import SITE_NAME
+
+PARTITION_ID_KEY = "partition-id"
+NUM_PARTITIONS_KEY = "num-partitions"
+DATA_PATH_KEY = "data-path"
+SITE_EPSILON_KEY = "epsilon"
+SITE_DELTA_KEY = "delta"
+SITE_ID_KEY = "site-id"
+STATE_DIR_KEY = "state-dir"
+ALLOW_NO_DP_KEY = "allow-no-dp"
+TEXT_COLUMN_KEY = "text-column"
+LABEL_COLUMN_KEY = "label-column"
+DEFAULT_SITE_DELTA = 1e-5
+
+
+class SiteConfigError(ValueError):
+    """The site's own settings (node config) are unusable."""
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """Where the site's data comes from and what it allows itself to spend."""
+
+    site_id: str
+    data_path: str | None
+    partition_id: int | None
+    num_partitions: int | None
+    epsilon: float
+    delta: float
+    state_dir: Path | None  # identity key + privacy ledger; None: no ledger (no-DP only)
+    allow_no_dp: bool  # a deployed site trains without DP only if its own config says so
+    text_column: str
+    label_column: str
+
+    @classmethod
+    def from_node_config(cls, node: Mapping[str, Any], config: RunConfig) -> SiteSettings:
+        """Deployment: ``data-path`` (+ optional own ``epsilon``/``delta``).
+        Simulation: ``partition-id``/``num-partitions`` from the engine, and a ledger
+        folder per site under the plan's ``sites-dir``."""
+        data_path = node.get(DATA_PATH_KEY)
+        pid, num = node.get(PARTITION_ID_KEY), node.get(NUM_PARTITIONS_KEY)
+        if data_path is None and (pid is None or num is None):
+            raise SiteConfigError(
+                f"node config needs '{DATA_PATH_KEY}' (a site's data file) or "
+                f"'{PARTITION_ID_KEY}' and '{NUM_PARTITIONS_KEY}' (simulation)"
+            )
+        if data_path is None:  # simulation: the researcher is coordinator and site at once
+            epsilon = float(node.get(SITE_EPSILON_KEY, config.epsilon))
+            delta = float(node.get(SITE_DELTA_KEY, config.delta))
+        else:  # a deployed site's budget is its own, never the coordinator's plan
+            if SITE_EPSILON_KEY not in node:
+                raise SiteConfigError(f"a deployed site sets its own '{SITE_EPSILON_KEY}' budget")
+            epsilon = float(node[SITE_EPSILON_KEY])
+            delta = float(node.get(SITE_DELTA_KEY, DEFAULT_SITE_DELTA))
+        if not (math.isfinite(epsilon) and epsilon > 0):
+            raise SiteConfigError(f"site epsilon budget must be positive, got {epsilon}")
+        if not 0 < delta < 1:
+            raise SiteConfigError(f"site delta must be in (0, 1), got {delta}")
+        default_id = f"site-{pid}" if data_path is None else "site"
+        site_id = str(node.get(SITE_ID_KEY, default_id))
+        if not SITE_NAME.fullmatch(site_id):
+            raise SiteConfigError(f"site-id {site_id!r}: use 1-64 letters, digits, '.', '_', '-'")
+        state = node.get(STATE_DIR_KEY)
+        if state is None and data_path is None and config.sites_dir:
+            state = str(Path(config.sites_dir) / site_id)
+        return cls(
+            allow_no_dp=data_path is None or bool(node.get(ALLOW_NO_DP_KEY, False)),
+            text_column=str(node.get(TEXT_COLUMN_KEY, "text")),
+            label_column=str(node.get(LABEL_COLUMN_KEY, "label")),
+            state_dir=Path(str(state)) if state is not None else None,
+            site_id=site_id,
+            data_path=str(data_path) if data_path is not None else None,
+            partition_id=int(pid) if data_path is None and pid is not None else None,
+            num_partitions=int(num) if data_path is None and num is not None else None,
+            epsilon=epsilon,
+            delta=delta,
+        )
