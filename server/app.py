@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
@@ -28,6 +28,7 @@ from common.codec import (
 )
 from common.config import RunConfig
 from common.messages import StageMessage, TrainReply, TrainRequest, WireError
+from common.outputs import RunSummary
 from server.aggregation import Reply
 from server.federation import run_federation
 from server.report import Reporter
@@ -130,20 +131,20 @@ class GridTransport:
         return out
 
 
-def out_dir_for(cfg: RunConfig) -> Path:
-    if cfg.out_dir:
-        return Path(cfg.out_dir)
-    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+def with_run_folders(cfg: RunConfig) -> RunConfig:
+    """The config with its output folder (default ``runs/<timestamp>``) and the
+    simulated sites' folder (default ``<out-dir>/sites``) resolved: the plan carries
+    them (simulated sites write their ledgers there)."""
+    out_dir = cfg.out_dir or str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    sites_dir = cfg.sites_dir or str(Path(out_dir) / "sites")
+    return cfg.model_copy(update={"out_dir": out_dir, "sites_dir": sites_dir})
 
 
-def serve(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
-    cfg = RunConfig.from_user_config(run_config)
-    out_dir = out_dir_for(cfg)
-    # The plan carries the resolved folders (simulated sites write their ledgers there).
-    sites_dir = cfg.sites_dir or str(out_dir / "sites")
-    cfg = cfg.with_overrides({"out-dir": str(out_dir), "sites-dir": sites_dir})
+def serve(grid: Grid, cfg: RunConfig) -> RunSummary:
+    """Run the federation over ``grid``; ``cfg`` was parsed once, at the edge."""
+    cfg = with_run_folders(cfg)
     transport = GridTransport(grid, timeout=cfg.round_timeout)
-    return run_federation(cfg, transport, out_dir, Reporter())
+    return run_federation(cfg, transport, Path(cfg.out_dir), Reporter())
 
 
 app = ServerApp()
@@ -151,16 +152,16 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    serve(grid, context.run_config)
+    serve(grid, RunConfig.from_user_config(context.run_config))
 
 
-def make_server_app(overrides: Mapping[str, Any]) -> ServerApp:
-    """The same ServerApp with run-config overrides: how ``fedsilo simulate`` passes its
-    options (Flower's Python simulation entry point carries no run config)."""
+def make_server_app(cfg: RunConfig) -> ServerApp:
+    """The same ServerApp with a config given in Python: how ``fedsilo simulate`` passes
+    its options (Flower's Python simulation entry point carries no run config)."""
     configured = ServerApp()
 
     @configured.main()
     def _main(grid: Grid, context: Context) -> None:
-        serve(grid, {**context.run_config, **overrides})
+        serve(grid, cfg)
 
     return configured

@@ -16,19 +16,29 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from common.config import RunConfig
 from common.data import load_builtin
-from common.messages import RoundPlan
+from common.messages import RoundPlan, SiteReport
 from common.model import build_model, model_spec
+from common.outputs import (
+    LedgerHead,
+    Note,
+    RoundRecord,
+    RunSummary,
+    SiteSummary,
+    checkpoint_path,
+    final_record,
+    save_model,
+    write_run_files,
+)
 from common.text import encode
 from common.training import Batchable, default_device, evaluate
 from server.aggregation import RoundOutcome, SiteResult, Transport, plain_round
 from server.optimizers import ServerOptimizer
-from server.report import Reporter, RoundRow, save_arrays, write_outputs
+from server.report import Reporter
 from server.secure import secure_round
 
 Arrays = dict[str, torch.Tensor]
@@ -36,14 +46,87 @@ log = logging.getLogger("fedsilo.coordinator")
 
 
 @dataclass
-class SiteLedgerView:
-    """What the coordinator learnt of a site: its latest declared metrics."""
+class DeclaredSite:
+    """What the coordinator learnt of a site: its latest declared numbers (which only
+    its signed ledger can prove) and how its rounds went."""
 
     site: str
-    last: dict[str, Any] = field(default_factory=dict)
+    last: SiteReport | None = None
     rounds_trained: int = 0
     rounds_refused: int = 0
     rounds_failed: int = 0
+
+    def summary(self, cfg: RunConfig) -> SiteSummary:
+        last = self.last
+        if last is None:  # it never declared anything: only failures
+            return SiteSummary(
+                site=self.site,
+                dp=cfg.dp,
+                rounds_trained=self.rounds_trained,
+                rounds_refused=self.rounds_refused,
+                rounds_failed=self.rounds_failed,
+            )
+        declared = last.to_json()
+        return SiteSummary(
+            site=self.site,
+            num_examples=last.num_examples,
+            noise_multiplier=declared["noise_multiplier"],  # type: ignore[arg-type]
+            sample_rate=declared["sample_rate"],  # type: ignore[arg-type]
+            steps=last.total_steps,
+            epsilon=declared["epsilon"],  # type: ignore[arg-type]
+            delta=declared["delta"],  # type: ignore[arg-type]
+            budget=declared["budget"],  # type: ignore[arg-type]
+            dp=last.dp,
+            rounds_trained=self.rounds_trained,
+            rounds_refused=self.rounds_refused,
+            rounds_failed=self.rounds_failed,
+            ledger_head=last.ledger_head or None,
+        )
+
+
+@dataclass
+class RoundTally:
+    """One round while it happens; ``record`` freezes it for the summary."""
+
+    round: int
+    sites_asked: int = 0
+    trained: int = 0
+    status: str = "ok"
+    reason: str = ""
+    aggregate_seconds: float = 0.0
+    epsilon_per_site: dict[str, float] = field(default_factory=dict)
+    ledger_heads: dict[str, LedgerHead] = field(default_factory=dict)
+    notes: list[Note] = field(default_factory=list)
+    upload_bytes: dict[str, int] = field(default_factory=dict)
+    clipped: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    trained_sites: list[str] = field(default_factory=list)
+
+    def fail(self, reason: str) -> None:
+        self.status, self.reason = "failed", reason
+
+    def note(self, site: str, what: str, reason: str) -> None:
+        self.notes.append(Note(site=site, status=what, reason=reason))
+
+    def record(self, *, accuracy: float, loss: float, seconds: float) -> RoundRecord:
+        return RoundRecord(
+            round=self.round,
+            sites_asked=self.sites_asked,
+            trained=self.trained,
+            accuracy=accuracy,
+            loss=loss,
+            status="ok" if self.status == "ok" else "failed",
+            reason=self.reason,
+            seconds=seconds,
+            aggregate_seconds=self.aggregate_seconds,
+            epsilon_per_site=self.epsilon_per_site,
+            ledger_heads=self.ledger_heads,
+            notes=tuple(self.notes),
+            upload_bytes=self.upload_bytes,
+            clipped=self.clipped,
+            stage_seconds=self.stage_seconds,
+            trained_sites=tuple(self.trained_sites),
+        )
 
 
 def _site_name(result: SiteResult, known: dict[int, str]) -> str:
@@ -72,23 +155,21 @@ def _ema(average: Arrays | None, current: Arrays, decay: float) -> Arrays:
     return {k: decay * average[k] + (1 - decay) * current[k] for k in current}
 
 
-def _account(res: SiteResult, view: SiteLedgerView, row: RoundRow) -> None:
-    """Fold one site's result into its view and the round's row."""
+def _account(res: SiteResult, view: DeclaredSite, row: RoundTally) -> None:
+    """Fold one site's result into what it declared and the round's tally."""
     name, report = view.site, res.report
     if report is None:
         view.rounds_failed += 1
         row.note(name, "failed", res.error or "no reply")
         return
     if report.status != "failed":  # a failure report carries no accounting
-        view.last = report.to_json()
+        view.last = report
         if report.dp and not math.isnan(report.epsilon):
             row.epsilon_per_site[name] = report.epsilon
         if report.ledger_head and report.dp:
-            row.ledger_heads[name] = {
-                "hash": report.ledger_head,
-                "signature": report.ledger_signature,
-                "epsilon": report.epsilon,
-            }
+            row.ledger_heads[name] = LedgerHead(
+                hash=report.ledger_head, signature=report.ledger_signature, epsilon=report.epsilon
+            )
     if report.status == "ok" and res.contributed:
         view.rounds_trained += 1
         row.trained += 1
@@ -105,7 +186,7 @@ def _account(res: SiteResult, view: SiteLedgerView, row: RoundRow) -> None:
 
 def run_federation(
     cfg: RunConfig, transport: Transport, out_dir: Path, reporter: Reporter
-) -> dict[str, Any]:
+) -> RunSummary:
     """Run all rounds; returns the summary (also written to ``out_dir``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     test = load_builtin(cfg.dataset, "test", seed=cfg.seed)
@@ -119,9 +200,9 @@ def run_federation(
         cfg.server_optimizer, learning_rate=cfg.server_learning_rate, momentum=cfg.server_momentum
     )
     sampler = random.Random(cfg.seed)
-    sites: dict[str, SiteLedgerView] = {}
+    sites: dict[str, DeclaredSite] = {}
     known_names: dict[int, str] = {}
-    rows: list[RoundRow] = []
+    rows: list[RoundRecord] = []
     reporter.start(cfg, num_params=sum(v.numel() for v in weights.values()))
 
     for rnd in range(1, cfg.num_server_rounds + 1):
@@ -131,7 +212,7 @@ def run_federation(
         available = _wait_for_sites(transport, cfg.min_sites, cfg.round_timeout if rnd == 1 else 0)
         k = max(1, math.ceil(cfg.fraction_train * len(available)))
         chosen = sorted(sampler.sample(available, min(k, len(available))))
-        row = RoundRow(round=rnd, sites_asked=len(chosen))
+        row = RoundTally(round=rnd, sites_asked=len(chosen))
         if len(available) < cfg.min_sites:
             row.fail(f"only {len(available)} sites connected, min-sites is {cfg.min_sites}")
             outcome = RoundOutcome(results=[], mean=None)
@@ -149,7 +230,7 @@ def run_federation(
         row.trained_sites = sorted(names[res.node_id] for res in outcome.results if res.contributed)
         for res in outcome.results:
             _account(
-                res, sites.setdefault(names[res.node_id], SiteLedgerView(names[res.node_id])), row
+                res, sites.setdefault(names[res.node_id], DeclaredSite(names[res.node_id])), row
             )
         if outcome.failure:
             row.fail(outcome.failure)
@@ -160,20 +241,32 @@ def run_federation(
         elif row.status == "ok":
             row.fail("no site trained this round; the global model is unchanged")
         result = evaluate(model, test_data, device=device)
-        row.accuracy, row.loss = result.accuracy, result.loss
-        row.seconds = time.monotonic() - started
-        final = shipped if shipped is not None else weights
-        save_arrays(
-            out_dir / "checkpoints" / f"round-{rnd:03d}.safetensors",
-            final,
-            spec,
-            test.label_names,
-            rnd,
+        record = row.record(
+            accuracy=result.accuracy, loss=result.loss, seconds=time.monotonic() - started
         )
-        rows.append(row)
-        reporter.round(row)
+        final = shipped if shipped is not None else weights
+        save_model(checkpoint_path(out_dir, rnd), final, spec, test.label_names, rnd)
+        rows.append(record)
+        reporter.round(record)
 
     final = shipped if shipped is not None else weights
-    summary = write_outputs(out_dir, cfg, rows, sites, final, spec, test.label_names)
+    site_rows = tuple(
+        view.summary(cfg) for view in sorted(sites.values(), key=lambda v: _site_order(v.site))
+    )
+    summary = RunSummary(
+        dp=cfg.dp,
+        mode="federated-dp" if cfg.dp else "federated-no-dp",
+        config=cfg.to_user_config(),
+        rounds=tuple(rows),
+        sites=site_rows,
+        final=final_record(tuple(rows), site_rows),
+    )
+    write_run_files(out_dir, summary, final, spec, test.label_names)
     reporter.finish(summary, out_dir)
     return summary
+
+
+def _site_order(name: str) -> int:
+    """Sites in the summary by the number their name ends with (site-2 before site-10)."""
+    tail = name.split("-")[-1]
+    return int(tail) if tail.isdigit() else 0

@@ -45,11 +45,20 @@ from torch import nn
 from common.config import RunConfig
 from common.data import TextDataset, load_builtin
 from common.model import build_model, model_spec
+from common.outputs import (
+    CENTRAL_MODE,
+    Candidate,
+    CentralRecord,
+    RoundRecord,
+    RunSummary,
+    Selection,
+    final_record,
+    write_run_files,
+)
 from common.text import encode
 from common.training import Batchable, default_device, evaluate
-from server.report import SUMMARY_VERSION, RoundRow, round_progress, write_run_files
+from server.report import round_progress
 
-MODE = "central-no-dp"
 # Adam, measured on seed 0's held-out part after 20 epochs: 3e-5 0.728 (underfits),
 # 1e-4 0.765, 3e-4 0.755, 1e-3 0.750 and 3e-3 0.721 (held-out loss rising: overfits);
 # after 5 epochs 1e-3 wins (0.754 against 0.740 for 3e-4), so the grid keeps it.
@@ -140,25 +149,25 @@ class CentralReporter:
         )
         self._progress, self._task = round_progress(self.console, rounds)
 
-    def round(self, row: RoundRow, train_loss: float) -> None:
+    def round(self, row: RoundRecord) -> None:
         self.console.print(
-            f"{row.round:>5}  {row.accuracy:6.4f}  {row.loss:6.4f}  {train_loss:6.4f}  "
+            f"{row.round:>5}  {row.accuracy:6.4f}  {row.loss:6.4f}  {row.train_loss:6.4f}  "
             f"{row.seconds:5.1f}s",
             highlight=False,
         )
         if self._progress is not None:
             self._progress.advance(self._task)
 
-    def finish(self, summary: dict[str, Any], out_dir: Path) -> None:
+    def finish(self, summary: RunSummary, out_dir: Path) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        final = summary["final"]
+        central = summary.central
+        assert central is not None  # a central run's summary always has it
         self.console.print(
-            f"[bold]final accuracy {final['accuracy']:.4f}[/] after "
-            f"{summary['central']['epochs']} epochs on the pooled data (central, NO DP, "
-            f"{summary['central']['optimizer']} lr {summary['central']['learning_rate']:g}); "
-            f"outputs in {out_dir}",
+            f"[bold]final accuracy {summary.final.accuracy:.4f}[/] after "
+            f"{central.epochs} epochs on the pooled data (central, NO DP, "
+            f"{central.optimizer} lr {central.learning_rate:g}); outputs in {out_dir}",
             soft_wrap=True,
         )
 
@@ -175,7 +184,7 @@ def central_config(options: Mapping[str, Any]) -> tuple[RunConfig, list[str]]:
     return cfg, sorted(k for k in options if k in IGNORED_KEYS)
 
 
-def run_central(options: Mapping[str, Any], console: Console | None = None) -> dict[str, Any]:
+def run_central(options: Mapping[str, Any], console: Console | None = None) -> RunSummary:
     """``fedsilo simulate --mode central``: say what is ignored, then train."""
     console = console or Console()
     cfg, ignored = central_config(options)
@@ -377,7 +386,7 @@ def train_central(
     optimizer: str = DEFAULT_OPTIMIZER,
     learning_rates: Sequence[float] | None = None,
     workers: int | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Train centrally without DP; writes summary.json, accuracy.png, epsilon.png (empty:
     no DP) and model/ like a federated run, and returns the summary.
 
@@ -405,7 +414,7 @@ def _train_central(
     rates: tuple[float, ...],
     workers: int,
     device: torch.device,
-) -> dict[str, Any]:
+) -> RunSummary:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     train_set = _subsample(load_builtin(cfg.dataset, "train", seed=cfg.seed), max_train, cfg.seed)
@@ -439,7 +448,7 @@ def _train_central(
     optimizer = make_optimizer(optimizer_name, model, learning_rate)
     generator = torch.Generator().manual_seed(cfg.seed)
     reporter.training(optimizer_name, learning_rate, cfg.num_server_rounds)
-    rows: list[dict[str, Any]] = []
+    rows: list[RoundRecord] = []
     for rnd in range(1, cfg.num_server_rounds + 1):
         round_started = time.monotonic()
         losses = [
@@ -459,52 +468,50 @@ def _train_central(
                 "(non-finite loss); try other learning rates"
             )
         result = evaluate(model, test, device=device)
-        row = RoundRow(round=rnd, accuracy=result.accuracy, loss=result.loss)
-        row.seconds = time.monotonic() - round_started
-        reporter.round(row, losses[-1])
-        rows.append({**row.to_json(), "train_loss": losses[-1]})
+        row = RoundRecord(
+            round=rnd,
+            accuracy=result.accuracy,
+            loss=result.loss,
+            seconds=time.monotonic() - round_started,
+            train_loss=losses[-1],
+        )
+        reporter.round(row)
+        rows.append(row)
 
-    summary: dict[str, Any] = {
-        "version": SUMMARY_VERSION,
-        "dp": False,
-        "mode": MODE,
-        "config": cfg.to_user_config(),
-        "rounds": rows,
-        "sites": [],
-        "final": {
-            "accuracy": rows[-1]["accuracy"],
-            "loss": rows[-1]["loss"],
-            "rounds_completed": len(rows),
-            "epsilon_max": None,
-        },
-        "central": {
-            "optimizer": optimizer_name,
-            "clipping": None,
-            "noise": None,
-            "learning_rate": learning_rate,
-            "batch_size": cfg.batch_size,
-            "epochs": epochs,
-            "epochs_per_round": cfg.local_epochs,
-            "train_examples": len(train),
-            "test_examples": len(test),
-            "max_train": max_train,
-            "selection": {
-                "candidates": candidates,
-                "holdout_fraction": HOLDOUT_FRACTION if candidates else None,
-                "criterion": "held-out accuracy (part of the training split, never the test split)"
-                if candidates
-                else "a single learning rate given: no selection",
-            },
-            "wall_seconds": time.monotonic() - started,
-            "note": (
-                "the same model on the pooled training split, no DP, no clipping, "
-                "num-server-rounds x local-epochs passes over the data; the final iterate "
-                "is evaluated (no EMA). Plain SGD is no usable ceiling here (lr 0.3 "
-                "underfits, lr 1 oscillates, lr 3 diverges: see simulations/central.py)"
-            ),
-        },
-    }
+    central = CentralRecord(
+        optimizer=optimizer_name,
+        learning_rate=learning_rate,
+        batch_size=cfg.batch_size,
+        epochs=epochs,
+        epochs_per_round=cfg.local_epochs,
+        train_examples=len(train),
+        test_examples=len(test),
+        max_train=max_train,
+        selection=Selection(
+            candidates=tuple(Candidate(**c) for c in candidates),
+            holdout_fraction=HOLDOUT_FRACTION if candidates else None,
+            criterion="held-out accuracy (part of the training split, never the test split)"
+            if candidates
+            else "a single learning rate given: no selection",
+        ),
+        wall_seconds=time.monotonic() - started,
+        note=(
+            "the same model on the pooled training split, no DP, no clipping, "
+            "num-server-rounds x local-epochs passes over the data; the final iterate "
+            "is evaluated (no EMA). Plain SGD is no usable ceiling here (lr 0.3 "
+            "underfits, lr 1 oscillates, lr 3 diverges: see simulations/central.py)"
+        ),
+    )
+    summary = RunSummary(
+        dp=False,
+        mode=CENTRAL_MODE,
+        config=cfg.to_user_config(),
+        rounds=tuple(rows),
+        sites=(),
+        final=final_record(tuple(rows), ()),
+        central=central,
+    )
     weights = {k: v.detach().cpu() for k, v in model.trainable_state().items()}
-    write_run_files(out_dir, summary, weights, spec, label_names, cfg.dataset, len(rows), mode=MODE)
+    write_run_files(out_dir, summary, weights, spec, label_names)
     reporter.finish(summary, out_dir)
     return summary

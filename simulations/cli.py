@@ -10,9 +10,10 @@ from rich.console import Console
 
 from common.config import ConfigError
 from common.data import DataValidationError
+from common.export import ExportError
+from common.outputs import RunOutputError
 from common.privacy.errors import LedgerError
 from simulations.deploy_cli import coordinator_app, site_app
-from simulations.export import ExportError
 
 cli = typer.Typer(
     name="fedsilo",
@@ -166,7 +167,7 @@ def export(
     out: Annotated[str | None, typer.Option(help="output folder (default RUN_DIR/export)")] = None,
 ) -> None:
     """Write the run's final model as fp32 and int8 files, with a model card."""
-    from simulations.export import export_run
+    from common.export import export_run
 
     card = export_run(run_dir, out)
     acc, size, lat = card.accuracy, card.size_bytes, card.latency_ms
@@ -201,7 +202,7 @@ def predict(
     import json
     from pathlib import Path
 
-    from simulations.export import predict as run_predict
+    from common.export import predict as run_predict
 
     items = list(texts or [])
     if file is not None:
@@ -254,17 +255,13 @@ def audit_verify(
     import json
     from pathlib import Path
 
-    from common.privacy.audit import coordinator_heads, find_ledgers, verify
+    from common.outputs import read_summary
+    from common.privacy.audit import find_ledgers, verify
 
     paths = find_ledgers([Path(p) for p in ledgers])
     if not paths:
         raise ConfigError(f"no ledger found in {', '.join(ledgers)}")
-    heads = None
-    if summary:
-        try:
-            heads = coordinator_heads(json.loads(Path(summary).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"{summary}: not a readable summary.json ({err})") from None
+    heads = read_summary(Path(summary)).ledger_heads() if summary else None
     results = [verify(p, Path(key) if key else None, heads) for p in paths]
     if json_out:
         print(json.dumps([r.to_json() for r in results], indent=2))
@@ -367,7 +364,7 @@ def audit_report(
 def main() -> None:
     try:
         cli()
-    except (ConfigError, DataValidationError, LedgerError, ExportError) as err:
+    except (ConfigError, DataValidationError, LedgerError, ExportError, RunOutputError) as err:
         # One plain line (no wrapping, no traceback) for errors the user can fix.
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, RunConfig
+from common.outputs import SUMMARY_FILE, RunSummary, read_summary
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 SIMULATION_KEYS = {"num-sites"}
@@ -74,11 +75,11 @@ def check_options(options: Mapping[str, Any]) -> tuple[RunConfig, int]:
     return cfg, num_sites
 
 
-def simulate(options: Mapping[str, Any]) -> dict[str, Any]:
+def simulate(options: Mapping[str, Any]) -> RunSummary:
     """Run one simulation; ``options`` are run-config keys plus ``num-sites``."""
     for key, value in QUIET_FLOWER_ENV.items():
         os.environ.setdefault(key, value)
-    cfg, num_sites = check_options(options)  # before starting Ray
+    cfg, num_sites = check_options(options)  # before starting Ray: parsed once, here
 
     import torch
     from flwr.simulation import run_simulation
@@ -89,13 +90,12 @@ def simulate(options: Mapping[str, Any]) -> dict[str, Any]:
     flwr_log.addFilter(_drop_python_api_deprecation)
 
     from client.app import app as client_app
-    from server.app import make_server_app, out_dir_for
+    from server.app import make_server_app, with_run_folders
 
-    out_dir = out_dir_for(cfg)
-    user_config = {**cfg.to_user_config(), "out-dir": str(out_dir)}
+    cfg = with_run_folders(cfg)
     gpus = 1.0 / max(1, min(num_sites, 4)) if torch.cuda.is_available() else 0.0
     run_simulation(
-        server_app=make_server_app(user_config),
+        server_app=make_server_app(cfg),
         client_app=client_app,
         num_supernodes=num_sites,
         backend_config={
@@ -103,10 +103,7 @@ def simulate(options: Mapping[str, Any]) -> dict[str, Any]:
             "init_args": {"logging_level": "ERROR", "log_to_driver": True},
         },
     )
-    summary_path = out_dir / "summary.json"
+    summary_path = Path(cfg.out_dir) / SUMMARY_FILE
     if not summary_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {summary_path}")
-    import json
-
-    summary: dict[str, Any] = json.loads(summary_path.read_text())
-    return summary
+    return read_summary(summary_path)

@@ -36,14 +36,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.config import ConfigError
+from common.outputs import RunSummary
 
 SWEEP_VERSION = 1
 NO_DP_LABEL = "inf (no DP)"
 # Keys the sweep sets for every run, whatever the scenario says.
 SWEEP_KEYS = ("seed", "dp", "epsilon", "out-dir", "sites-dir")
 
-SimulateFn = Callable[[Mapping[str, Any]], dict[str, Any]]
-CentralFn = Callable[[Mapping[str, Any]], dict[str, Any]]
+SimulateFn = Callable[[Mapping[str, Any]], RunSummary]
+CentralFn = Callable[[Mapping[str, Any]], RunSummary]
 
 
 # ---- pure parts -------------------------------------------------------------------
@@ -362,13 +363,13 @@ def _own_stdout() -> TextIO:
         return sys.stdout
 
 
-def _default_simulate(options: Mapping[str, Any]) -> dict[str, Any]:
+def _default_simulate(options: Mapping[str, Any]) -> RunSummary:
     from simulations.runner import simulate
 
     return simulate(options)
 
 
-def _default_central(options: Mapping[str, Any]) -> dict[str, Any]:
+def _default_central(options: Mapping[str, Any]) -> RunSummary:
     from simulations.central import central_config, train_central
 
     cfg, _ = central_config(options)
@@ -481,9 +482,9 @@ def run_sweep(
             try:
                 with _captured(run_dir / "log.txt"):
                     summary = fn(options)
-                result.accuracy = float(summary["final"]["accuracy"])
-                if result.kind == "central":
-                    result.learning_rate = summary.get("central", {}).get("learning_rate")
+                result.accuracy = summary.final.accuracy
+                if summary.central is not None:
+                    result.learning_rate = summary.central.learning_rate
             except Exception as err:  # noqa: BLE001 - one failed run must not lose the sweep
                 result.error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
             result.seconds = time.monotonic() - run_started

@@ -243,15 +243,6 @@ def find_ledgers(paths: list[Path]) -> list[Path]:
     return found
 
 
-def coordinator_heads(summary: dict[str, Any]) -> dict[str, list[tuple[int, str]]]:
-    """Per site, the (round, ledger head) pairs the coordinator recorded in summary.json."""
-    heads: dict[str, list[tuple[int, str]]] = {}
-    for row in summary.get("rounds", []):
-        for site, head in row.get("ledger_heads", {}).items():
-            heads.setdefault(site, []).append((int(row["round"]), str(head["hash"])))
-    return heads
-
-
 def _match_heads(entries: list[LedgerEntry], seen: list[tuple[int, str]]) -> list[Finding]:
     """Every head the coordinator saw must still be in the ledger: a ledger cut back at
     an entry boundary keeps a valid chain, and only this outside anchor reveals it."""
@@ -272,7 +263,8 @@ def verify(
     path: Path, key: Path | None = None, heads: dict[str, list[tuple[int, str]]] | None = None
 ) -> LedgerAudit:
     """Audit one ledger; without ``key`` the site's identity.pub beside it is used; with
-    ``heads`` (from the coordinator's summary.json) the ledger must contain them all."""
+    ``heads`` (``RunSummary.ledger_heads``: what the coordinator saw) the ledger must
+    contain them all."""
     key = key or (
         path.parent / PUBLIC_KEY_FILE if (path.parent / PUBLIC_KEY_FILE).is_file() else None
     )

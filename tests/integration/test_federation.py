@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from client.app import app as client_app
+from common.outputs import read_summary
 from server.app import app as server_app
 from tests.support.inprocess_grid import InProcessGrid
 from tests.support.reference import reference_epsilon
@@ -45,11 +46,12 @@ def test_three_sites_two_rounds_end_to_end(tmp_path: Path) -> None:
         "accuracy.png",
         "epsilon.png",
         "model/model.safetensors",
-        "model/model.json",
         "checkpoints/round-001.safetensors",
         "checkpoints/round-002.safetensors",
     ):
         assert (tmp_path / name).is_file(), name
+    # What the coordinator wrote reads back as the typed summary it was.
+    assert json.loads(read_summary(tmp_path).to_json()) == summary
 
 
 def test_a_site_with_bad_data_fails_sanitized_and_the_round_goes_on(tmp_path: Path) -> None:

@@ -14,10 +14,10 @@ from rich.console import Console
 
 from common.config import RunConfig
 from common.data import load_builtin
+from common.outputs import CENTRAL_MODE, read_summary
 from common.text import encode
 from common.training import Batchable
 from simulations.central import (
-    MODE,
     CentralReporter,
     central_config,
     choose_learning_rate,
@@ -40,10 +40,10 @@ def test_tiny_central_run_writes_what_a_federated_run_writes(tmp_path: Path) -> 
     )
 
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert saved == summary
+    assert saved == json.loads(summary.to_json()) and read_summary(tmp_path) == summary
     # The federated summary's top-level keys, so tools reading summaries take both.
     assert {"version", "dp", "mode", "config", "rounds", "sites", "final"} <= set(saved)
-    assert saved["mode"] == MODE == "central-no-dp" and saved["dp"] is False
+    assert saved["mode"] == CENTRAL_MODE == "central-no-dp" and saved["dp"] is False
     assert [r["round"] for r in saved["rounds"]] == [1, 2]
     assert all(0.0 <= r["accuracy"] <= 1.0 and math.isfinite(r["loss"]) for r in saved["rounds"])
     assert saved["final"]["accuracy"] == saved["rounds"][-1]["accuracy"]
@@ -59,7 +59,7 @@ def test_tiny_central_run_writes_what_a_federated_run_writes(tmp_path: Path) -> 
     chosen = next(c for c in candidates if c["learning_rate"] == central["learning_rate"])
     assert chosen["val_accuracy"] == best
 
-    for name in ("accuracy.png", "model/model.safetensors", "model/model.json"):
+    for name in ("accuracy.png", "epsilon.png", "model/model.safetensors"):
         assert (tmp_path / name).is_file(), name
     text = out.getvalue()
     assert "NO DIFFERENTIAL PRIVACY" in text and "final accuracy" in text
@@ -71,8 +71,9 @@ def test_one_learning_rate_is_used_without_selection(tmp_path: Path) -> None:
     summary = train_central(
         cfg, tmp_path, _quiet()[0], max_train=120, optimizer="sgd", learning_rates=[0.5]
     )
-    assert summary["central"]["learning_rate"] == 0.5 and summary["central"]["optimizer"] == "sgd"
-    assert summary["central"]["selection"]["candidates"] == []
+    assert summary.central is not None
+    assert summary.central.learning_rate == 0.5 and summary.central.optimizer == "sgd"
+    assert summary.central.selection.candidates == ()
 
 
 def _batch(n: int) -> Batchable:

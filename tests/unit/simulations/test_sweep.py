@@ -15,6 +15,7 @@ import pytest
 from rich.console import Console
 
 from common.config import ConfigError
+from common.outputs import RunSummary
 from simulations.sweep import (
     RunResult,
     epsilon_dirname,
@@ -26,6 +27,7 @@ from simulations.sweep import (
     run_sweep,
     summarize,
 )
+from tests.support import summaries
 
 
 def test_epsilon_list_sorted_with_no_dp_last() -> None:
@@ -137,17 +139,17 @@ def test_plot_is_written(tmp_path: Path, epsilons: list[float]) -> None:
 def test_sweep_runs_everything_and_records_failures(tmp_path: Path) -> None:
     calls: list[dict[str, Any]] = []
 
-    def fake_simulate(options: Mapping[str, Any]) -> dict[str, Any]:
+    def fake_simulate(options: Mapping[str, Any]) -> RunSummary:
         calls.append(dict(options))
         print("a run's own chatter")
         if options["seed"] == 1 and not options["dp"]:
             raise RuntimeError("ray fell over\nsecond line")
         eps = options.get("epsilon", 100.0) if options["dp"] else 100.0
-        return {"final": {"accuracy": 0.6 + eps / 1000 + options["seed"] / 100}}
+        return summaries.federated(0.6 + eps / 1000 + options["seed"] / 100)
 
-    def fake_central(options: Mapping[str, Any]) -> dict[str, Any]:
+    def fake_central(options: Mapping[str, Any]) -> RunSummary:
         calls.append({"central": True, **options})
-        return {"final": {"accuracy": 0.8}, "central": {"learning_rate": 1.0}}
+        return summaries.central(0.8, learning_rate=1.0)
 
     out = io.StringIO()
     record = run_sweep(

@@ -12,50 +12,50 @@ import torch
 from safetensors.torch import load_file
 
 from common.data import load_builtin
-from common.model import ModelSpec, build_model, projected_embedding
-from server.report import save_arrays
-from simulations.export import (
+from common.export import (
     CARD_JSON,
     CARD_MD,
     FP32_FILE,
     INT8_FILE,
     MODEL_JSON,
     ExportError,
-    ModelCard,
     export_run,
     load_exported,
     predict,
 )
+from common.model import ModelSpec, build_model, projected_embedding
+from common.model_card import ModelCard
+from common.outputs import RunSummary, save_model, write_summary
+from common.text import encode
+from common.training import Batchable, evaluate
+from tests.support import summaries
 
 SPEC = ModelSpec.preset("tiny", num_classes=2, max_length=16)
 LABELS = ("rotten", "fresh")
 
 
-def _summary(dp: bool = True) -> dict:
-    return {
-        "version": 1,
-        "dp": dp,
-        "mode": "federated-dp" if dp else "federated-no-dp",
-        "config": {
-            "dataset": "rotten-tomatoes",
-            "seed": 0,
-            "max-length": SPEC.max_length,
-            "model-preset": "tiny",
-            "num-server-rounds": 3,
-            "partition": "natural",
-            "secure-aggregation": True,
-        },
-        "rounds": [],
-        "sites": [
-            {"site": "site-0", "epsilon": 3.9, "delta": 1e-5, "budget": 4.0},
-            {"site": "site-1", "epsilon": 4.0, "delta": 1e-5, "budget": 4.0},
-        ],
-        "final": {"accuracy": None, "rounds_completed": 3},  # None: not checked
-    }
+def _summary(accuracy: float, dp: bool = True) -> RunSummary:
+    """What the coordinator writes for a 3-round run of two sites on SPEC's model."""
+    sites = (summaries.site("site-0", 3.9), summaries.site("site-1", 4.0))
+    return summaries.federated(
+        accuracy,
+        dp=dp,
+        sites=sites if dp else tuple(summaries.site(s.site, None) for s in sites),
+        rounds=3,
+        **{"max-length": SPEC.max_length, "secure-aggregation": True},
+    )
 
 
-def make_run(run_dir: Path) -> dict[str, torch.Tensor]:
-    """A run folder as the coordinator writes it, with a model whose predictions vary."""
+def _accuracy(model: torch.nn.Module) -> float:
+    """The model's accuracy on the split the coordinator evaluates on."""
+    test = load_builtin("rotten-tomatoes", "test", seed=0)
+    data = Batchable.from_encoded(encode(test.texts, SPEC.max_length), test.labels)
+    return evaluate(model, data, device=torch.device("cpu")).accuracy
+
+
+def make_run(run_dir: Path) -> float:
+    """A run folder as the coordinator writes it, with a model whose predictions vary;
+    returns the accuracy its summary reports."""
     model = build_model(SPEC, seed=0)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -64,9 +64,10 @@ def make_run(run_dir: Path) -> dict[str, torch.Tensor]:
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
         model.head.weight.copy_(3.0 * torch.randn(model.head.weight.shape, generator=gen))
     state = {k: v.clone() for k, v in model.trainable_state().items()}
-    save_arrays(run_dir / "model" / "model.safetensors", state, SPEC, LABELS, 3)
-    (run_dir / "summary.json").write_text(json.dumps(_summary()))
-    return state
+    save_model(run_dir / "model" / "model.safetensors", state, SPEC, LABELS, 3)
+    accuracy = _accuracy(model.eval())
+    write_summary(run_dir, _summary(accuracy))
+    return accuracy
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +149,8 @@ def test_a_central_run_claims_no_sites_and_no_secure_aggregation(
     exported: tuple[Path, ModelCard], tmp_path: Path
 ) -> None:
     # A central run's config keeps the federated defaults (secure-aggregation true).
-    make_run(tmp_path)
-    summary = {**_summary(dp=False), "mode": "central-no-dp", "sites": []}
-    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    accuracy = make_run(tmp_path)
+    write_summary(tmp_path, summaries.central(accuracy, **{"max-length": SPEC.max_length}))
     card = export_run(tmp_path, latency_repeats=1)
     text = (tmp_path / "export" / "MODEL_CARD.md").read_text()
     assert card.secure_aggregation is False and card.partition.startswith("none (central")
@@ -183,7 +183,7 @@ def _break(run: Path, how: str) -> str:
     if how == "wrong-arrays":
         state = load_file(str(weights))
         state.pop("head.bias")
-        save_arrays(weights, state, SPEC, LABELS, 3)
+        save_model(weights, state, SPEC, LABELS, 3)
         return "model.safetensors"
     raise AssertionError(how)
 
@@ -233,3 +233,18 @@ def test_a_bad_export_folder_is_named(
     damage(copy)
     with pytest.raises(ExportError, match=name.replace(".", r"\.")):
         load_exported(copy, int8=int8)
+
+
+def test_a_run_of_the_first_version_still_exports(tmp_path: Path) -> None:
+    # Prepare: a run folder written by fedsilo's first version (before ledgers, secure
+    # aggregation and the typed summary).
+    run = tmp_path / "old-run"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "run-v1-9f9b7ec", run)
+
+    # Execute
+    card = export_run(run, latency_repeats=1)
+
+    # Assert: what the old run did not record is "unknown", not today's default.
+    assert card.secure_aggregation is None and card.rounds_planned == 1
+    assert card.accuracy["fp32"] == pytest.approx(card.accuracy["coordinator"], abs=0.005)
+    assert "secure aggregation: unknown" in (run / "export" / CARD_MD).read_text()

