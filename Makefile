@@ -39,7 +39,7 @@ flwr-run: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy common client server simulations
+	$(BIN)/mypy common client server simulations cli
 
 test: lint
 	$(BIN)/python -m pytest

@@ -31,9 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.data import read_site_file
 from client.settings import (
@@ -50,29 +48,29 @@ from client.settings import (
 )
 from common.config import ConfigError, RunConfig
 from common.data import BUILTIN_DATASETS, DataValidationError
-from common.privacy.budget import DatasetBudget, delta_problem
-from common.privacy.errors import LedgerError
-from common.privacy.identity import KEY_FILE, PUBLIC_KEY_FILE, load_or_create_identity
-from common.privacy.ledger import LEDGER_FILE, dataset_fingerprint, read_ledger
-from server.deploy import (
+from common.flower_cli import FLWR_HOME_DIR, executable, flower_env
+from common.pki import (
     CA_CERT,
-    FLWR_HOME_DIR,
-    STATE_DIR,
     DeployError,
-    executable,
-    flower_env,
     load_ca_certificate,
+    load_node_key,
+    new_node_key,
+    openssh_public,
     private_mode_problem,
     write_private,
     write_public,
 )
+from common.privacy.budget import DatasetBudget, delta_problem
+from common.privacy.errors import LedgerError
+from common.privacy.identity import KEY_FILE, PUBLIC_KEY_FILE, load_or_create_identity
+from common.privacy.ledger import LEDGER_FILE, dataset_fingerprint, read_ledger
 
 SITE_FILE = "site.toml"
 NODE_CONFIG_FILE = "node-config.toml"
 NODE_KEY = "node.key"
 NODE_PUB = "node.pub"
 DEFAULT_EPSILON = 8.0
-_CURVE = ec.SECP384R1()  # the curve Flower's `supernode register` documents
+STATE_DIR = "state"  # the site's identity key and privacy ledger
 
 
 def parse_superlink(address: str) -> tuple[str, int]:
@@ -173,35 +171,6 @@ def _read_toml(path: Path, *, hint: str) -> dict[str, Any]:
         raise DeployError(f"{path}: unreadable ({err})") from None
 
 
-def _openssh_public(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-
-
-def _new_node_key() -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(_CURVE)
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    return private, _openssh_public(key)
-
-
-def load_node_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    """The SuperNode's key as ``flower-supernode`` loads it (OpenSSH, EC)."""
-    try:
-        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
-    except FileNotFoundError:
-        raise DeployError(f"{path}: node key not found (run `fedsilo site init`)") from None
-    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as err:
-        raise DeployError(f"{path}: not a readable OpenSSH private key ({err})") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise DeployError(f"{path}: not an elliptic-curve key (Flower node keys are EC)")
-    return key
-
-
 def init_site(
     directory: Path,
     *,
@@ -248,9 +217,9 @@ def init_site(
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
     if (directory / NODE_KEY).exists():  # --force: the registered key stays
-        public = _openssh_public(load_node_key(directory / NODE_KEY))
+        public = openssh_public(load_node_key(directory / NODE_KEY))
     else:
-        private, public = _new_node_key()
+        private, public = new_node_key()
         write_private(directory / NODE_KEY, private)
     write_public(directory / NODE_PUB, public + f" {site_id}\n".encode())
     try:
@@ -310,7 +279,7 @@ def check_site(directory: Path) -> CheckReport:
         if problem:
             report.fail(problem)
         else:
-            pub = _openssh_public(key)
+            pub = openssh_public(key)
             listed = (d / NODE_PUB).read_bytes().split()[:2] if (d / NODE_PUB).exists() else []
             if b" ".join(listed) != pub:
                 report.fail(f"{d / NODE_PUB}: does not match {site.node_key}")

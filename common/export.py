@@ -63,7 +63,7 @@ ACCURACY_TOLERANCE = 0.005
 _QTENSOR_DEPRECATED = r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized"
 
 
-class ExportError(ValueError):
+class ExportError(RunOutputError):
     """A run or export folder that cannot be used; the message names the file."""
 
 

@@ -13,253 +13,53 @@ What it writes into the coordinator folder ``DIR``:
 | ``state/superlink.db`` | the SuperLink's persistent database (created by the SuperLink) |
 | ``sites.json`` | the site keys registered through this folder |
 
-Private keys are created with mode 0600 and never replaced unless ``--force``.
-Nothing here imports flwr: Flower is driven through its own commands.
+Private keys are created with mode 0600 and never replaced unless ``--force``
+(common/pki.py makes and writes them). Nothing here imports flwr: Flower is driven
+through its own commands (common/flower_cli.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import hashlib
 import ipaddress
 import json
-import os
-import re
 import shlex
-import shutil
 import subprocess
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.config import ConfigError
+from common.flower_cli import FLWR_HOME_DIR, executable, flower_env
 from common.messages import SITE_NAME
+from common.pki import (
+    CA_CERT,
+    LOOPBACK_NAMES,
+    DeployError,
+    check_private_mode,
+    fingerprint,
+    load_ca_certificate,
+    load_node_public_key,
+    make_ca,
+    make_server_cert,
+    pem_cert,
+    pem_key,
+    san_entries,
+    write_private,
+    write_public,
+)
 
 CA_KEY = "ca.key"
-CA_CERT = "ca.crt"
 SERVER_KEY = "superlink.key"
 SERVER_CERT = "superlink.crt"
-FLWR_HOME_DIR = "flwr"
 SETTINGS_FILE = "coordinator.json"
 REGISTRY_FILE = "sites.json"
 STATE_DIR = "state"
 DATABASE_FILE = "superlink.db"
 CONNECTION = "fedsilo"
 DEFAULT_PORT = 8000  # flower-superlink's own default: Fleet, Control and Runtime APIs
-LOOPBACK_NAMES: tuple[str, ...] = ("127.0.0.1", "::1", "localhost")
-CA_DAYS = 3650
-SERVER_DAYS = 825
-_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-_CURVE = ec.SECP384R1()
-
-
-class DeployError(ConfigError):
-    """A deployment input or step that cannot be used; the message names it.
-
-    A ConfigError, so the ``fedsilo`` command prints it as one ``error:`` line."""
-
-
-# ---- files ------------------------------------------------------------------------
-
-
-def write_private(path: Path, data: bytes, *, force: bool = False) -> None:
-    """Write a private key with mode 0600 from the start; refuse to replace one
-    unless ``force`` (then the old file is removed first, never truncated in place)."""
-    if path.exists() or path.is_symlink():
-        if not force:
-            raise DeployError(f"{path} already exists; refusing to overwrite a private key")
-        path.unlink()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # the umask may have narrowed it; never widen beyond 0600
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_public(path: Path, data: bytes | str) -> None:
-    """A public file (certificate, public key, settings): replaced atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-# ---- certificates -----------------------------------------------------------------
-
-
-def san_entries(hosts: Sequence[str]) -> list[x509.GeneralName]:
-    """SubjectAltName entries for the given names plus the loopback names, in order,
-    without duplicates. An IP literal becomes an IPAddress entry, anything else must
-    be a DNS name."""
-    out: list[x509.GeneralName] = []
-    seen: set[str] = set()
-    entry: x509.GeneralName
-    for raw in [*hosts, *LOOPBACK_NAMES]:
-        host = raw.strip()
-        if not host:
-            raise DeployError("--host: an empty name")
-        try:
-            ip = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            name = host.lower().rstrip(".")
-            if len(name) > 253 or not all(_DNS_LABEL.fullmatch(p) for p in name.split(".")):
-                raise DeployError(f"--host {raw!r}: not a DNS name or an IP address") from None
-            key, entry = f"dns:{name}", x509.DNSName(name)
-        else:
-            key, entry = f"ip:{ip}", x509.IPAddress(ip)
-        if key not in seen:
-            seen.add(key)
-            out.append(entry)
-    return out
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedsilo"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
-
-
-def make_ca(*, days: int = CA_DAYS) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A self-signed CA that may sign server certificates only (path length 0).
-    Extensions are those strict X.509 verification (Python >= 3.13) requires."""
-    key = ec.generate_private_key(_CURVE)
-    now = _now()
-    name = _name("fedsilo federation CA")
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA384())
-    )
-    return key, cert
-
-
-def make_server_cert(
-    ca_key: ec.EllipticCurvePrivateKey,
-    ca_cert: x509.Certificate,
-    hosts: Sequence[str],
-    *,
-    days: int = SERVER_DAYS,
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """The SuperLink's TLS certificate, signed by the CA, valid for ``hosts`` and
-    loopback (the SuperLink's own ServerApp process connects over 127.0.0.1)."""
-    key = ec.generate_private_key(_CURVE)
-    now = _now()
-    sans = san_entries(hosts)
-    first = sans[0].value
-    ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(str(first)))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
-        )
-        .sign(ca_key, hashes.SHA384())
-    )
-    return key, cert
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _pem_cert(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def load_ca_certificate(path: Path) -> x509.Certificate:
-    """A CA certificate that can verify the SuperLink: readable PEM, a CA, in date."""
-    try:
-        cert = x509.load_pem_x509_certificate(path.read_bytes())
-    except FileNotFoundError:
-        raise DeployError(f"{path}: CA certificate not found") from None
-    except (OSError, ValueError) as err:
-        raise DeployError(f"{path}: not a readable PEM certificate ({err})") from None
-    try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        raise DeployError(f"{path}: not a CA certificate (no basic constraints)") from None
-    if not constraints.ca:
-        raise DeployError(f"{path}: not a CA certificate (it is an end-entity certificate)")
-    now = _now()
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise DeployError(
-            f"{path}: CA certificate is not valid now "
-            f"({cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d})"
-        )
-    return cert
-
-
-def fingerprint(cert: x509.Certificate) -> str:
-    return cert.fingerprint(hashes.SHA256()).hex(":")
 
 
 # ---- coordinator folder -----------------------------------------------------------
@@ -338,41 +138,6 @@ def superlink_command(coord: Coordinator, *, host: str = "0.0.0.0") -> list[str]
     ]
 
 
-def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for Flower's processes: our venv's commands first, Flower's files
-    (installed apps, CLI config) in ``flwr_home``, no telemetry or run-time installs."""
-    env = dict(os.environ if base is None else base)
-    env.update(
-        {
-            "PATH": with_flower_path(env.get("PATH", "")),
-            "FLWR_HOME": str(flwr_home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        }
-    )
-    return env
-
-
-def with_flower_path(path: str) -> str:
-    """PATH with this interpreter's bin folder first: the SuperLink and SuperNode start
-    ``flower-superexec`` by name, which must be the same installation."""
-    bindir = str(Path(sys.executable).parent)
-    parts = [p for p in path.split(os.pathsep) if p and p != bindir]
-    return os.pathsep.join([bindir, *parts])
-
-
-def executable(name: str) -> str:
-    """A Flower command: the one beside this interpreter (the venv) first, then PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise DeployError(f"`{name}` not found (is flwr installed in this environment?)")
-    return found
-
-
 def init_coordinator(
     directory: Path,
     hosts: Sequence[str],
@@ -398,10 +163,10 @@ def init_coordinator(
     (directory / STATE_DIR).mkdir(mode=0o700, exist_ok=True)
     ca_key, ca_cert = make_ca()
     key, cert = make_server_cert(ca_key, ca_cert, hosts)
-    write_private(directory / CA_KEY, _pem_key(ca_key), force=force)
-    write_private(directory / SERVER_KEY, _pem_key(key), force=force)
-    write_public(directory / CA_CERT, _pem_cert(ca_cert))
-    write_public(directory / SERVER_CERT, _pem_cert(cert))
+    write_private(directory / CA_KEY, pem_key(ca_key), force=force)
+    write_private(directory / SERVER_KEY, pem_key(key), force=force)
+    write_public(directory / CA_CERT, pem_cert(ca_cert))
+    write_public(directory / SERVER_CERT, pem_cert(cert))
     coord = Coordinator(directory, tuple(h.strip() for h in hosts), port)
     write_public(
         directory / SETTINGS_FILE,
@@ -445,7 +210,7 @@ def start_coordinator(directory: Path, *, bind: str = "0.0.0.0") -> list[str]:
         if not (d / name).is_file():
             raise DeployError(f"{d / name}: missing (run `fedsilo coordinator init` again)")
     load_ca_certificate(d / CA_CERT)
-    _check_private_mode(d / SERVER_KEY)
+    check_private_mode(d / SERVER_KEY)
     (d / STATE_DIR).mkdir(mode=0o700, exist_ok=True)
     try:
         ipaddress.ip_address(bind)
@@ -456,50 +221,7 @@ def start_coordinator(directory: Path, *, bind: str = "0.0.0.0") -> list[str]:
     return cmd
 
 
-def private_mode_problem(path: Path) -> str | None:
-    """What is wrong with a private key file's permissions, if anything."""
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        return f"{path}: private key is readable by others (mode {mode:04o}); chmod 600 it"
-    return None
-
-
-def _check_private_mode(path: Path) -> None:
-    problem = private_mode_problem(path)
-    if problem:
-        raise DeployError(problem)
-
-
 # ---- registering sites ------------------------------------------------------------
-
-
-def load_node_public_key(path: Path) -> tuple[ec.EllipticCurvePublicKey, str]:
-    """A site's node key as Flower's ``supernode register`` takes it: one OpenSSH line,
-    a NIST elliptic curve. Returns the key and its SHA-256 fingerprint."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DeployError(f"{path}: public key file not found") from None
-    except OSError as err:
-        raise DeployError(f"{path}: cannot read the public key ({err.strerror})") from None
-    if b"PRIVATE KEY" in data:
-        raise DeployError(f"{path}: this is a private key; hand over node.pub, never node.key")
-    try:
-        key = serialization.load_ssh_public_key(data.strip())
-    except (ValueError, UnsupportedAlgorithm):
-        raise DeployError(
-            f"{path}: not an OpenSSH public key line (expected the site's node.pub)"
-        ) from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in (
-        "secp256r1",
-        "secp384r1",
-        "secp521r1",
-    ):
-        raise DeployError(f"{path}: not a NIST elliptic-curve key (Flower node keys are EC)")
-    raw = key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return key, hashlib.sha256(raw).hexdigest()
 
 
 @dataclass(frozen=True)

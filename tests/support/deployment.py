@@ -162,7 +162,7 @@ def fedsilo(*args: str) -> str:
     """The ``fedsilo`` command in-process (its imports are paid once per process)."""
     from typer.testing import CliRunner
 
-    from simulations.cli import cli
+    from cli.main import cli
 
     result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
     if result.exit_code != 0:

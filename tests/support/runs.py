@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-FEDSILO = [sys.executable, "-m", "simulations.cli"]
+FEDSILO = [sys.executable, "-m", "cli.main"]
 
 # Two rounds of the tiny model on short texts: seconds per round on 2 cores.
 SMALL_RUN = {

@@ -1,5 +1,5 @@
 """``fedsilo coordinator ...`` and ``fedsilo site ...``: thin typer wrappers around
-server/deploy.py and client/deploy.py. Errors are ``DeployError`` (a ConfigError),
+server/deploy.py (the coordinator) and client/deploy.py (a data site). Errors are ``DeployError`` (a ConfigError),
 which ``fedsilo`` prints as one ``error:`` line with exit code 2."""
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def coordinator_start(
 ) -> None:
     """Start the SuperLink with TLS, node authentication and a persistent database
     (this process becomes flower-superlink; runs are written under DIR/runs/)."""
-    from server.deploy import Coordinator, flower_env, start_coordinator
+    from common.flower_cli import flower_env
+    from server.deploy import Coordinator, start_coordinator
 
     cmd = start_coordinator(directory, bind=bind)
     coord = Coordinator.load(directory)
@@ -135,7 +136,7 @@ def site_check(
 ) -> None:
     """Keys, CA, node config, ledger, and the data file loaded by the ClientApp's own
     loader; prints counts only, nothing leaves the machine."""
-    from server.deploy import DeployError
+    from common.pki import DeployError
 
     problems = _print_report(directory)
     if problems:
@@ -158,7 +159,7 @@ def site_start(
     """Run the checks, then become flower-supernode (TLS, node key, node config, a
     local runtime port of its own)."""
     from client.deploy import exec_supernode, prepare_start
-    from server.deploy import DeployError
+    from common.pki import DeployError
 
     report, cmd, env = prepare_start(directory, port=port)
     for line in report.lines:

@@ -1,0 +1,1 @@
+"""The ``fedsilo`` command line (``cli.main:main``)."""

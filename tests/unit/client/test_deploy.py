@@ -1,0 +1,241 @@
+"""A site's tooling: init (keys kept on --force), the node config read back through
+Flower into the ClientApp's settings, the SuperNode's flags, and site check."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.common.config import parse_config_args
+
+from client.deploy import (
+    Site,
+    check_site,
+    init_site,
+    node_config_toml,
+    render_node_config,
+    supernode_command,
+)
+from client.settings import SiteSettings
+from common.config import RunConfig
+from common.pki import (
+    DeployError,
+)
+from server import deploy as coordinator
+from server.deploy import superlink_command
+from tests.support.deploy_folders import BIN, make_site_data, site_folder
+
+# ---- site init ---------------------------------------------------------------------
+
+
+def test_site_init_again_refuses_and_force_keeps_the_keys(
+    tmp_path: Path, coord: coordinator.Coordinator
+) -> None:
+    site = site_folder(tmp_path, coord)
+    keys = {p: p.read_bytes() for p in (site.node_key, site.directory / "state" / "identity.key")}
+
+    with pytest.raises(DeployError, match="already holds a site; use --force"):
+        site_folder(tmp_path, coord)
+    changed = site_folder(tmp_path, coord, epsilon=3.0, force=True)
+
+    assert changed.node_config["epsilon"] == 3.0
+    assert Site.load(site.directory).node_config["epsilon"] == 3.0
+    assert {p: p.read_bytes() for p in keys} == keys
+
+
+# ---- node config ------------------------------------------------------------------
+
+
+def test_node_config_file_reads_back_through_flower_into_site_settings(tmp_path: Path) -> None:
+    # Paths with spaces and quotes survive: the file is TOML, not a flag string.
+    odd = tmp_path / "my data 'v2'"
+    odd.mkdir()
+    config = render_node_config(
+        site_id="hospital-a",
+        data_path=odd / "notes.csv",
+        state_dir=odd / "state",
+        epsilon=4.0,
+        delta=1e-6,
+        text_column="note",
+        label_column="outcome",
+    )
+    path = tmp_path / "node-config.toml"
+    path.write_text(node_config_toml(config))
+
+    read = parse_config_args([str(path)])  # what flower-supernode does with the flag
+
+    settings = SiteSettings.from_node_config(read, RunConfig())
+    assert settings.site_id == "hospital-a"
+    assert settings.data_path == str(odd / "notes.csv")
+    assert settings.state_dir == odd / "state"
+    assert (settings.epsilon, settings.delta) == (4.0, 1e-6)
+    assert (settings.text_column, settings.label_column) == ("note", "outcome")
+    assert not settings.allow_no_dp
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"epsilon": 0.0}, "epsilon budget must be positive"),
+        ({"epsilon": float("nan")}, "finite"),
+        ({"delta": 1.0}, "delta must be in"),
+        ({"site_id": "bad name"}, "site-id 'bad name'"),
+        ({"text_column": "label"}, "must differ"),
+    ],
+)
+def test_node_config_values_the_client_app_would_refuse_are_refused_now(
+    tmp_path: Path, kw: dict[str, Any], match: str
+) -> None:
+    args: dict[str, Any] = {
+        "site_id": "a",
+        "data_path": tmp_path / "d.csv",
+        "state_dir": tmp_path / "s",
+        "epsilon": 8.0,
+        "delta": 1e-5,
+        "text_column": "text",
+        "label_column": "label",
+    }
+    args.update(kw)
+    with pytest.raises(DeployError, match=match):
+        render_node_config(**args)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"superlink": "no-port"}, "--superlink 'no-port'"),
+        ({"superlink": "host:99999"}, "HOST:PORT"),
+        ({"data": Path("/nonexistent/site.csv")}, "--data /nonexistent/site.csv: no such file"),
+        ({"dataset": "mnist"}, "--dataset 'mnist'"),
+    ],
+)
+def test_bad_site_inputs_are_named(
+    tmp_path: Path, coord: coordinator.Coordinator, kw: dict[str, Any], match: str
+) -> None:
+    args: dict[str, Any] = {
+        "site_id": "a",
+        "data": make_site_data(tmp_path / "d.csv"),
+        "ca": coord.directory / "ca.crt",
+        "superlink": "h:1",
+    }
+    args.update(kw)
+    with pytest.raises(DeployError, match=re.escape(match)):
+        init_site(tmp_path / "site", **args)
+    assert not (tmp_path / "site" / "node.key").exists()
+
+
+def test_site_start_flags(tmp_path: Path, coord: coordinator.Coordinator) -> None:
+    site = site_folder(tmp_path, coord)
+    cmd = supernode_command(site, port=9555)
+    flags = dict(zip(cmd[1::2], cmd[2::2], strict=True))
+    assert cmd[0] == "flower-supernode"
+    assert flags == {
+        "--superlink": "coord.example.org:8123",
+        "--root-certificates": str(site.directory / "ca.crt"),
+        "--auth-supernode-private-key": str(site.directory / "node.key"),
+        "--node-config": str(site.directory / "node-config.toml"),
+        "--host": "127.0.0.1",
+        "--port": "9555",
+    }
+
+
+def _flags_of(command: str) -> set[str]:
+    done = subprocess.run(
+        [str(BIN / command), "--help"], capture_output=True, text=True, timeout=60
+    )
+    return set(re.findall(r"--[a-z][a-z-]+", done.stdout))
+
+
+def test_every_flag_we_pass_exists_in_this_flower(
+    tmp_path: Path, coord: coordinator.Coordinator
+) -> None:
+    site = site_folder(tmp_path, coord)
+    ours_node = {a for a in supernode_command(site, port=1) if a.startswith("--")}
+    ours_link = {a for a in superlink_command(coord) if a.startswith("--")}
+    assert ours_node <= _flags_of("flower-supernode")
+    assert ours_link <= _flags_of("flower-superlink")
+
+
+# ---- site check -------------------------------------------------------------------
+
+
+def test_site_check_prints_counts_only(tmp_path: Path, coord: coordinator.Coordinator) -> None:
+    site = site_folder(tmp_path, coord)
+
+    report = check_site(site.directory)
+
+    assert report.problems == []
+    text = "\n".join(report.lines)
+    assert "20 rows, 0 rejected (rotten: 7, fresh: 13)" in text
+    assert "0 entries" in text
+    assert "SECRET" not in text
+
+
+def test_site_check_states_the_spend_the_clientapp_enforces(
+    tmp_path: Path, coord: coordinator.Coordinator
+) -> None:
+    # An entry written at another delta: the check recomputes it at the site's delta,
+    # as the ClientApp's budget check does, instead of echoing the entry's own epsilon.
+    from client.settings import SiteSettings
+    from common.config import RunConfig
+    from common.data import builtin_label_names, load_site_file
+    from common.privacy.accounting import compute_epsilon
+    from common.privacy.events import SubsampledGaussianEvent
+    from common.privacy.identity import load_or_create_identity
+    from common.privacy.ledger import LEDGER_FILE, Ledger, dataset_fingerprint
+
+    site = site_folder(tmp_path, coord)
+    settings = SiteSettings.from_node_config(site.node_config, RunConfig())
+    assert settings.data_path is not None and settings.state_dir is not None
+    data = load_site_file(settings.data_path, label_names=builtin_label_names(site.dataset))
+    event = SubsampledGaussianEvent(1.0, 0.5, 10)
+    Ledger(settings.state_dir / LEDGER_FILE, load_or_create_identity(settings.state_dir)).append(
+        site_id="site-a",
+        dataset=dataset_fingerprint(data.texts, data.labels.tolist()),
+        run_id="r1",
+        round=1,
+        event=event,
+        clip_norm=1.0,
+        delta=0.1,
+        epsilon_run=compute_epsilon([event], 0.1),
+        epsilon_dataset=compute_epsilon([event], 0.1),
+        budget=settings.epsilon,
+        code_version="test",
+    )
+
+    text = "\n".join(check_site(site.directory).lines)
+
+    enforced = compute_epsilon([event], settings.delta)
+    assert f"epsilon spent on this data set {enforced:.3f} of" in text
+    assert f"{compute_epsilon([event], 0.1):.3f} of" not in text
+
+
+def test_site_check_names_bad_data_and_loose_keys(
+    tmp_path: Path, coord: coordinator.Coordinator
+) -> None:
+    data = make_site_data(tmp_path / "d.csv")
+    site = site_folder(tmp_path, coord, data=data)
+    data.write_text(data.read_text() + ",fresh\n")  # an empty text on line 22
+    site.node_key.chmod(0o644)
+
+    report = check_site(site.directory)
+
+    assert any("d.csv line 22: empty text" in p for p in report.problems)
+    assert any("readable by others (mode 0644)" in p for p in report.problems)
+    assert "SECRET" not in "\n".join(report.lines)
+
+
+def test_site_check_refuses_a_delta_not_below_one_over_n(
+    tmp_path: Path, coord: coordinator.Coordinator
+) -> None:
+    site = site_folder(tmp_path, coord, data=make_site_data(tmp_path / "d.csv", rows=5), delta=0.5)
+    report = check_site(site.directory)
+    assert any("delta 0.5 is not below 1/n" in p for p in report.problems)
+
+
+def test_site_check_of_a_missing_folder_says_so(tmp_path: Path) -> None:
+    with pytest.raises(DeployError, match="run `fedsilo site init` first"):
+        check_site(tmp_path / "nothing")
