@@ -125,7 +125,8 @@ def sweep(
     from pathlib import Path
 
     from simulations.runner import load_scenario
-    from simulations.sweep import default_out_dir, parse_epsilons, run_sweep
+    from simulations.sweep import default_out_dir, run_sweep
+    from simulations.sweep_results import parse_epsilons
 
     epsilons = parse_epsilons(epsilon)
     options: dict[str, Any] = load_scenario(scenario) if scenario else {}

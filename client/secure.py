@@ -18,7 +18,8 @@ import numpy as np
 
 from common.config import RunConfig
 from common.messages import SecAggSetup, StageMessage
-from common.quantize import FloatArray, encode, pack, unpack
+from common.quantize import encode, pack, unpack
+from common.rotation import FloatArray
 from common.secagg.encoding import encoding_spec, site_weight
 from common.secagg.errors import SecAggError
 from common.secagg.params import PublicKeys, UnmaskRequest, pack_masked

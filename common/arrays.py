@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from common.quantize import FloatArray
+from common.rotation import FloatArray
 
 Arrays = dict[str, torch.Tensor]
 

@@ -13,8 +13,8 @@ them; ``config`` is kept exactly as the run recorded it (``recorded`` tells a ke
 run predates from one it set). A summary of a newer version than this code knows is
 refused by name rather than misread.
 
-torch and matplotlib are imported only where model files and plots are written or
-read: the auditor reads summaries without them.
+torch is imported only where model files are written or read (and matplotlib only
+where common/plots.py draws): the auditor reads summaries without them.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from pydantic import (
 from pydantic_core.core_schema import SerializerFunctionWrapHandler
 
 from common.config import ConfigError, RunConfig
+from common.plots import plot_run
 
 if TYPE_CHECKING:
     import torch
@@ -400,46 +401,6 @@ def write_run_files(
     write_summary(out_dir, summary)
     save_model(out_dir / MODEL_FILE, weights, spec, label_names, len(summary.rounds))
     plot_run(out_dir, summary)
-
-
-def plot_run(out_dir: Path, summary: RunSummary) -> None:
-    """accuracy.png (test accuracy per round) and epsilon.png (each site's epsilon
-    against its budget)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    rounds = summary.rounds
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r.round for r in rounds], [r.accuracy for r in rounds], marker="o", ms=3)
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"{summary.config.get('dataset')} ({summary.mode})")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "accuracy.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    names = sorted({s for r in rounds for s in r.epsilon_per_site})
-    for name in names:
-        pts = [(r.round, r.epsilon_per_site[name]) for r in rounds if name in r.epsilon_per_site]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, label=name)
-    for b in {s.budget for s in summary.sites if s.budget is not None}:
-        ax.axhline(b, color="red", ls="--", lw=1)
-    ax.set_xlabel("round")
-    ax.set_ylabel("epsilon spent (PRV accountant)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("privacy spent per site" if names else "no differential privacy in this run")
-    if 0 < len(names) <= 12:
-        ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "epsilon.png", dpi=120)
-    plt.close(fig)
 
 
 def final_record(rounds: tuple[RoundRecord, ...], sites: tuple[SiteSummary, ...]) -> FinalRecord:

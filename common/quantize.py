@@ -8,15 +8,10 @@ never wrap. A site turns its delta into integers as follows:
 2. FedAvg weighting, if any: multiply the clipped delta by ``weight / weight_bound``
    (``weight_bound`` is a public cap, ``1 <= weight <= weight_bound``), so the scaled
    delta stays inside the clip ball and the sum cannot grow;
-3. rotate blockwise with randomized Hadamard transforms (public per-round ``seed``):
-   the vector is cut into ``ceil(dim / block_size)`` consecutive blocks, all of exactly
-   ``block_size`` coordinates but the last, which is zero-padded only to the next power
-   of two at or above its own length (not to ``block_size``). Block ``i`` gets its own
-   random signs (``np.random.default_rng([seed, i])``) and its own orthonormal
-   Walsh-Hadamard transform, which spreads that block's energy: a block of padded length
-   ``L`` and L2 norm ``r`` gets coordinates of about ``r / sqrt(L)``. ``padded_dim`` is
-   the sum of the padded block lengths, so padding costs at most the last block's
-   rounding up (dim 139,138 at block size 4096: 139,264 coordinates, not 2^18 = 262,144);
+3. rotate blockwise with randomized Hadamard transforms (public per-round ``seed``;
+   common/rotation.py): a block of padded length ``L`` and L2 norm ``r`` gets
+   coordinates of about ``r / sqrt(L)``; ``padded_dim`` is the sum of the padded block
+   lengths;
 4. clip each rotated coordinate of a block of padded length ``L`` to
    ``+- headroom * clip_norm / sqrt(L)`` (rare for ``headroom = 4``; it biases only those
    coordinates and is reported as ``clip_fraction``);
@@ -68,6 +63,17 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from common.rotation import (
+    BLOCK_SIZE,
+    FloatArray,
+    as_vector,
+    block_layout,
+    blockwise_rotate,
+    blockwise_unrotate,
+    check_block_size,
+    check_int,
+)
+
 BITS_CHOICES = (4, 8, 16)
 MAX_RING_BITS = 64
 # Rotated coordinates beyond HEADROOM widths clip_norm / sqrt(L) (L: their block's
@@ -75,37 +81,8 @@ MAX_RING_BITS = 64
 # 2 exp(-HEADROOM^2 / 2) (6.7e-4 for 4; about 6e-5 in the Gaussian regime of large
 # blocks), however the clip norm is spread over the blocks.
 HEADROOM = 4.0
-# Coordinates per rotation block: 34 blocks for dim 139,138, padded by 126 zeros.
-BLOCK_SIZE = 4096
 
-FloatArray = npt.NDArray[np.float64]
 RingArray = npt.NDArray[np.uint64]
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    """Refuse bools and non-integers too: ``True`` must not pass as a site count."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _next_power_of_two(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-def _check_block_size(block_size: object) -> int:
-    size = _check_int("block_size", block_size, 1)
-    if size & (size - 1):
-        raise ValueError(f"block_size must be a power of two, got {size}")
-    return size
-
-
-def _block_layout(dim: int, block_size: int) -> tuple[int, ...]:
-    """Padded block lengths: full blocks of block_size, the rest to its next power of 2."""
-    full, rest = divmod(dim, block_size)
-    return (block_size,) * full + ((_next_power_of_two(rest),) if rest else ())
 
 
 @dataclass(frozen=True)
@@ -128,15 +105,15 @@ class EncodingSpec:
             raise ValueError(f"clip_norm must be > 0, got {self.clip_norm}")
         if isinstance(self.bits, bool) or self.bits not in BITS_CHOICES:
             raise ValueError(f"bits must be one of {BITS_CHOICES}, got {self.bits!r}")
-        _check_int("num_sites", self.num_sites, 1)
-        _check_int("seed", self.seed, 0)
-        _check_int("dim", self.dim, 1)
-        _check_int("weight_bound", self.weight_bound, 1)
+        check_int("num_sites", self.num_sites, 1)
+        check_int("seed", self.seed, 0)
+        check_int("dim", self.dim, 1)
+        check_int("weight_bound", self.weight_bound, 1)
         if not (isinstance(self.headroom, int | float) and math.isfinite(self.headroom)):
             raise ValueError(f"headroom must be a finite number, got {self.headroom!r}")
         if self.headroom <= 0:
             raise ValueError(f"headroom must be > 0, got {self.headroom}")
-        _check_block_size(self.block_size)
+        check_block_size(self.block_size)
         need = self._needed_bits()
         if need > MAX_RING_BITS:
             raise ValueError(
@@ -154,7 +131,7 @@ class EncodingSpec:
     @property
     def block_lengths(self) -> tuple[int, ...]:
         """Padded length of each rotation block: block_size, but the last may be shorter."""
-        return _block_layout(self.dim, self.block_size)
+        return block_layout(self.dim, self.block_size)
 
     @property
     def num_blocks(self) -> int:
@@ -214,130 +191,6 @@ class Encoded:
     weight: int
 
 
-def _as_vector(name: str, x: object) -> FloatArray:
-    arr = np.asarray(x)
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D array, got shape {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(f"{name} must be real-valued, got dtype {arr.dtype}")
-    out = arr.astype(np.float64)
-    if not np.all(np.isfinite(out)):
-        raise ValueError(f"{name} contains NaN or infinity")
-    return out
-
-
-def _fwht_rows(x: FloatArray) -> FloatArray:
-    """Orthonormal Walsh-Hadamard transform (Sylvester order) of each row of a 2-D array:
-    log2(n) vectorized stages over all rows at once."""
-    rows, n = x.shape
-    y = x.copy()
-    h = 1
-    while h < n:
-        pairs = y.reshape(rows, -1, 2, h)
-        top, bottom = pairs[:, :, 0, :], pairs[:, :, 1, :]
-        y = np.stack((top + bottom, top - bottom), axis=2).reshape(rows, n)
-        h *= 2
-    out: FloatArray = y / math.sqrt(n)
-    return out
-
-
-def _fwht(x: FloatArray) -> FloatArray:
-    """Orthonormal Walsh-Hadamard transform of one power-of-two-long vector."""
-    row: FloatArray = _fwht_rows(x[np.newaxis, :])[0]
-    return row
-
-
-def _signs(n: int, seed: int) -> FloatArray:
-    _check_int("seed", seed, 0)
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 2, size=n).astype(np.float64) * 2.0 - 1.0
-
-
-def randomized_hadamard(x: npt.ArrayLike, seed: int) -> FloatArray:
-    """Pad to a power of two, flip signs, Hadamard: an orthonormal map (norms preserved)."""
-    v = _as_vector("x", x)
-    n = _next_power_of_two(v.shape[0])
-    padded = np.zeros(n, dtype=np.float64)
-    padded[: v.shape[0]] = v
-    return _fwht(_signs(n, seed) * padded)
-
-
-def inverse_randomized_hadamard(
-    y: npt.ArrayLike, seed: int, *, dim: int | None = None
-) -> FloatArray:
-    """Undo randomized_hadamard (H is symmetric and orthonormal); ``dim`` drops padding."""
-    v = _as_vector("y", y)
-    n = v.shape[0]
-    if n & (n - 1):
-        raise ValueError(f"y must have a power-of-two length, got {n}")
-    x = _signs(n, seed) * _fwht(v)
-    if dim is None:
-        return x
-    _check_int("dim", dim, 1)
-    if dim > n:
-        raise ValueError(f"dim must be <= len(y) = {n}, got {dim}")
-    return x[:dim]
-
-
-def _block_signs(n: int, seed: int, index: int) -> FloatArray:
-    """Block ``index``'s public random signs: its own stream from (seed, index)."""
-    rng = np.random.default_rng([seed, index])
-    return rng.integers(0, 2, size=n).astype(np.float64) * 2.0 - 1.0
-
-
-def _blockwise(v: FloatArray, lengths: tuple[int, ...], seed: int, *, inverse: bool) -> FloatArray:
-    """Apply each block's sign flip and FWHT (forward: signs first; inverse: FWHT first).
-
-    ``v`` is already padded: it is the concatenation of the blocks, ``lengths`` long.
-    """
-    out = np.empty_like(v)
-    start = 0
-    index = 0
-    while index < len(lengths):
-        n = lengths[index]
-        same = 1  # consecutive blocks of one length go through one batched FWHT
-        while index + same < len(lengths) and lengths[index + same] == n:
-            same += 1
-        stop = start + same * n
-        signs = np.stack([_block_signs(n, seed, index + j) for j in range(same)])
-        rows = v[start:stop].reshape(same, n)
-        done = signs * _fwht_rows(rows) if inverse else _fwht_rows(signs * rows)
-        out[start:stop] = done.reshape(-1)
-        start, index = stop, index + same
-    return out
-
-
-def blockwise_rotate(x: npt.ArrayLike, seed: int, block_size: int = BLOCK_SIZE) -> FloatArray:
-    """Randomized Hadamard per block: orthonormal, so norms are preserved.
-
-    ``x`` is cut into blocks of ``block_size`` (the last may be shorter and is padded to
-    the next power of two of its own length); block ``i`` is sign-flipped with
-    ``default_rng([seed, i])`` and Walsh-Hadamard transformed. The result is the
-    concatenation, ``sum(padded block lengths)`` long.
-    """
-    v = _as_vector("x", x)
-    _check_int("seed", seed, 0)
-    size = _check_block_size(block_size)
-    lengths = _block_layout(v.shape[0], size)
-    padded = np.zeros(sum(lengths), dtype=np.float64)
-    padded[: v.shape[0]] = v  # only the last block is padded, so its zeros come last
-    return _blockwise(padded, lengths, seed, inverse=False)
-
-
-def blockwise_unrotate(y: npt.ArrayLike, seed: int, block_size: int, dim: int) -> FloatArray:
-    """Undo blockwise_rotate for a vector of length ``dim`` (padding dropped)."""
-    v = _as_vector("y", y)
-    _check_int("seed", seed, 0)
-    size = _check_block_size(block_size)
-    _check_int("dim", dim, 1)
-    lengths = _block_layout(dim, size)
-    if v.shape[0] != sum(lengths):
-        raise ValueError(
-            f"y must have length {sum(lengths)} (dim {dim} in blocks of {size}), got {v.shape[0]}"
-        )
-    return _blockwise(v, lengths, seed, inverse=True)[:dim]
-
-
 def _check_ring(name: str, values: object, ring_bits: int) -> RingArray:
     if not isinstance(values, np.ndarray) or values.dtype != np.uint64 or values.ndim != 1:
         raise ValueError(f"{name} must be a 1-D numpy array of dtype uint64")
@@ -351,18 +204,6 @@ def _ring_mask(ring_bits: int) -> np.uint64:
     if isinstance(ring_bits, bool) or not 1 <= ring_bits <= MAX_RING_BITS:
         raise ValueError(f"ring_bits must be in 1..{MAX_RING_BITS}, got {ring_bits!r}")
     return np.uint64((1 << ring_bits) - 1)
-
-
-def add_mod(a: RingArray, b: RingArray, ring_bits: int) -> RingArray:
-    """Elementwise (a + b) mod 2^ring_bits: how encodings (and later masks) combine."""
-    mask = _ring_mask(ring_bits)
-    left = _check_ring("a", a, ring_bits)
-    right = _check_ring("b", b, ring_bits)
-    if left.shape != right.shape:
-        raise ValueError(f"a and b must have the same shape, got {left.shape} and {right.shape}")
-    # Both < 2^k <= 2^64; uint64 addition wraps mod 2^64, and the mask reduces to 2^k.
-    total: RingArray = (left + right) & mask
-    return total
 
 
 def to_ring(values: npt.NDArray[np.int64], ring_bits: int) -> RingArray:
@@ -387,12 +228,12 @@ def encode(
     delta: npt.ArrayLike, spec: EncodingSpec, rng: np.random.Generator, *, weight: int = 1
 ) -> Encoded:
     """Clip, weight, rotate, quantize (unbiased) and lift one site's delta to the ring."""
-    x = _as_vector("delta", delta)
+    x = as_vector("delta", delta)
     if x.shape[0] != spec.dim:
         raise ValueError(f"delta must have length spec.dim = {spec.dim}, got {x.shape[0]}")
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    _check_int("weight", weight, 1)
+    check_int("weight", weight, 1)
     if weight > spec.weight_bound:
         raise ValueError(f"weight must be <= weight_bound = {spec.weight_bound}, got {weight}")
 
@@ -424,7 +265,7 @@ def encode(
 
 def decode_sum(total: RingArray, spec: EncodingSpec, num_summands: int) -> tuple[FloatArray, int]:
     """The (weighted) mean of the clipped deltas, and the total weight, from the ring sum."""
-    _check_int("num_summands", num_summands, 1)
+    check_int("num_summands", num_summands, 1)
     if num_summands > spec.num_sites:
         raise ValueError(
             f"num_summands must be <= num_sites = {spec.num_sites}, got {num_summands}"
@@ -477,9 +318,9 @@ def error_bound(
     <= 1/4 level^2, so for equal weights the RMS error is <=
     ``sqrt(num_blocks / (4 m)) * headroom * clip_norm / max_level``.
     """
-    _check_int("num_summands", num_summands, 1)
+    check_int("num_summands", num_summands, 1)
     weight = num_summands * spec.weight_bound if total_weight is None else total_weight
-    _check_int("total_weight", weight, num_summands)
+    check_int("total_weight", weight, num_summands)
     if weight > num_summands * spec.weight_bound:
         raise ValueError(
             f"total_weight must be <= num_summands * weight_bound = "
@@ -501,7 +342,7 @@ def pack(values: RingArray, ring_bits: int) -> bytes:
 def unpack(data: bytes, ring_bits: int, length: int) -> RingArray:
     """Undo ``pack``; refuses a byte string that is not exactly ``length`` packed elements."""
     _ring_mask(ring_bits)
-    _check_int("length", length, 0)
+    check_int("length", length, 0)
     expected = -(-length * ring_bits // 8)
     if not isinstance(data, bytes | bytearray) or len(data) != expected:
         got = len(data) if isinstance(data, bytes | bytearray) else type(data).__name__

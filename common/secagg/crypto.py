@@ -126,9 +126,3 @@ def expand_mask(seed: bytes, length: int, ring_bits: int) -> np.ndarray:
     if ring_bits < MAX_RING_BITS:
         values &= np.uint64((1 << ring_bits) - 1)
     return values
-
-
-def derive_seed(shared_key: bytes, *, info: bytes) -> bytes:
-    """A fresh 32-byte seed from a pairwise key, so each round's mask is independent."""
-    _check_key(shared_key, "shared key")
-    return _hkdf(shared_key, info)

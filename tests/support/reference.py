@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dp_accounting
+import numpy as np
 from dp_accounting.pld import pld_privacy_accountant
 
 DELTA = 1e-5
@@ -16,3 +17,12 @@ def reference_epsilon(sigma: float, q: float, steps: int, delta: float = DELTA) 
     )
     accountant.compose(event)
     return float(accountant.get_epsilon(delta))
+
+
+def add_mod(a: np.ndarray, b: np.ndarray, ring_bits: int) -> np.ndarray:
+    """Elementwise (a + b) mod 2^ring_bits in Python integers: independent of the uint64
+    wrap-around and masks the code under test relies on."""
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape, got {a.shape} and {b.shape}")
+    total = (a.astype(object) + b.astype(object)) % (1 << ring_bits)
+    return total.astype(np.uint64)

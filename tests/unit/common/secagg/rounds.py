@@ -15,7 +15,6 @@ from scipy.stats import chisquare
 
 from common.quantize import (
     RingArray,
-    add_mod,
     unpack,
 )
 from common.secagg import shamir
@@ -26,6 +25,7 @@ from common.secagg.params import (
     pack_masked,
 )
 from common.secagg.site import SiteSession
+from tests.support.reference import add_mod
 
 FAST = settings(max_examples=25, deadline=None)
 

@@ -14,7 +14,6 @@ from common.secagg.crypto import (
     KEY_BYTES,
     KeyPair,
     agree,
-    derive_seed,
     expand_mask,
     generate_keypair,
     open_sealed,
@@ -257,28 +256,6 @@ def test_seal_and_open_refuse_wrong_key_length(size: int) -> None:
 
 
 # ---- seeds and masks ------------------------------------------------------------------
-
-
-def test_derive_seed_is_deterministic_and_separated_by_info() -> None:
-    # Prepare
-    shared = bytes(range(32))
-
-    # Execute
-    round_1 = derive_seed(shared, info=b"round=1")
-    round_1_again = derive_seed(shared, info=b"round=1")
-    round_2 = derive_seed(shared, info=b"round=2")
-
-    # Assert
-    assert round_1 == round_1_again
-    assert round_1 != round_2
-    assert len(round_1) == KEY_BYTES
-    assert shared not in (round_1, round_2)
-
-
-def test_derive_seed_refuses_wrong_length() -> None:
-    # Execute / Assert
-    with pytest.raises(SecAggError, match="shared key must be 32 bytes, got 16"):
-        derive_seed(bytes(16), info=INFO)
 
 
 def test_expand_mask_matches_rfc8439_chacha20_test_vector() -> None:

@@ -10,24 +10,20 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from scipy.linalg import hadamard
 
 from common.quantize import (
     MAX_RING_BITS,
     EncodingSpec,
-    add_mod,
-    blockwise_rotate,
-    blockwise_unrotate,
     decode_sum,
     encode,
     error_bound,
-    inverse_randomized_hadamard,
     pack,
-    randomized_hadamard,
     signed_lift,
     to_ring,
     unpack,
 )
+from common.rotation import blockwise_rotate, blockwise_unrotate
+from tests.support.reference import add_mod
 
 FAST = settings(max_examples=40, deadline=None)
 SLACK = 1e-9  # float64 rounding in the rotations, far below any bound tested
@@ -61,119 +57,6 @@ def ring_sum(encodings: Sequence[np.ndarray], ring_bits: int) -> np.ndarray:
     for values in encodings[1:]:
         total = add_mod(total, values, ring_bits)
     return total
-
-
-# ---- the rotation ----------------------------------------------------------------
-
-
-@pytest.mark.parametrize("n", [1, 5, 8, 100, 256, 1000])
-def test_rotation_preserves_norm_and_inverts(n: int) -> None:
-    # Prepare
-    x = np.random.default_rng(n).normal(size=n)
-
-    # Execute
-    y = randomized_hadamard(x, seed=3)
-    back = inverse_randomized_hadamard(y, seed=3)
-
-    # Assert
-    assert y.shape == (1 << (n - 1).bit_length(),)
-    assert np.linalg.norm(y) == pytest.approx(np.linalg.norm(x), rel=1e-12)
-    np.testing.assert_allclose(back[:n], x, atol=1e-12)
-    np.testing.assert_allclose(back[n:], 0.0, atol=1e-12)
-    np.testing.assert_allclose(inverse_randomized_hadamard(y, seed=3, dim=n), x, atol=1e-12)
-
-
-@pytest.mark.parametrize("n", [8, 16])
-def test_rotation_matches_explicit_hadamard_matrix(n: int) -> None:
-    # Prepare
-    x = np.random.default_rng(0).normal(size=n)
-    signs = np.random.default_rng(5).integers(0, 2, size=n) * 2.0 - 1.0
-
-    # Execute
-    y = randomized_hadamard(x, seed=5)
-
-    # Assert
-    np.testing.assert_allclose(y, hadamard(n) @ (signs * x) / math.sqrt(n), atol=1e-12)
-
-
-def test_rotation_depends_on_seed() -> None:
-    # Prepare
-    x = np.arange(1.0, 17.0)
-
-    # Execute
-    a, b = randomized_hadamard(x, seed=1), randomized_hadamard(x, seed=2)
-
-    # Assert
-    assert not np.allclose(a, b)
-    np.testing.assert_allclose(randomized_hadamard(x, seed=1), a)
-
-
-@pytest.mark.parametrize(
-    ("n", "block_size", "lengths"),
-    [
-        (1, 4, [1]),
-        (5, 4, [4, 1]),
-        (7, 4, [4, 4]),
-        (18, 4, [4, 4, 4, 4, 2]),
-        (100, 16, [16] * 6 + [4]),
-        (33, 1, [1] * 33),
-        (1000, 4096, [1024]),
-        (4096 * 2 + 3, 4096, [4096, 4096, 4]),
-        (10_000, 4096, [4096, 4096, 2048]),
-    ],
-)
-def test_blockwise_rotation_preserves_norm_and_inverts(
-    n: int, block_size: int, lengths: list[int]
-) -> None:
-    # Prepare
-    x = np.random.default_rng(n).normal(size=n)
-
-    # Execute
-    y = blockwise_rotate(x, seed=3, block_size=block_size)
-    back = blockwise_unrotate(y, seed=3, block_size=block_size, dim=n)
-
-    # Assert: only the last block is padded, and only to its own power of two.
-    assert y.shape == (sum(lengths),)
-    assert spec(dim=n, block_size=block_size).block_lengths == tuple(lengths)
-    assert np.linalg.norm(y) == pytest.approx(np.linalg.norm(x), rel=1e-12)
-    np.testing.assert_allclose(back, x, atol=1e-12)
-
-
-@FAST
-@given(dim=st.integers(1, 300), block_size=BLOCKS, seed=st.integers(0, 2**63))
-def test_blockwise_rotation_is_orthonormal(dim: int, block_size: int, seed: int) -> None:
-    # Prepare
-    rng = np.random.default_rng(seed)
-    x, z = rng.normal(size=dim), rng.normal(size=dim)
-
-    # Execute
-    rx = blockwise_rotate(x, seed, block_size)
-    rz = blockwise_rotate(z, seed, block_size)
-
-    # Assert: inner products (so norms) kept; exact inverse; linear.
-    s = spec(dim=dim, block_size=block_size)
-    assert rx.shape == (s.padded_dim,)
-    assert s.padded_dim == sum(s.block_lengths) and len(s.block_lengths) == s.num_blocks
-    assert float(rx @ rz) == pytest.approx(float(x @ z), abs=1e-9)
-    np.testing.assert_allclose(blockwise_unrotate(rx, seed, block_size, dim), x, atol=1e-12)
-    np.testing.assert_allclose(blockwise_rotate(x + 2 * z, seed, block_size), rx + 2 * rz)
-
-
-def test_each_block_is_its_own_randomized_hadamard() -> None:
-    # Prepare: dim 21 in blocks of 8: two full blocks and a tail of 5 padded to 8.
-    x = np.random.default_rng(0).normal(size=21)
-    padded = np.concatenate([x, np.zeros(3)])
-
-    # Execute
-    y = blockwise_rotate(x, seed=9, block_size=8)
-
-    # Assert: block i is H (signs_i * x_i) / sqrt(8), signs_i from default_rng([seed, i]).
-    for i in range(3):
-        signs = np.random.default_rng([9, i]).integers(0, 2, size=8) * 2.0 - 1.0
-        block = padded[8 * i : 8 * (i + 1)]
-        expected = hadamard(8) @ (signs * block) / math.sqrt(8)
-        np.testing.assert_allclose(y[8 * i : 8 * (i + 1)], expected, atol=1e-12)
-    assert not np.allclose(y, blockwise_rotate(x, seed=10, block_size=8))
 
 
 def test_model_dim_encoding_size() -> None:
@@ -524,27 +407,6 @@ def test_bad_decode_refused() -> None:
     too_big[0] = 2**s.ring_bits
     with pytest.raises(ValueError, match="total has values"):
         decode_sum(too_big, s, 1)
-    with pytest.raises(ValueError, match="power-of-two"):
-        inverse_randomized_hadamard(np.zeros(6), seed=0)
-
-
-def test_bad_blockwise_arguments_refused() -> None:
-    # Prepare
-    y = blockwise_rotate(np.ones(21), seed=1, block_size=8)
-
-    # Execute / Assert
-    with pytest.raises(ValueError, match="length 24"):
-        blockwise_unrotate(y[:-1], seed=1, block_size=8, dim=21)
-    with pytest.raises(ValueError, match="length 32"):
-        blockwise_unrotate(y, seed=1, block_size=8, dim=29)
-    with pytest.raises(ValueError, match="block_size"):
-        blockwise_rotate(np.ones(21), seed=1, block_size=6)
-    with pytest.raises(ValueError, match="block_size"):
-        blockwise_unrotate(y, seed=1, block_size=0, dim=21)
-    with pytest.raises(ValueError, match="seed"):
-        blockwise_rotate(np.ones(21), seed=-1, block_size=8)
-    with pytest.raises(ValueError, match="dim"):
-        blockwise_unrotate(y, seed=1, block_size=8, dim=0)
 
 
 # ---- packing ---------------------------------------------------------------------
