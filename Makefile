@@ -40,6 +40,7 @@ flwr-run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy common client server simulations cli
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest

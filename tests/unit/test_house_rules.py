@@ -1,0 +1,145 @@
+"""House rules a machine checks: the import contracts (import-linter, as `make lint`
+runs them), and what the contract tool cannot see because it does not look inside
+third-party packages: the modules a real process has loaded. In deployment Flower
+starts a fresh process for every message a site receives, so a secure-aggregation
+stage must not pay for torch; nor may `fedsilo --help`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.support.runs import ROOT
+
+HEAVY = ("torch", "opacus", "transformers", "matplotlib")
+
+
+def _loaded_after(script: str) -> dict[str, object]:
+    """Run ``script`` in a fresh interpreter; it prints one JSON object last."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+PACKAGES = ("common", "client", "server", "simulations", "cli")
+
+
+@pytest.mark.parametrize(
+    ("module", "line", "broken"),
+    [
+        ("common/messages.py", "import torch", "No torch or Opacus"),
+        ("server/federation.py", "import flwr", "flwr only at the edge"),
+        ("common/config.py", "import server.report", "Layers"),
+        ("client/settings.py", "import server.deploy", "Layers"),
+        ("server/report.py", "import server.federation", "No import cycles"),
+    ],
+)
+def test_a_forbidden_import_breaks_a_contract(
+    tmp_path: Path, module: str, line: str, broken: str
+) -> None:
+    # Prepare: a copy of the packages and their contracts, with one forbidden import.
+    for package in PACKAGES:
+        shutil.copytree(
+            ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    target = tmp_path / module
+    target.write_text(target.read_text() + f"\n{line}  # noqa\n")
+
+    # Execute
+    done = subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+
+    # Assert
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    report = done.stdout.replace("\n", " ")
+    assert "1 broken" in report, report[-2000:]
+    assert re.search(rf"{re.escape(broken)}[^\n]* BROKEN", report), report[-2000:]
+
+
+def test_fedsilo_help_loads_no_torch() -> None:
+    loaded = _loaded_after(
+        f"""
+        import json, sys
+        sys.argv = ["fedsilo", "--help"]
+        from cli.main import main
+        try:
+            main()
+        except SystemExit:
+            pass
+        print(json.dumps({{"heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+        """
+    )
+    assert loaded["heavy"] == []
+
+
+def test_a_secure_aggregation_stage_at_a_site_loads_no_torch() -> None:
+    # Prepare (in the child): the node state a site keeps after training, as a deployed
+    # site's next process finds it; then the real ClientApp answers the share-keys stage.
+    loaded = _loaded_after(
+        f"""
+        import json, sys
+        import numpy as np
+        from flwr.app import Message, MessageType
+
+        from client import secure
+        from client.app import _save_pending, app
+        from common.codec import decode_stage, encode_stage
+        from common.messages import StageMessage
+        from common.quantize import pack
+        from common.secagg.params import SecAggParams
+        from common.secagg.site import SiteSession
+        from tests.support.inprocess_grid import NODE_ID_OFFSET, InProcessGrid
+
+        params = SecAggParams.create(range(1, 4), ring_bits=12, vector_length=8, session="s1")
+        sessions = {{u: SiteSession.start(params, u) for u in params.participants}}
+        grid = InProcessGrid(app, num_nodes=1)
+        node = NODE_ID_OFFSET
+        own, keys = sessions[1][0], {{u: k for u, (_, k) in sessions.items()}}
+        _save_pending(grid.context(node), secure.Pending(own, pack(np.zeros(8, np.uint64), 12)))
+        stage = StageMessage(
+            "share-keys", "s1", ids=tuple(keys), blobs=tuple(k.c for k in keys.values()),
+            more=tuple(k.s for k in keys.values()),
+        )
+        message = Message(
+            content=encode_stage(stage), dst_node_id=node,
+            message_type=MessageType.TRAIN, group_id="1/share-keys",
+        )
+
+        # Execute
+        ids = grid.push_messages([message])
+        reply = decode_stage(grid.pull_messages(ids)[0].content, expect="share-keys")
+
+        print(json.dumps({{
+            "error": reply.error,
+            "sealed_for": sorted(reply.ids),
+            "heavy": [m for m in {HEAVY!r} if m in sys.modules],
+        }}))
+        """
+    )
+
+    # Assert: the stage was answered (shares sealed for the two peers), without torch.
+    assert loaded["error"] == "" and loaded["sealed_for"] == [2, 3]
+    assert loaded["heavy"] == []
