@@ -1,6 +1,6 @@
 """A Transformer text classifier that Opacus accepts as it is.
 
-Why this shape (see docs/model.md and ../shared/FACTS.md):
+Why this shape (docs/model.md has the measurements):
 - ``nn.TransformerEncoderLayer`` is refused by Opacus, and Opacus's own replacement
   computes something else with ``batch_first=True``. Our layer uses one fused qkv
   ``nn.Linear`` and ``F.scaled_dot_product_attention``; it equals a pre-LN

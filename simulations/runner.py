@@ -1,6 +1,6 @@
 """``fedsilo simulate``: the real ServerApp and ClientApp on Flower's Simulation Engine.
 
-Each simulated site is a Ray actor with one CPU (FACTS.md: about 630 MB each), so a
+Each simulated site is a Ray actor with one CPU (about 630 MB each), so a
 2-core machine trains two sites at a time. A scenario is a TOML file of run-config
 keys plus ``num-sites``; command-line options override it.
 """

@@ -51,7 +51,7 @@ def compute_epsilon(
         prv = PRVAccountant()
         prv.history = history
         # At q = 1 Opacus's PRV takes log(1 - q) = -inf on purpose (numpy warns); the
-        # result matches an independent PLD accountant (tests/unit/privacy).
+        # result matches an independent PLD accountant (tests/unit/common/privacy).
         with np.errstate(divide="ignore"):
             return float(prv.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
     if accountant == "rdp":

@@ -158,7 +158,7 @@ def test_a_run_survives_a_stopped_site_and_a_corrupt_one(federation: Federation)
     # round 1 and changed again in round 2. Two DP rounds over 3,000 examples do not
     # reliably beat the zero head's loss of ln 2 (0.6922 was seen), so the loss
     # is only checked to be that of a sane model, not of a garbage sum. Learning is
-    # shown by tests/unit/test_training.py, the sum's exactness by
+    # shown by tests/unit/common/test_training.py, the sum's exactness by
     # tests/integration/test_secure_aggregation.py.
     ckpt = [load_file(str(out_dir / "checkpoints" / f"round-00{r}.safetensors")) for r in (1, 2)]
     assert float(ckpt[0]["head.weight"].abs().max()) > 0

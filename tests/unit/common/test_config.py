@@ -9,7 +9,7 @@ import pytest
 
 from common.config import ConfigError, RunConfig
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_pyproject_app_config_equals_the_typed_defaults() -> None:
