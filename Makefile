@@ -39,13 +39,13 @@ flwr-run: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy common client server simulations cli
+	$(BIN)/mypy common client server simulations cli benchmarks
 	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest
 
-# P1-P6 (docs/benchmarks.md). Not part of the tests; about an hour on 2 cores: run
+# P1-P8 (docs/benchmarks.md). Not part of the tests; about an hour on 2 cores: run
 # it on a quiet machine. P4/P6 reuse finished runs in runs/bench-accuracy (delete it
 # to measure afresh).
 bench: $(STAMP)
@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/secagg.py --sites 5,20,50 --rounds 3
 	$(BIN)/python benchmarks/accuracy.py --out runs/bench-accuracy
 	$(BIN)/python benchmarks/scale.py --rounds 3
+	$(BIN)/python benchmarks/deploy.py --sites 4 --rounds 3
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .flwr

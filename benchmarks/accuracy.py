@@ -34,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common.outputs import RunSummary, read_summary  # noqa: E402
 from simulations.runner import load_scenario  # noqa: E402
 
 # What central training depends on; two scenarios equal on these share a central run.
@@ -58,12 +59,12 @@ def central_key(scenario: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(cfg[k] for k in CENTRAL_KEYS)
 
 
-def run(args: list[str], out: Path) -> tuple[dict[str, Any], float, bool]:
+def run(args: list[str], out: Path) -> tuple[RunSummary, float, bool]:
     """The run's summary, its wall seconds, and whether it was reused."""
     summary_path, wall_path = out / "summary.json", out / "wall.json"
     if summary_path.is_file() and wall_path.is_file():
         wall = float(json.loads(wall_path.read_text())["seconds"])
-        return json.loads(summary_path.read_text()), wall, True
+        return read_summary(summary_path), wall, True
     cmd = [str(ROOT / ".venv" / "bin" / "fedsilo"), "simulate", *args, "--out", str(out)]
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -72,15 +73,15 @@ def run(args: list[str], out: Path) -> tuple[dict[str, Any], float, bool]:
         tail = proc.stderr.decode(errors="replace")[-2000:]
         raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{tail}")
     wall_path.write_text(json.dumps({"seconds": wall, "command": cmd}))
-    return json.loads(summary_path.read_text()), wall, False
+    return read_summary(summary_path), wall, False
 
 
-def time_split(summary: dict[str, Any]) -> dict[str, float]:
+def time_split(summary: RunSummary) -> dict[str, float]:
     """Seconds in local training and in the secure-aggregation exchanges, summed over
     rounds (the training exchange includes the sites' encoding)."""
     train = protocol = 0.0
-    for row in summary["rounds"]:
-        stages = row.get("stage_seconds") or {}
+    for row in summary.rounds:
+        stages = row.stage_seconds
         train += float(stages.get("train", 0.0))
         protocol += sum(float(v) for k, v in stages.items() if k != "train")
     return {"train": train, "protocol": protocol}
@@ -112,11 +113,11 @@ def main(argv: list[str] | None = None) -> None:
             cen, _, cen_reused = run(
                 ["--scenario", name, "--mode", "central"], out / f"central-{dataset}"
             )
-            centrals[key] = (float(cen["final"]["accuracy"]), "reused" if cen_reused else "ran")
+            centrals[key] = (cen.final.accuracy, "reused" if cen_reused else "ran")
         central_acc, central_how = centrals[key]
-        fed_acc = float(fed["final"]["accuracy"])
+        fed_acc = fed.final.accuracy
         gap = 100 * (central_acc - fed_acc)
-        epsilon = fed["config"]["epsilon"] if fed["dp"] else float("inf")
+        epsilon = fed.run_config.epsilon if fed.dp else float("inf")
         how = f"federated {'reused' if fed_reused else 'ran'}, central {central_how}"
         print(
             f"{name:<14}{epsilon:>8g}{fed_acc:>11.4f}{central_acc:>9.4f}{gap:>+7.1f}p  {how}",
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
                 "gap_points": gap,
                 "wall_seconds": fed_wall,
                 "time_split": time_split(fed),
-                "rounds_completed": fed["final"]["rounds_completed"],
+                "rounds_completed": fed.final.rounds_completed,
             }
         )
     worst = max(results, key=lambda r: r["gap_points"])
@@ -156,4 +157,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -14,7 +14,9 @@ The same workload twice, one after the other in this one invocation:
 Printed: per round the time from sampling to the mean update (``aggregate_seconds``)
 and the whole round, for both, and P7 = deployed / in-process (median over rounds
 2.., round 1 pays for each site's one-off noise calibration and the first imports).
-Also the seconds each stage exchange took in the deployed run.
+Also the seconds each stage exchange took in the deployed run, and the process start
+of a stage message at a site: a fresh interpreter importing Flower's ``flwr-clientapp``
+command and fedsilo's ClientApp, against Flower's command alone (median of 5).
 
     .venv/bin/python benchmarks/deploy.py --sites 4 --rounds 3
 """
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -107,6 +110,19 @@ def in_process(root: Path, names: list[str], data: dict[str, Path], rounds: int)
     return summary
 
 
+def process_start(repeats: int = 5) -> tuple[float, float]:
+    """Median seconds for a fresh interpreter to import what a stage message's process
+    imports (Flower's ``flwr-clientapp`` command and the ClientApp), and Flower's alone."""
+    flower = "import flwr.supernode.cli.flwr_clientapp"
+    times: dict[str, list[float]] = {"app": [], "flower": []}
+    for _ in range(repeats):
+        for name, code in (("app", f"{flower}; import client.app"), ("flower", flower)):
+            started = time.monotonic()
+            subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+            times[name].append(time.monotonic() - started)
+    return statistics.median(times["app"]), statistics.median(times["flower"])
+
+
 def _check(summary: dict[str, Any], sites: int, what: str) -> None:
     rows = summary["rounds"]
     if any(r["status"] != "ok" or r["trained"] != sites for r in rows):
@@ -122,6 +138,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--rounds must be at least 2 (round 1 is left out of the ratio)")
     names = [f"site-{chr(ord('a') + i)}" for i in range(args.sites)]
     print(f"cores: {os.cpu_count()}; {args.sites} sites x {deployment.ROWS_PER_SITE} rows")
+    app_start, flower_start = process_start()
+    print(
+        f"P7 process start of a stage message at a site: {app_start:.2f} s "
+        f"(Flower's flwr-clientapp alone {flower_start:.2f} s; load {os.getloadavg()[0]:.1f})",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="fedsilo-p7-") as tmp:
         root = Path(tmp)
         data = deployment.write_sites_data(root, names)

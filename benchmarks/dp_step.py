@@ -438,12 +438,14 @@ def main() -> None:
                 f"{time.perf_counter() - started:.0f} s so far (load {load()})",
                 flush=True,
             )
-    print(f"\nOne step, median of {a.reps} interleaved rounds after {a.warmup} warm-up:")
     print(
-        f"{'threads':>7} {'batch':>5}  {'mode':<29} {'ms/step':>8} {'IQR':>6} {'x non-private':>14}"
+        f"\nP1 DP-SGD step / plain step, median of {a.reps} interleaved rounds after {a.warmup} warm-up:"
+    )
+    print(
+        f"P1 {'threads':>7} {'batch':>5}  {'mode':<29} {'ms/step':>8} {'IQR':>6} {'x non-private':>14}"
     )
     for threads, size, name, ms, iqr, ratio in rows:
-        print(f"{threads:>7} {size:>5}  {name:<29} {ms:8.1f} {iqr:6.1f} {ratio:13.2f}x")
+        print(f"P1 {threads:>7} {size:>5}  {name:<29} {ms:8.1f} {iqr:6.1f} {ratio:13.2f}x")
     equivalence(batches[64])
     if not a.no_attempts:
         attempts(big, reps=a.attempt_reps, warmup=a.warmup)

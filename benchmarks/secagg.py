@@ -1,4 +1,5 @@
-"""P2 / P3: what secure aggregation costs, side by side in one run.
+"""P2 / P3 / P8: what secure aggregation costs, and what fedsilo's coordinator costs over
+Flower's, side by side in one run.
 
 For each number of simulated sites N (Flower's Simulation Engine, Ray, one CPU per
 site, iid split of Rotten Tomatoes, DP on, the tiny model):
@@ -13,6 +14,8 @@ site, iid split of Rotten Tomatoes, DP on, the tiny model):
   to other load on the machine than the ratio of two runs made minutes apart);
 * the same ratio for Flower's own SecAgg+ on the same site workload
   (benchmarks/flower_secaggplus.py: the anchor);
+* P8: fedsilo's plain round / Flower's plain round on the same site workload (what
+  fedsilo's coordinator and site add to a round beyond the DP-SGD itself);
 * bytes uploaded per site per round (every stage's serialized message content) / the
   fp32 dense size of the trainable parameters, for both.
 
@@ -56,14 +59,14 @@ def _fedsilo(num_sites: int, rounds: int, secure: bool, out: Path, bits: int) ->
             "out-dir": str(out),
         }
     )
-    rows = summary["rounds"]
-    if any(r["status"] != "ok" or r["trained"] != num_sites for r in rows):
+    rows = summary.rounds
+    if any(r.status != "ok" or r.trained != num_sites for r in rows):
         raise RuntimeError(f"not every site trained in every round: {rows}")
     later = rows[1:] or rows
-    uploads = [b for r in later for b in r["upload_bytes"].values()]
-    protocol = [sum(v for k, v in r["stage_seconds"].items() if k != "train") for r in later]
+    uploads = [b for r in later for b in r.upload_bytes.values()]
+    protocol = [sum(v for k, v in r.stage_seconds.items() if k != "train") for r in later]
     return {
-        "round_seconds": statistics.median(r["aggregate_seconds"] for r in later),
+        "round_seconds": statistics.median(r.aggregate_seconds for r in later),
         "bytes_per_site": statistics.mean(uploads),
         # Wall time of the exchanges after training (share keys, masked input, unmask)
         # and of unmasking: what the protocol adds to a round, robust to a busy machine.
@@ -132,16 +135,17 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     header = (
-        f"{'N':>3} | {'fedsilo plain':>13} {'secure':>8} {'ratio':>6} {'protocol':>8} "
+        f"P2 {'N':>3} | {'fedsilo plain':>13} {'secure':>8} {'ratio':>6} {'protocol':>8} "
         f"{'bytes/fp32':>10} | "
         f"{'flower plain':>12} {'SecAgg+':>8} {'ratio':>6} {'bytes/fp32':>10} | load"
     )
     print(header)
+    p8: list[str] = []
     for n in (int(x) for x in args.sites.split(",") if x.strip()):
         plain = _measure("fedsilo", n, args.rounds, "plain")
         secure = _measure("fedsilo", n, args.rounds, "secure")
         line = (
-            f"{n:>3} | {plain['round_seconds']:12.2f}s {secure['round_seconds']:7.2f}s "
+            f"P2 {n:>3} | {plain['round_seconds']:12.2f}s {secure['round_seconds']:7.2f}s "
             f"{secure['round_seconds'] / plain['round_seconds']:5.2f}x "
             f"{secure['protocol_seconds']:7.2f}s "
             f"{secure['bytes_per_site'] / fp32:10.3f} | "
@@ -158,7 +162,16 @@ def main(argv: list[str] | None = None) -> None:
                 f"{f_secure['round_seconds'] / f_plain['round_seconds']:5.2f}x "
                 f"{f_secure['bytes_per_site'] / fp32:10.3f} | "
             )
+            p8.append(
+                f"{n} sites {plain['round_seconds']:.2f} s / {f_plain['round_seconds']:.2f} s = "
+                f"{plain['round_seconds'] / f_plain['round_seconds']:.2f}x"
+            )
         print(line + " ".join(f"{x:.1f}" for x in loads), flush=True)
+    if p8:
+        print(
+            "P8 fedsilo plain round / Flower's plain round, same site workload, same run "
+            "(goal <= 1.00x): " + "; ".join(p8)
+        )
     if args.bits:
         # P3 measured: everything a site uploads in a secure round, at each bit width.
         p3 = []

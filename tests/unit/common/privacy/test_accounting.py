@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
 
 from common.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
 from common.privacy.errors import PrivacyError
-from common.privacy.events import SubsampledGaussianEvent
+from common.privacy.events import PRV_EPS_ERROR, SubsampledGaussianEvent
 from tests.support.reference import DELTA, reference_epsilon
 
 
@@ -74,3 +76,30 @@ def test_bad_state_and_parameters_fail_closed() -> None:
         calibrate_noise_multiplier(target_epsilon=-1.0, delta=DELTA, sample_rate=0.1, steps=10)
     with pytest.raises(PrivacyError):
         calibrate_noise_multiplier(target_epsilon=1e-4, delta=DELTA, sample_rate=1.0, steps=10_000)
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [(1.57, 0.25, 4)],
+        [(1.57, 0.25, 80)],
+        [(0.8, 0.05, 200), (1.2, 0.1, 30)],
+        [(3.0, 1.0, 20)],
+        [(1.0, 0.01, 1000), (2.0, 0.5, 3), (1.0, 0.01, 10)],
+    ],
+)
+def test_epsilons_are_opacus_own_to_the_last_bit(history: list[tuple[float, float, int]]) -> None:
+    # Prepare: Opacus's own accountants over the same history (computed twice, the second
+    # time from the per-step RDP cache).
+    events = [SubsampledGaussianEvent(sigma, q, steps) for sigma, q, steps in history]
+    prv, rdp = PRVAccountant(), RDPAccountant()
+    prv.history = list(history)
+    rdp.history = list(history)
+    with np.errstate(divide="ignore"):
+        expected_prv = float(prv.get_epsilon(delta=DELTA, eps_error=PRV_EPS_ERROR))
+    expected_rdp = float(rdp.get_epsilon(delta=DELTA))
+
+    # Execute / Assert
+    for _ in range(2):
+        assert compute_epsilon(events, DELTA, accountant="rdp") == expected_rdp
+        assert compute_epsilon(events, DELTA) == expected_prv
