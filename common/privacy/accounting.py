@@ -108,11 +108,13 @@ def _prv_epsilon(history: History, delta: float) -> float:
     half_width = max(size, eps_error) + 3
     mesh = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
     domain = Domain.create_aligned(-half_width, half_width, mesh)
-    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
-    truncated = [TruncatedPrivacyRandomVariable(p, domain.t_min, domain.t_max) for p in prvs]
     # At q = 1 Opacus's PRV takes log(1 - q) = -inf on purpose (numpy warns); the result
     # matches an independent PLD accountant (tests/unit/common/privacy).
     with np.errstate(divide="ignore"):
+        prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
+        truncated = [
+            TruncatedPrivacyRandomVariable(p, domain.t_min, domain.t_max) for p in prvs
+        ]
         dprv = compose_heterogeneous(
             dprvs=[discretize(t, domain) for t in truncated], num_self_compositions=counts
         )
