@@ -122,7 +122,7 @@ def test_a_run_survives_a_stopped_site_and_a_corrupt_one(federation: Federation)
         60,
         every=1,
     )
-    time.sleep(4)  # > the ServerApp's 3 s reply poll: round 1 has seen site-c go
+    time.sleep(4)  # > a SuperNode's 3 s idle poll: round 1 has seen site-c go
     marks["site-c restarting"] = time.monotonic() - started
     restarted = fed.start_site(sites["site-c"], tag="-restarted")
     deployment.wait(
