@@ -255,7 +255,9 @@ class RunSummary(_Frozen):
         return heads
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, allow_nan=False)
+        """The file's text. A NaN or infinite number is an error here, as it was before
+        the summary had types (pydantic's JSON mode would write it as null)."""
+        return json.dumps(self.model_dump(), indent=2, allow_nan=False)
 
 
 def _describe(err: ValidationError) -> str:

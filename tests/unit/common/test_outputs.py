@@ -124,3 +124,12 @@ def test_model_files_read_back_and_damage_is_named(tmp_path: Path) -> None:
         read_model(broken)
     with pytest.raises(RunOutputError, match="missing"):
         read_model(tmp_path / "none.safetensors")
+
+
+def test_a_non_finite_number_is_never_written_as_null() -> None:
+    summary = summaries.federated(0.7)
+    diverged = summary.model_copy(
+        update={"rounds": (summary.rounds[0].model_copy(update={"loss": float("inf")}),)}
+    )
+    with pytest.raises(ValueError, match="Out of range float values"):
+        diverged.to_json()
