@@ -152,7 +152,7 @@ def check_data(
     label_column: Annotated[str, typer.Option(help="column holding the label")] = "label",
 ) -> None:
     """Validate a site's data file with the loader the ClientApp uses; print counts only."""
-    from client.data import read_site_file
+    from client.settings import read_site_file
 
     data = read_site_file(path, dataset, text_column, label_column)
     counts = ", ".join(f"{k}: {v}" for k, v in data.label_counts().items())

@@ -9,9 +9,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from client.settings import SiteConfigError, SiteSettings
+from client.settings import SiteConfigError, SiteSettings, read_site_file
 from common.config import RunConfig
-from common.data import TextDataset, builtin_label_names, load_builtin, load_site_file, partition
+from common.data import load_builtin, partition
 from common.privacy.ledger import dataset_fingerprint
 from common.text import encode
 from common.training import Batchable
@@ -44,21 +44,10 @@ def data_key(settings: SiteSettings, config: RunConfig) -> tuple[Any, ...]:
     )
 
 
-def read_site_file(path: str, dataset: str, text_column: str, label_column: str) -> TextDataset:
-    """A deployed site's own data file, validated against the federation's label set
-    (``fedsilo site check`` reads it with this too)."""
-    return load_site_file(
-        path,
-        label_names=builtin_label_names(dataset),
-        text_column=text_column,
-        label_column=label_column,
-    )
-
-
-# Simulated sites share a Ray actor (about 25 per actor at 50 sites): keep every site
-# an actor serves, not the last 4 (reloading cost a 50-site plain round 0.5 s). The
-# whole training split tokenized is about 5 MB.
-@lru_cache(maxsize=1024)
+# Simulated sites share a Ray actor (about 25 per actor at 50 sites): keep the sites an
+# actor serves, not the last 4 (reloading cost a 50-site plain round 0.5 s). The whole
+# training split tokenized is about 5 MB.
+@lru_cache(maxsize=256)
 def _load(key: tuple[Any, ...]) -> tuple[Batchable, str]:
     """The site's tokenized examples and the data set's fingerprint (cached per process:
     simulated sites share actors)."""

@@ -33,7 +33,6 @@ from typing import Any
 import tomli_w
 from cryptography.hazmat.primitives import serialization
 
-from client.data import read_site_file
 from client.settings import (
     DATA_PATH_KEY,
     DEFAULT_SITE_DELTA,
@@ -45,6 +44,7 @@ from client.settings import (
     TEXT_COLUMN_KEY,
     SiteConfigError,
     SiteSettings,
+    read_site_file,
 )
 from common.config import ConfigError, RunConfig
 from common.data import BUILTIN_DATASETS, DataValidationError
@@ -315,7 +315,7 @@ def check_site(directory: Path) -> CheckReport:
 def _check_data(
     report: CheckReport, data_path: str, settings: SiteSettings, dataset: str
 ) -> str | None:
-    """The ClientApp's own loader and label set (client.data.read_site_file)."""
+    """The ClientApp's own loader and label set (client.settings.read_site_file)."""
     try:
         data = read_site_file(data_path, dataset, settings.text_column, settings.label_column)
     except DataValidationError as err:

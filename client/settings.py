@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
+from common.data import TextDataset, builtin_label_names, load_site_file
 from common.messages import SITE_NAME
 
 PARTITION_ID_KEY = "partition-id"
@@ -92,3 +93,15 @@ class SiteSettings:
             epsilon=epsilon,
             delta=delta,
         )
+
+
+def read_site_file(path: str, dataset: str, text_column: str, label_column: str) -> TextDataset:
+    """A deployed site's own data file, validated against the federation's label set:
+    the ClientApp, ``fedsilo site check`` and ``fedsilo check-data`` read it with this
+    (no torch: the checks stay light)."""
+    return load_site_file(
+        path,
+        label_names=builtin_label_names(dataset),
+        text_column=text_column,
+        label_column=label_column,
+    )

@@ -23,20 +23,22 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
+    StringConstraints,
     ValidationError,
     computed_field,
     field_validator,
     model_serializer,
-    model_validator,
 )
 from pydantic_core.core_schema import SerializerFunctionWrapHandler
 
 from common.config import ConfigError, RunConfig
+from common.messages import LEDGER_SIGNATURE, SITE_NAME
 from common.plots import plot_run
 
 if TYPE_CHECKING:
@@ -57,59 +59,63 @@ class RunOutputError(ValueError):
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Strict: a number is a number, not a string that parses as one; no NaN or infinity
+    # (JSON has neither: a summary holding one was not written by fedsilo).
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+
+# What a summary names: sites (as their reports name them, or node-<id>) and hashes.
+SiteName = Annotated[str, StringConstraints(pattern=rf"^{SITE_NAME.pattern}$")]
+Count = Annotated[int, Field(ge=0)]
+Seconds = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Epsilon = Annotated[float, Field(ge=0)]
 
 
 class LedgerHead(_Frozen):
     """What a site declared of its signed ledger after a round."""
 
-    hash: str
-    signature: str
-    epsilon: float
+    hash: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    signature: Annotated[str, StringConstraints(pattern=rf"^{LEDGER_SIGNATURE.pattern}$")]
+    epsilon: Epsilon
+
+
+NoteStatus = Literal["failed", "refused", "rejected"]
 
 
 class Note(_Frozen):
     """Why a site did not contribute to a round."""
 
-    site: str
-    status: str  # failed, refused, rejected
+    site: SiteName
+    status: NoteStatus
     reason: str
 
 
 class RoundRecord(_Frozen):
     """One round as the coordinator saw it (central runs: one round's worth of epochs)."""
 
-    round: int
-    sites_asked: int = 0
-    trained: int = 0
-    accuracy: float
-    loss: float
+    round: Annotated[int, Field(ge=1)]
+    sites_asked: Count = 0
+    trained: Count = 0
+    accuracy: Fraction
+    loss: Annotated[float, Field(ge=0)]
     status: Literal["ok", "failed"] = "ok"
     reason: str = ""
-    seconds: float = 0.0
+    seconds: Seconds = 0.0
     # Of which: from sampling to the mean update (training and aggregation, without the
     # central evaluation and checkpoint): what secure aggregation adds to.
-    aggregate_seconds: float = 0.0
-    epsilon_per_site: dict[str, float] = {}
+    aggregate_seconds: Seconds = 0.0
+    epsilon_per_site: dict[SiteName, Epsilon] = {}
     # What each site declared of its signed ledger after this round: an auditor can
     # match a ledger shown later against these heads.
-    ledger_heads: dict[str, LedgerHead] = {}
+    ledger_heads: dict[SiteName, LedgerHead] = {}
     notes: tuple[Note, ...] = ()
     # Bytes each site sent this round (serialized message contents, all stages).
-    upload_bytes: dict[str, int] = {}
-    clipped: int = 0  # sites whose delta was scaled down to update-clip-norm
-    stage_seconds: dict[str, float] = {}  # per message exchange
-    trained_sites: tuple[str, ...] = ()  # whose updates are in the mean
-    train_loss: float | None = None  # central runs only
-
-    @model_validator(mode="before")
-    @classmethod
-    def _drop_derived(cls, data: Any) -> Any:
-        """``epsilon_max`` and ``upload_kib`` are written for readers of the JSON and
-        derived again here, never trusted from the file."""
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if k not in ("epsilon_max", "upload_kib")}
-        return data
+    upload_bytes: dict[SiteName, Count] = {}
+    clipped: Count = 0  # sites whose delta was scaled down to update-clip-norm
+    stage_seconds: dict[str, Seconds] = {}  # per message exchange
+    trained_sites: tuple[SiteName, ...] = ()  # whose updates are in the mean
+    train_loss: Annotated[float, Field(ge=0)] | None = None  # central runs only
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -138,41 +144,41 @@ class SiteSummary(_Frozen):
     The numbers are the site's own declarations, which the coordinator cannot check:
     the site's signed ledger is the proof (``fedsilo audit verify``)."""
 
-    site: str
-    num_examples: int = 0  # 0 under secure aggregation: the count stays at the site
-    noise_multiplier: float | None = None
-    sample_rate: float | None = None
-    steps: int = 0
-    epsilon: float | None = None  # None: no DP, or nothing declared
-    delta: float | None = None
-    budget: float | None = None
+    site: SiteName
+    num_examples: Count = 0  # 0 under secure aggregation: the count stays at the site
+    noise_multiplier: Annotated[float, Field(ge=0)] | None = None
+    sample_rate: Fraction | None = None
+    steps: Count = 0
+    epsilon: Epsilon | None = None  # None: no DP, or nothing declared
+    delta: Fraction | None = None
+    budget: Epsilon | None = None
     dp: bool = True
-    rounds_trained: int = 0
-    rounds_refused: int = 0
-    rounds_failed: int = 0
-    ledger_head: str | None = None
+    rounds_trained: Count = 0
+    rounds_refused: Count = 0
+    rounds_failed: Count = 0
+    ledger_head: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
 
 
 class FinalRecord(_Frozen):
-    accuracy: float
-    loss: float
-    rounds_completed: int
-    epsilon_max: float | None
+    accuracy: Fraction
+    loss: Annotated[float, Field(ge=0)]
+    rounds_completed: Count
+    epsilon_max: Epsilon | None
 
 
 class Candidate(_Frozen):
     """One learning rate a central run tried (full schedule, held-out score)."""
 
-    learning_rate: float
+    learning_rate: Annotated[float, Field(gt=0)]
     diverged: bool
-    val_accuracy: float | None
-    val_loss: float | None
-    seconds: float
+    val_accuracy: Fraction | None
+    val_loss: Annotated[float, Field(ge=0)] | None
+    seconds: Seconds
 
 
 class Selection(_Frozen):
     candidates: tuple[Candidate, ...]
-    holdout_fraction: float | None
+    holdout_fraction: Fraction | None
     criterion: str
 
 
@@ -182,15 +188,15 @@ class CentralRecord(_Frozen):
     optimizer: str
     clipping: None = None
     noise: None = None
-    learning_rate: float
-    batch_size: int
-    epochs: int
-    epochs_per_round: int
-    train_examples: int
-    test_examples: int
-    max_train: int | None
+    learning_rate: Annotated[float, Field(gt=0)]
+    batch_size: Count
+    epochs: Count
+    epochs_per_round: Count
+    train_examples: Count
+    test_examples: Count
+    max_train: Count | None
     selection: Selection
-    wall_seconds: float
+    wall_seconds: Seconds
     note: str
 
 
@@ -198,7 +204,7 @@ class RunSummary(_Frozen):
     """``summary.json``: the run's config, every round, every site, the final model's
     scores (and, for a central run, how it trained)."""
 
-    version: int = SUMMARY_VERSION
+    version: Annotated[int, Field(ge=1)] = SUMMARY_VERSION
     dp: bool
     mode: Mode
     config: dict[str, Any]  # kebab-case, exactly as the run recorded it
@@ -260,39 +266,51 @@ class RunSummary(_Frozen):
         return json.dumps(self.model_dump(), indent=2, allow_nan=False)
 
 
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: a damaged file's names are echoed in
+    errors and must not steer the terminal."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def _describe(err: ValidationError) -> str:
     """One clause per problem: the field's path and what is wrong with it."""
     parts = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "summary"
         what = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
-        parts.append(f"field '{field}': {what}")
+        parts.append(f"field '{_printable(field)}': {_printable(what)}")
     return "; ".join(parts)
 
 
-def parse_summary(data: object, where: str = SUMMARY_FILE) -> RunSummary:
-    """A summary from parsed JSON; ``RunOutputError`` names ``where`` and the field."""
-    try:
-        return RunSummary.model_validate(data)
-    except ValidationError as err:
-        raise RunOutputError(f"{where}: {_describe(err)}") from None
-
-
 def read_summary(path: Path) -> RunSummary:
-    """``summary.json`` of a run folder (or the file itself)."""
+    """``summary.json`` of a run folder (or the file itself); ``RunOutputError`` names
+    the file and the field, whatever the file holds."""
     if path.is_dir():
         path = path / SUMMARY_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes()
     except FileNotFoundError:
         raise RunOutputError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
         raise RunOutputError(f"{path}: not readable ({err})") from None
     try:
         data = json.loads(text, parse_constant=_no_constant)
-    except ValueError as err:
-        raise RunOutputError(f"{path}: not readable JSON ({err})") from None
-    return parse_summary(data, str(path))
+    except RecursionError:
+        raise RunOutputError(f"{path}: not readable JSON (nested too deeply)") from None
+    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError included
+        raise RunOutputError(f"{path}: not readable JSON ({_printable(str(err))})") from None
+    # A round's epsilon_max and upload_kib are written for readers of the JSON and
+    # derived again from the round, never taken from the file.
+    if isinstance(data, dict) and isinstance(data.get("rounds"), list):
+        for row in data["rounds"]:
+            if isinstance(row, dict):
+                row.pop("epsilon_max", None)
+                row.pop("upload_kib", None)
+    try:
+        # Strict validation from JSON text: numbers must be numbers, arrays arrays.
+        return RunSummary.model_validate_json(json.dumps(data))
+    except ValidationError as err:
+        raise RunOutputError(f"{path}: {_describe(err)}") from None
 
 
 def _no_constant(name: str) -> float:

@@ -26,6 +26,7 @@ from common.model import build_model, model_spec
 from common.outputs import (
     LedgerHead,
     Note,
+    NoteStatus,
     RoundRecord,
     RunSummary,
     SiteSummary,
@@ -105,7 +106,7 @@ class RoundTally:
     def fail(self, reason: str) -> None:
         self.status, self.reason = "failed", reason
 
-    def note(self, site: str, what: str, reason: str) -> None:
+    def note(self, site: str, what: NoteStatus, reason: str) -> None:
         self.notes.append(Note(site=site, status=what, reason=reason))
 
     def record(self, *, accuracy: float, loss: float, seconds: float) -> RoundRecord:

@@ -112,9 +112,7 @@ def _prv_epsilon(history: History, delta: float) -> float:
     # matches an independent PLD accountant (tests/unit/common/privacy).
     with np.errstate(divide="ignore"):
         prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
-        truncated = [
-            TruncatedPrivacyRandomVariable(p, domain.t_min, domain.t_max) for p in prvs
-        ]
+        truncated = [TruncatedPrivacyRandomVariable(p, domain.t_min, domain.t_max) for p in prvs]
         dprv = compose_heterogeneous(
             dprvs=[discretize(t, domain) for t in truncated], num_self_compositions=counts
         )

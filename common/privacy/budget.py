@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from common.privacy.accounting import compute_epsilon
 from common.privacy.errors import PrivacyError
 from common.privacy.events import SubsampledGaussianEvent
 from common.privacy.ledger import LedgerEntry
@@ -57,11 +56,11 @@ class DatasetBudget:
 
     def spent(self) -> float:
         """Epsilon spent so far, composed at the site's delta."""
-        return compute_epsilon(self.events, self.delta)
+        return _epsilon(self.events, self.delta)
 
     def after(self, event: SubsampledGaussianEvent) -> float:
         """Epsilon once ``event`` has also run: the composition, not a sum of epsilons."""
-        return compute_epsilon([*self.events, event], self.delta)
+        return _epsilon([*self.events, event], self.delta)
 
     def allows(self, event: SubsampledGaussianEvent) -> tuple[bool, float]:
         """Whether ``event`` fits the budget, and the epsilon it would bring."""
@@ -71,3 +70,11 @@ class DatasetBudget:
     def earlier_runs(self, run_id: str) -> tuple[SubsampledGaussianEvent, ...]:
         """What other runs spent on this data set: a run calibrates its noise after it."""
         return tuple(e.event for e in self.entries if e.run_id != run_id)
+
+
+def _epsilon(events: list[SubsampledGaussianEvent], delta: float) -> float:
+    # Opacus's accountant loads when an epsilon is computed, not when the site's tooling
+    # starts (``fedsilo site init`` needs none).
+    from common.privacy.accounting import compute_epsilon
+
+    return compute_epsilon(events, delta)

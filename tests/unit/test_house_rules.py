@@ -6,6 +6,7 @@ stage must not pay for torch; nor may `fedsilo --help`."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,42 @@ def test_a_forbidden_import_breaks_a_contract(
     report = done.stdout.replace("\n", " ")
     assert "1 broken" in report, report[-2000:]
     assert re.search(rf"{re.escape(broken)}[^\n]* BROKEN", report), report[-2000:]
+
+
+def _imports(node: ast.AST, *, in_function: bool = False) -> list[tuple[str, bool]]:
+    """Every module ``node`` imports, and whether the import sits inside a function
+    (imports under ``if TYPE_CHECKING:`` never run and are left out)."""
+    found: list[tuple[str, bool]] = []
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
+            continue
+        if isinstance(child, ast.Import):
+            found += [(alias.name, in_function) for alias in child.names]
+        elif isinstance(child, ast.ImportFrom) and child.module:
+            found += [(child.module, in_function)]
+            found += [(f"{child.module}.{alias.name}", in_function) for alias in child.names]
+        inside = in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
+        found += _imports(child, in_function=inside)
+    return found
+
+
+def test_every_import_a_contract_ignores_is_a_lazy_one() -> None:
+    # Prepare: the ignored imports of every contract.
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    rules = [r for c in contracts["contracts"] for r in c.get("ignore_imports", [])]
+    assert rules
+
+    # Execute / Assert: each is imported, and only inside functions.
+    for rule in rules:
+        importer, imported = (part.strip() for part in rule.split("->"))
+        tree = ast.parse((ROOT / (importer.replace(".", "/") + ".py")).read_text())
+        matches = [
+            lazy
+            for module, lazy in _imports(tree)
+            if module == imported or module.startswith(imported + ".")
+        ]
+        assert matches, f"{rule}: no such import"
+        assert all(matches), f"{rule}: imported at module level, not only inside a function"
 
 
 def test_fedsilo_help_loads_no_torch() -> None:

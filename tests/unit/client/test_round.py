@@ -10,15 +10,16 @@ from typing import Any
 import pytest
 import torch
 
-from client.round import SiteState, run_round
+from client.round import SiteState, run_round, train_round
 from client.settings import SiteConfigError, SiteSettings
 from common.config import RunConfig
-from common.messages import RoundPlan, SiteReport
+from common.messages import RoundPlan, SecAggSetup, SiteReport, TrainReply, TrainRequest
 from common.model import build_model, model_spec
 from common.privacy.audit import verify_ledger
 from common.privacy.errors import LedgerError, PrivacyError
 from common.privacy.identity import load_public_key
 from common.privacy.ledger import LEDGER_FILE
+from common.secagg.params import SecAggParams
 from tests.support.reference import reference_epsilon
 
 NODE = {"partition-id": 3, "num-partitions": 20}
@@ -191,3 +192,29 @@ def test_a_deployed_site_keeps_dp_and_its_own_budget_whatever_the_plan(
     # Without its own budget a deployed site does not start.
     with pytest.raises(SiteConfigError, match="own 'epsilon'"):
         SiteSettings.from_node_config({"data-path": str(data)}, cfg)
+
+
+def test_the_example_count_leaves_only_inside_the_secure_sum(cfg: RunConfig) -> None:
+    # Prepare: a site that trains (round 1) and one whose budget refuses (a new run once
+    # the budget is spent), each answered with and without secure aggregation.
+    settings = SiteSettings.from_node_config(NODE, cfg)
+    arrays = build_model(model_spec(cfg, 2), seed=0).trainable_state()
+    params = SecAggParams.create(range(1, 3), ring_bits=12, vector_length=4, session="s")
+
+    def answer(rnd: int, run_id: str, secure: bool) -> TrainReply:
+        setup = SecAggSetup(params, 1, 7) if secure else None
+        request = TrainRequest(RoundPlan(rnd, cfg), arrays, setup)
+        state = states.setdefault((run_id, secure), SiteState())
+        return train_round(request, settings, state, run_id=f"{run_id}-{secure}")[0]
+
+    states: dict[tuple[str, bool], SiteState] = {}
+    plain_ok = answer(1, "a", secure=False)
+    answer(2, "a", secure=False)  # the whole budget is spent now
+    refused_plain = answer(1, "b", secure=False)
+    refused_secure = answer(1, "c", secure=True)
+
+    # Assert
+    assert plain_ok.report.status == "ok" and plain_ok.report.num_examples > 0
+    assert refused_plain.report.status == refused_secure.report.status == "refused"
+    assert refused_plain.report.num_examples == plain_ok.report.num_examples
+    assert refused_secure.report.num_examples == 0

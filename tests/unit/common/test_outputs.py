@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from common.outputs import (
-    RoundRecord,
     RunOutputError,
     read_model,
     read_summary,
@@ -97,20 +96,64 @@ def test_unreadable_summaries_are_named(tmp_path: Path) -> None:
         read_summary(tmp_path)
 
 
-def test_derived_numbers_are_recomputed_not_read() -> None:
-    row = RoundRecord.model_validate(
+def test_derived_numbers_are_recomputed_not_read(tmp_path: Path) -> None:
+    data = json.loads(summaries.federated(0.7).to_json())
+    data["rounds"][0].update(
         {
-            "round": 1,
-            "accuracy": 0.5,
-            "loss": 0.7,
             "epsilon_per_site": {"a": 1.0, "b": 2.5},
             "upload_bytes": {"a": 1024, "b": 3072},
             "epsilon_max": 0.1,  # a lie
             "upload_kib": 99.0,
         }
     )
+    (tmp_path / "summary.json").write_text(json.dumps(data))
+    row = read_summary(tmp_path).rounds[0]
     assert row.epsilon_max == 2.5 and row.upload_kib == 2.0
     assert "train_loss" not in row.model_dump()  # a federated round has none
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda d: d["rounds"][0].update({"accuracy": "INF"}), "field 'rounds.0.accuracy'"),
+        (lambda d: d["final"].update({"loss": "-Infinity"}), "field 'final.loss'"),
+        (lambda d: d.update({"version": True}), "field 'version'"),
+        (lambda d: d["rounds"][0].update({"round": "7"}), "field 'rounds.0.round'"),
+        (lambda d: d["rounds"][0].update({"round": 0}), "field 'rounds.0.round'"),
+        (lambda d: d["rounds"][0].update({"trained": -1}), "field 'rounds.0.trained'"),
+        (
+            lambda d: d["rounds"][0].update(
+                {"ledger_heads": {"s": {"hash": "not hex", "signature": "", "epsilon": 1.0}}}
+            ),
+            "field 'rounds.0.ledger_heads.s.hash'",
+        ),
+        (
+            lambda d: d["rounds"][0].update({"epsilon_per_site": {"\x1b[2Jall OK": 1.0}}),
+            r"field 'rounds\.0\.epsilon_per_site\.\\x1b\[2Jall OK\.\[key\]'",
+        ),
+    ],
+)
+def test_numbers_names_and_hashes_are_what_fedsilo_writes(
+    tmp_path: Path, change: object, named: str
+) -> None:
+    # Prepare: a summary a hostile coordinator could hand an auditor.
+    data = json.loads(summaries.federated(0.7).to_json())
+    change(data)  # type: ignore[operator]
+    (tmp_path / "summary.json").write_text(json.dumps(data))
+
+    # Execute / Assert: refused by name; control characters are not echoed raw.
+    with pytest.raises(RunOutputError, match=named) as refused:
+        read_summary(tmp_path)
+    assert "\x1b" not in str(refused.value)
+
+
+def test_a_file_nested_too_deeply_is_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / "summary.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(RunOutputError, match="not readable JSON"):
+        read_summary(tmp_path)
+    (tmp_path / "summary.json").write_text('{"version": 1e999}')
+    with pytest.raises(RunOutputError, match="field 'version'"):
+        read_summary(tmp_path)
 
 
 def test_model_files_read_back_and_damage_is_named(tmp_path: Path) -> None:
