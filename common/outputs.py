@@ -70,6 +70,7 @@ Count = Annotated[int, Field(ge=0)]
 Seconds = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 Epsilon = Annotated[float, Field(ge=0)]
+Declared = Annotated[float, Field(ge=0)]  # a number a site declared
 
 
 class LedgerHead(_Frozen):
@@ -144,14 +145,16 @@ class SiteSummary(_Frozen):
     The numbers are the site's own declarations, which the coordinator cannot check:
     the site's signed ledger is the proof (``fedsilo audit verify``)."""
 
+    # Declared numbers are held to what the codec lets a reply carry (non-negative and
+    # finite), so no declaration can keep the coordinator from writing its summary.
     site: SiteName
     num_examples: Count = 0  # 0 under secure aggregation: the count stays at the site
-    noise_multiplier: Annotated[float, Field(ge=0)] | None = None
-    sample_rate: Fraction | None = None
+    noise_multiplier: Declared | None = None
+    sample_rate: Declared | None = None
     steps: Count = 0
-    epsilon: Epsilon | None = None  # None: no DP, or nothing declared
-    delta: Fraction | None = None
-    budget: Epsilon | None = None
+    epsilon: Declared | None = None  # None: no DP, or nothing declared
+    delta: Declared | None = None
+    budget: Declared | None = None
     dp: bool = True
     rounds_trained: Count = 0
     rounds_refused: Count = 0

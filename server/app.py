@@ -1,8 +1,10 @@
 """The coordinator's ServerApp: Flower's Grid as a transport for server.federation.
 
 The same ``main`` runs under ``flwr run .`` (config from pyproject.toml and
-``--run-config``), the Simulation Engine (``fedsilo simulate`` adds its overrides),
-the Deployment Engine and the in-process test grid.
+``--run-config``), the Simulation Engine (``fedsilo simulate`` hands over its config,
+parsed once: ``make_server_app``), the Deployment Engine and the in-process test grid.
+Everything behind ``GridTransport`` speaks common/messages.py's values; this module and
+the record codec are where Flower's records are.
 """
 
 from __future__ import annotations

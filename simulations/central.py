@@ -1,6 +1,6 @@
 """``fedsilo simulate --mode central``: the ceiling for the federated, private result.
 
-The same model (``cfg.model_spec``, ``build_model(seed=cfg.seed)``) trained on the
+The same model (``model_spec(cfg, ...)``, ``build_model(seed=cfg.seed)``) trained on the
 pooled training split that the simulation partitions among its sites, without DP,
 clipping, secure aggregation or sites, for the same number of example passes:
 ``num-server-rounds * local-epochs`` epochs over the pooled data (what the federation
