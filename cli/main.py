@@ -208,10 +208,10 @@ def predict(
         try:
             lines = Path(file).read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as err:
-            raise RunOutputError(f"{file}: cannot read ({err})") from None
+            raise ConfigError(f"{file}: cannot read ({err})") from None
         items += [line for line in lines if line.strip()]
     if not items:
-        raise RunOutputError("no text to classify: give TEXT arguments or --file")
+        raise ConfigError("no text to classify: give TEXT arguments or --file")
     results = run_predict(model_dir, items, int8=int8)
     if json_out:
         rows = [

@@ -17,9 +17,8 @@ refuses any message that does not have the declared shape with ``WireError``.
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from common.config import RunConfig
@@ -93,14 +92,6 @@ class SiteReport:
         }
         base.update(values)
         return cls(status=status, reason=reason, site=site, **base)
-
-    def to_json(self) -> dict[str, object]:
-        """JSON-ready form (NaN epsilon of a non-DP site becomes None)."""
-        out = asdict(self)
-        for k, v in out.items():
-            if isinstance(v, float) and math.isnan(v):
-                out[k] = None
-        return out
 
 
 # The report's fields that travel as text; the others are declared numbers.

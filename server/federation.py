@@ -67,22 +67,26 @@ class DeclaredSite:
                 rounds_refused=self.rounds_refused,
                 rounds_failed=self.rounds_failed,
             )
-        declared = last.to_json()
         return SiteSummary(
             site=self.site,
             num_examples=last.num_examples,
-            noise_multiplier=declared["noise_multiplier"],  # type: ignore[arg-type]
-            sample_rate=declared["sample_rate"],  # type: ignore[arg-type]
+            noise_multiplier=_declared(last.noise_multiplier),
+            sample_rate=_declared(last.sample_rate),
             steps=last.total_steps,
-            epsilon=declared["epsilon"],  # type: ignore[arg-type]
-            delta=declared["delta"],  # type: ignore[arg-type]
-            budget=declared["budget"],  # type: ignore[arg-type]
+            epsilon=_declared(last.epsilon),
+            delta=_declared(last.delta),
+            budget=_declared(last.budget),
             dp=last.dp,
             rounds_trained=self.rounds_trained,
             rounds_refused=self.rounds_refused,
             rounds_failed=self.rounds_failed,
             ledger_head=last.ledger_head or None,
         )
+
+
+def _declared(value: float) -> float | None:
+    """A declared number for the summary: NaN (a no-DP site's epsilon) becomes None."""
+    return None if math.isnan(value) else value
 
 
 @dataclass

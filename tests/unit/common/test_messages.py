@@ -1,5 +1,6 @@
 """The values both sides agree on: a reply carries an update or keys exactly when it is
-ok, a report's unset numbers are zeros, and no-DP NaNs become nulls in JSON."""
+ok, a report's unset numbers are zeros, and a no-DP report's NaNs become nulls in the
+summary."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import torch
 from flwr.app import MetricRecord
 
 from common.codec import METRICS_KEY, STATUS_KEY, encode_reply
+from common.config import RunConfig
 from common.messages import SiteReport, TrainReply
 from common.secagg.params import SecAggParams
 from common.secagg.site import SiteSession
+from server.federation import DeclaredSite
 from tests.unit.common.test_codec import ARRAYS, report
 
 KEYS = SiteSession.start(SecAggParams.create(range(1, 4), ring_bits=12, vector_length=10), 2)[1]
@@ -37,7 +40,8 @@ def test_a_report_of_few_numbers_has_zeros_elsewhere() -> None:
     assert SiteReport.of("ok", "", "s", steps=3, dp=False).steps == 3
 
 
-def test_a_no_dp_report_writes_null_epsilons() -> None:
-    out = SiteReport.of("ok", "", "s", dp=False, epsilon=math.nan, budget=math.nan).to_json()
-    assert out["epsilon"] is None and out["budget"] is None and out["steps"] == 0
+def test_a_no_dp_report_is_summarised_with_null_epsilons() -> None:
+    no_dp = SiteReport.of("ok", "", "s", dp=False, epsilon=math.nan, budget=math.nan)
+    out = DeclaredSite("s", no_dp).summary(RunConfig())
+    assert out.epsilon is None and out.budget is None and out.steps == 0
     assert torch.equal(TrainReply(report(), ARRAYS).update["a"], ARRAYS["a"])  # type: ignore[index]
