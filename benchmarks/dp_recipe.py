@@ -20,6 +20,7 @@ import torch
 from common.data import load_builtin, partition
 from common.model import ModelSpec, build_model
 from common.privacy.accounting import calibrate_noise_multiplier
+from common.secure_random import SecureRandom
 from common.text import encode
 from common.training import (
     Batchable,
@@ -102,7 +103,7 @@ def main() -> None:
         f"sigma {[round(p[2], 3) if p[2] else None for p in plans]}; setup {time.time() - t0:.1f}s"
     )
 
-    g = torch.Generator().manual_seed(1)
+    g = SecureRandom(bytes(31) + b"\x01")
     cpu = torch.device("cpu")
     opt = ServerOptimizer(a.server_optimizer, learning_rate=a.server_lr, momentum=a.server_momentum)
     ema: dict[str, torch.Tensor] | None = None
@@ -120,7 +121,7 @@ def main() -> None:
                 noise_multiplier=sigma or 0.0,
                 clip_norm=a.clip,
                 learning_rate=a.lr,
-                generator=g,
+                rng=g,
                 device=cpu,
             )
             new = m.trainable_state()

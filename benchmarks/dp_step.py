@@ -14,7 +14,11 @@ Modes:
                common/dp_engine.py, what common/training.py uses: "book-keeping" clipping
                (ghost norms from the one backward's activations and output gradients,
                then the clipped sum as one matmul per layer; autograd computes no
-               parameter gradient at all)
+               parameter gradient at all), noise from the secure source
+               (common/secure_random.py: ChaCha20, float64 Box-Muller, sum of four)
+  bookkeeping, torch noise
+               the same engine with torch.normal on a torch.Generator (what it drew
+               before issue 12): the cost of the secure noise source alone
 
 Each mode has its own copy of the model. Steps are interleaved (the order rotates every
 round) and each figure is the median over rounds after a warm-up, since the machine is
@@ -46,6 +50,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 import torch
@@ -59,6 +64,7 @@ from torch import nn
 from common.data import load_builtin
 from common.dp_engine import BookkeepingDPSGD
 from common.model import ModelSpec, TextClassifier, build_model
+from common.secure_random import SecureRandom
 from common.text import encode
 
 MAX_LENGTH = 48
@@ -181,16 +187,31 @@ def opacus_ghost(model: nn.Module, batch: Batch, sigma: float, clip: float = CLI
     return step
 
 
-def bookkeeping(model: nn.Module, batch: Batch, sigma: float, clip: float = CLIP) -> Step:
+class TorchNoise:
+    """torch.normal on a seeded torch.Generator in SecureRandom's place (the old noise)."""
+
+    def __init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(0)
+
+    def normal(
+        self, shape: tuple[int, ...], std: float, *, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        return torch.normal(0.0, std, shape, generator=self.generator, dtype=dtype).to(device)
+
+
+def bookkeeping(
+    model: nn.Module, batch: Batch, sigma: float, clip: float = CLIP, *, torch_noise: bool = False
+) -> Step:
     """common/dp_engine.py, as common/training.py builds it."""
     ids, mask, y = batch
+    rng = cast(SecureRandom, TorchNoise()) if torch_noise else SecureRandom(bytes(32))
     engine = BookkeepingDPSGD(
         model,
         clip_norm=clip,
         noise_multiplier=sigma,
         expected_batch=len(y),
         learning_rate=LR,
-        generator=torch.Generator().manual_seed(0),
+        rng=rng,
     )
 
     def step() -> None:
@@ -207,6 +228,7 @@ MODES: dict[str, Builder] = {
     "ghost": opacus_ghost,
     "functorch": lambda m, b, s, c: opacus_hooks(m, b, s, c, functorch=True),
     BK: bookkeeping,
+    "bookkeeping, torch noise": lambda m, b, s, c: bookkeeping(m, b, s, c, torch_noise=True),
 }
 
 
@@ -266,7 +288,7 @@ def equivalence(batch: Batch) -> None:
         noise_multiplier=0.0,
         expected_batch=1,
         learning_rate=LR,
-        generator=torch.Generator(),
+        rng=SecureRandom(bytes(32)),
     ).clipped_sum(lambda: F.cross_entropy(m(*batch[:2]), batch[2], reduction="none"))[1]
     clip = float(norms.median())  # half of the examples clipped, half not
     updates = {}

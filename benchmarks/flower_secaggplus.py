@@ -115,6 +115,7 @@ from client.settings import SiteSettings
 from common.config import RunConfig
 from common.data import builtin_label_names, load_builtin, partition
 from common.model import TextClassifier, build_model, model_spec
+from common.secure_random import SecureRandom
 from common.training import (
     Batchable,
     batches_per_epoch,
@@ -188,9 +189,8 @@ class DPSite(NumPyClient):
         )
         n = len(self.data)
         pid = self.settings.partition_id or 0
-        generator = torch.Generator().manual_seed(
-            1_000_003 * (cfg.seed + 1) + 1009 * pid + int(config.get(ROUND_KEY, 0))
-        )
+        seed = 1_000_003 * (cfg.seed + 1) + 1009 * pid + int(config.get(ROUND_KEY, 0))
+        rng = SecureRandom(seed.to_bytes(32, "little"))
         start = time.perf_counter()
         train_dp(
             self.model,
@@ -200,7 +200,7 @@ class DPSite(NumPyClient):
             noise_multiplier=NOISE_MULTIPLIER,
             clip_norm=cfg.clip_norm,
             learning_rate=cfg.learning_rate,
-            generator=generator,
+            rng=rng,
             device=default_device(),
         )
         return self.get_parameters({}), n, {TRAIN_SECONDS_KEY: time.perf_counter() - start}

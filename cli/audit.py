@@ -1,16 +1,52 @@
-"""``fedsilo audit verify`` and ``fedsilo audit report``: a privacy officer's view of
+"""``fedsilo audit verify``, ``report`` and ``fingerprint``: a privacy officer's view of
 the sites' signed ledgers (common/privacy/audit.py does the checking)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from common.config import ConfigError
 
+if TYPE_CHECKING:
+    from common.privacy.audit import LedgerAudit
+    from common.privacy.ledger import Finding
+
 audit = typer.Typer(help="Check and report sites' signed privacy ledgers.", no_args_is_help=True)
+
+
+def _ledger_paths(ledgers: list[str], *, states: bool = False) -> list[Path]:
+    from common.privacy.audit import find_ledgers
+
+    paths = find_ledgers([Path(p) for p in ledgers], states=states)
+    if not paths:
+        raise ConfigError(f"no ledger found in {', '.join(ledgers)}")
+    return paths
+
+
+def _ok_line(r: LedgerAudit) -> str:
+    """The ledger's entry count and, per budget scope, the last recorded spend."""
+    last = {}
+    for e in r.entries:
+        last[e.budget_scope if e.schema >= 2 else f"data set {e.dataset[:12]}"] = e
+    if not last:
+        spent = "empty"
+    else:
+        spent = ", ".join(
+            f"lifetime epsilon {e.spent:.3f} of {e.budget:g} ({scope})"
+            if e.schema >= 2
+            else f"epsilon {e.spent:.3f} of {e.budget:g} ({scope}, schema 1)"
+            for scope, e in last.items()
+        )
+    return f"{r.path}: OK ({len(r.entries)} entries, site {r.site or '-'}, {spent})"
+
+
+def _finding_line(prefix: object, f: Finding) -> str:
+    where = f"entry {f.entry}" if f.entry is not None else "ledger"
+    return f"{prefix}: {where}: {f.kind}: {f.message}"
 
 
 @audit.command("verify")
@@ -24,40 +60,47 @@ def audit_verify(
     summary: Annotated[
         str | None,
         typer.Option(
-            help="the coordinator's summary.json: every ledger head it saw must be in the ledger"
+            help="the coordinator's summary.json: every site it saw train with DP must have "
+            "its ledger here, with every head the coordinator saw and the key it reported"
+        ),
+    ] = None,
+    sites: Annotated[
+        str | None,
+        typer.Option(
+            help="the coordinator's sites.json: each ledger's key must be the ledger key "
+            "registered for its site"
         ),
     ] = None,
 ) -> None:
-    """Hash chain, signatures, round order, epsilons recomputed independently (Google's
-    PLD accountant), overspend, and (with --summary) entries removed from the end.
-    Exit 0 when everything holds, 1 otherwise."""
+    """Hash chain, signatures, round order, frozen run plans, epsilons recomputed
+    independently of the sites' accountant (Google's PLD for a run, its RDP accountant
+    for the lifetime filter), overspend, and (with --summary / --sites) missing ledgers,
+    entries removed from the end and re-keyed ledgers. Exit 0 when everything holds,
+    1 otherwise."""
     import json
-    from pathlib import Path
 
     from common.outputs import read_summary
-    from common.privacy.audit import find_ledgers, verify
+    from common.privacy.audit import audit_ledgers, registered_ledger_keys
 
-    paths = find_ledgers([Path(p) for p in ledgers])
-    if not paths:
-        raise ConfigError(f"no ledger found in {', '.join(ledgers)}")
-    heads = read_summary(Path(summary)).ledger_heads() if summary else None
-    results = [verify(p, Path(key) if key else None, heads) for p in paths]
+    paths = _ledger_paths(ledgers, states=True)
+    result = audit_ledgers(
+        paths,
+        key=Path(key) if key else None,
+        summary=read_summary(Path(summary)) if summary else None,
+        registered=registered_ledger_keys(Path(sites)) if sites else None,
+    )
     if json_out:
-        print(json.dumps([r.to_json() for r in results], indent=2))
+        print(json.dumps(result.to_json(), indent=2))
     else:
-        for r in results:
+        for r in result.ledgers:
             if r.ok:
-                last = r.entries[-1] if r.entries else None
-                spent = (
-                    f"epsilon {last.epsilon_dataset:.3f} of {last.budget:g}" if last else "empty"
-                )
-                print(
-                    f"{r.path}: OK ({len(r.entries)} entries, site {last.site_id if last else '-'}, {spent})"
-                )
+                print(_ok_line(r))
             for f in r.findings:
-                where = f"entry {f.entry}" if f.entry is not None else "ledger"
-                print(f"{r.path}: {where}: {f.kind}: {f.message}")
-    raise typer.Exit(0 if all(r.ok for r in results) else 1)
+                print(_finding_line(r.path, f))
+        origin = summary or sites
+        for f in result.findings:
+            print(_finding_line(origin, f))
+    raise typer.Exit(0 if result.ok else 1)
 
 
 @audit.command("report")
@@ -68,47 +111,68 @@ def audit_report(
         str | None, typer.Option(help="write a PNG of epsilon against the budget")
     ] = None,
 ) -> None:
-    """Per site, data set and run: epsilon spent, budget, remaining."""
+    """Per site, budget scope and run: rounds, the run's epsilon (PRV, its fixed plan),
+    the lifetime epsilon the adaptive filter certifies, the lifetime budget, what
+    remains; and the unit of privacy all of it is about."""
     import json
-    from pathlib import Path
 
     from rich.table import Table
 
-    from common.privacy.audit import find_ledgers, spend_rows
+    from common.privacy.audit import (
+        LIFETIME_EPSILON_NOTE,
+        PRIVACY_UNIT,
+        RUN_EPSILON_NOTE,
+        SCHEMA1_NOTE,
+        report_json,
+        spend_rows,
+    )
     from common.privacy.ledger import read_ledger
 
-    paths = find_ledgers([Path(p) for p in ledgers])
-    if not paths:
-        raise ConfigError(f"no ledger found in {', '.join(ledgers)}")
+    paths = _ledger_paths(ledgers)
     series = {p: read_ledger(p) for p in paths}
     rows = [row for entries in series.values() for row in spend_rows(entries)]
     if json_out:
-        print(json.dumps([r.to_json() for r in rows], indent=2))
+        print(json.dumps(report_json(rows), indent=2))
     else:
-        table = Table(title="privacy spent (epsilon, from the sites' ledgers)")
+        table = Table(title="privacy spent (epsilon, as the sites' ledgers record it)")
         for col in (
             "site",
-            "data set",
+            "scope",
             "run",
             "rounds",
-            "eps run",
-            "eps data set",
+            "run eps (PRV)",
+            "lifetime eps (filter)",
             "budget",
             "remaining",
         ):
             table.add_column(col, justify="right")
         for r in rows:
+            if r.schema >= 2:
+                scope = r.scope
+                rounds = f"{r.rounds}/{r.planned_rounds}"
+                budget = f"{r.budget:g} lifetime"
+            else:
+                scope = f"data set {r.dataset[:12]} (schema 1)"
+                rounds = str(r.rounds)
+                budget = f"{r.budget:g} per data set"
             table.add_row(
                 r.site,
-                r.dataset[:12],
+                scope,
                 r.run_id[:16],
-                str(r.rounds),
+                rounds,
                 f"{r.epsilon_run:.3f}",
-                f"{r.epsilon_dataset:.3f}",
-                f"{r.budget:g}",
+                f"{r.spent:.3f}",
+                budget,
                 f"{r.remaining:.3f}",
             )
-        Console(width=max(120, Console().width)).print(table)
+        console = Console(width=max(120, Console().width))
+        console.print(table)
+        notes = [RUN_EPSILON_NOTE, LIFETIME_EPSILON_NOTE]
+        if any(r.schema < 2 for r in rows):
+            notes.append(SCHEMA1_NOTE + " (shown in the lifetime column)")
+        notes.append(f"privacy unit: {PRIVACY_UNIT}")
+        for note in notes:
+            print(note)
     if plot:
         import matplotlib
 
@@ -120,16 +184,16 @@ def audit_report(
             if entries:
                 ax.plot(
                     range(1, len(entries) + 1),
-                    [e.epsilon_dataset for e in entries],
+                    [e.spent for e in entries],
                     marker="o",
                     ms=2,
                     lw=1,
                     label=entries[0].site_id,
                 )
-        for budget in sorted({e.budget for entries in series.values() for e in entries}):
-            ax.axhline(budget, color="red", ls="--", lw=1)
-        ax.set_xlabel("ledger entry (trained round)")
-        ax.set_ylabel("epsilon spent on the data set")
+        for limit in sorted({e.budget for entries in series.values() for e in entries}):
+            ax.axhline(limit, color="red", ls="--", lw=1)
+        ax.set_xlabel("ledger entry (charged round)")
+        ax.set_ylabel("lifetime epsilon spent (adaptive filter)")
         if len(series) <= 12:
             ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
@@ -138,3 +202,25 @@ def audit_report(
         plt.close(fig)
         if not json_out:
             print(f"plot written to {plot}")
+
+
+@audit.command("fingerprint")
+def audit_fingerprint(
+    datafile: Annotated[Path, typer.Argument(help="the data file to fingerprint")],
+    state: Annotated[
+        Path,
+        typer.Option(help="the site's state folder (its secret fingerprint.key is read)"),
+    ],
+) -> None:
+    """The fingerprint a deployed site's ledger records for DATAFILE (the ``dataset``
+    field): an HMAC of the file's bytes with the site's secret fingerprint key, so
+    only someone given that key can check which file a round was spent on."""
+    from common.privacy.identity import load_fingerprint_key
+    from common.privacy.ledger import dataset_fingerprint, file_digest
+
+    key = load_fingerprint_key(state)
+    try:
+        digest = file_digest(datafile)
+    except OSError as err:
+        raise ConfigError(f"{datafile}: cannot read the data file ({err.strerror})") from None
+    print(dataset_fingerprint(key, digest))

@@ -70,15 +70,30 @@ def coordinator_register(
     public_key: Annotated[Path, typer.Argument(help="the site's node.pub")],
     name: Annotated[str, typer.Option(help="the site's name (its site-id)")],
     directory: Annotated[Path, typer.Option("--dir", help="coordinator folder")] = Path("."),
+    ledger_key: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            help="the site's ledger key (its state/identity.pub): its fingerprint is recorded "
+            "in sites.json for `fedsilo audit verify --sites`"
+        ),
+    ] = None,
 ) -> None:
     """Register a site's node key with the running SuperLink (`flwr supernode
-    register`); registering the same key again changes nothing."""
+    register`) and, with --ledger-key, record the key that signs its privacy ledger;
+    registering the same values again changes nothing, another ledger key for a
+    registered site is refused."""
     from server.deploy import register_site
 
-    reg = register_site(directory, public_key, name)
+    reg = register_site(directory, public_key, name, ledger_key=ledger_key)
     node = f"node {reg.node_id}" if reg.node_id is not None else "its node"
+    ledger = f", ledger key {reg.ledger_key[:23]}..." if reg.ledger_key else ""
     if reg.created:
-        print(f"registered site {reg.name} as {node} (key SHA-256 {reg.key_fingerprint[:16]}...)")
+        print(
+            f"registered site {reg.name} as {node} (key SHA-256 {reg.key_fingerprint[:16]}..."
+            f"{ledger})"
+        )
+    elif reg.ledger_key_added:
+        print(f"site {reg.name} was already registered as {node}: recorded its{ledger[1:]}")
     else:
         print(f"site {reg.name} was already registered as {node}: nothing changed")
 
@@ -90,13 +105,29 @@ def site_init(
     data: Annotated[Path, typer.Option(help="the site's CSV or JSONL data file")],
     ca: Annotated[Path, typer.Option(help="the federation's CA certificate (ca.crt)")],
     superlink: Annotated[str, typer.Option(help="the SuperLink's HOST:PORT")],
-    epsilon: Annotated[float, typer.Option(help="this site's own epsilon budget")] = 8.0,
+    epsilon: Annotated[
+        float, typer.Option(help="this site's lifetime epsilon budget, over every run")
+    ] = 8.0,
     delta: Annotated[float, typer.Option(help="this site's delta")] = 1e-5,
     dataset: Annotated[
         str, typer.Option(help="the federation's data set (its label names)")
     ] = "rotten-tomatoes",
     text_column: Annotated[str, typer.Option(help="column holding the text")] = "text",
     label_column: Annotated[str, typer.Option(help="column holding the label")] = "label",
+    data_size: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            help="the number of examples this site declares public (sample rate, weight); "
+            "default: the file's row count"
+        ),
+    ] = None,
+    disjoint_data_set: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="opt in to a budget of its own for this file, declaring it disjoint from "
+            "every other data set of this site (shown to auditors)"
+        ),
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="rewrite an existing site's settings (keys are kept)")
     ] = False,
@@ -116,6 +147,8 @@ def site_init(
         dataset=dataset,
         text_column=text_column,
         label_column=label_column,
+        data_size=data_size,
+        disjoint_data_set=disjoint_data_set,
         force=force,
     )
     print(init_summary(site))

@@ -12,7 +12,7 @@ from typing import Any
 from client.settings import SiteConfigError, SiteSettings, read_site_file
 from common.config import RunConfig
 from common.data import load_builtin, partition
-from common.privacy.ledger import dataset_fingerprint
+from common.privacy.ledger import row_digest
 from common.text import encode
 from common.training import Batchable
 
@@ -48,8 +48,8 @@ def data_key(settings: SiteSettings, config: RunConfig) -> tuple[Any, ...]:
 # actor serves, not the last 4 (reloading cost a 50-site plain round 0.5 s). The whole
 # training split tokenized is about 5 MB.
 @lru_cache(maxsize=256)
-def _load(key: tuple[Any, ...]) -> tuple[Batchable, str]:
-    """The site's tokenized examples and the data set's fingerprint (cached per process:
+def _load(key: tuple[Any, ...]) -> tuple[Batchable, bytes]:
+    """The site's tokenized examples and the digest of its rows (cached per process:
     simulated sites share actors)."""
     if key[0] == "file":
         _, path, _, _, dataset, text_col, label_col, max_length = key
@@ -61,9 +61,9 @@ def _load(key: tuple[Any, ...]) -> tuple[Batchable, str]:
         if not 0 <= pid < num:
             raise SiteConfigError(f"partition-id {pid} is outside 0..{num - 1}")
         data = full.subset(parts[pid])
-    fingerprint = dataset_fingerprint(data.texts, data.labels.tolist())
-    return Batchable.from_encoded(encode(data.texts, max_length), data.labels), fingerprint
+    digest = row_digest(data.texts, data.labels.tolist())
+    return Batchable.from_encoded(encode(data.texts, max_length), data.labels), digest
 
 
-def load_site_data(settings: SiteSettings, config: RunConfig) -> tuple[Batchable, str]:
+def load_site_data(settings: SiteSettings, config: RunConfig) -> tuple[Batchable, bytes]:
     return _load(data_key(settings, config))

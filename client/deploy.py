@@ -9,7 +9,7 @@ What ``site init`` writes into the site folder ``DIR`` (mode 0700):
 | ``ca.crt`` | the federation CA that must have signed the SuperLink's certificate |
 | ``site.toml`` | where the SuperLink is, and the federation's data set (its label names) for checks |
 | ``node-config.toml`` | the node config the ClientApp reads (``client/settings.py`` ``SiteSettings``): site id, data path, the site's own budget, ledger folder, columns |
-| ``state/identity.key`` (0600), ``identity.pub``, ``ledger.jsonl`` | the signed privacy ledger and its key (``common/privacy/ledger.py``) |
+| ``state/identity.key`` (0600), ``identity.pub``, ``fingerprint.key`` (0600), ``site-state.json``, ``ledger.jsonl`` | the signed privacy ledger, its key, the secret that keys its data fingerprints, and the marker without which a deployed site refuses to start a ledger (``common/privacy/identity.py``, ``ledger.py``) |
 
 ``site check`` loads the data file with the loader the ClientApp uses and prints
 only counts; ``site start`` runs the checks, then replaces itself with
@@ -35,7 +35,9 @@ from cryptography.hazmat.primitives import serialization
 
 from client.settings import (
     DATA_PATH_KEY,
+    DATA_SIZE_KEY,
     DEFAULT_SITE_DELTA,
+    DISJOINT_KEY,
     LABEL_COLUMN_KEY,
     SITE_DELTA_KEY,
     SITE_EPSILON_KEY,
@@ -60,10 +62,10 @@ from common.pki import (
     write_private,
     write_public,
 )
-from common.privacy.budget import DatasetBudget, delta_problem
+from common.privacy.budget import SiteBudget, delta_problem
 from common.privacy.errors import LedgerError
-from common.privacy.identity import KEY_FILE, PUBLIC_KEY_FILE, load_or_create_identity
-from common.privacy.ledger import LEDGER_FILE, dataset_fingerprint, read_ledger
+from common.privacy.identity import KEY_FILE, PUBLIC_KEY_FILE, init_state, open_state
+from common.privacy.ledger import LEDGER_FILE, read_ledger, scope_of
 
 SITE_FILE = "site.toml"
 NODE_CONFIG_FILE = "node-config.toml"
@@ -93,20 +95,25 @@ def render_node_config(
     delta: float,
     text_column: str,
     label_column: str,
-) -> dict[str, str | float]:
+    data_size: int,
+    disjoint_data_set: str | None = None,
+) -> dict[str, str | float | int]:
     """The node config, keyed exactly as ``SiteSettings.from_node_config`` reads it,
     and validated by it (so a value the ClientApp would refuse is refused now)."""
     if not (math.isfinite(epsilon) and math.isfinite(delta)):
         raise DeployError("--epsilon and --delta must be finite numbers")
-    config: dict[str, str | float] = {
+    config: dict[str, str | float | int] = {
         SITE_ID_KEY: site_id,
         DATA_PATH_KEY: str(data_path),
+        DATA_SIZE_KEY: data_size,
         SITE_EPSILON_KEY: float(epsilon),
         SITE_DELTA_KEY: float(delta),
         STATE_DIR_KEY: str(state_dir),
         TEXT_COLUMN_KEY: text_column,
         LABEL_COLUMN_KEY: label_column,
     }
+    if disjoint_data_set is not None:
+        config[DISJOINT_KEY] = disjoint_data_set
     if text_column == label_column:
         raise DeployError(f"--text-column and --label-column must differ, both are {text_column!r}")
     try:
@@ -183,11 +190,16 @@ def init_site(
     dataset: str = "rotten-tomatoes",
     text_column: str = "text",
     label_column: str = "label",
+    data_size: int | None = None,
+    disjoint_data_set: str | None = None,
     force: bool = False,
 ) -> Site:
     """Write the site's keys and settings. An existing site is refused unless
     ``force``; even then its keys are kept (the node key is registered at the
-    coordinator, the ledger key signs the site's ledger)."""
+    coordinator, the ledger key signs the site's ledger).
+
+    ``data_size`` is the number of examples the site declares public (its sample rate
+    and weight come from it); by default the data file's row count."""
     directory = directory.resolve()
     parse_superlink(superlink)
     if dataset not in BUILTIN_DATASETS:
@@ -199,7 +211,17 @@ def init_site(
         raise DeployError(f"--data {data}: not a regular file")
     ca_cert = load_ca_certificate(ca)
     state = directory / STATE_DIR
+    if data_size is None:
+        try:
+            data_size = len(read_site_file(str(data), dataset, text_column, label_column))
+        except (DataValidationError, OSError, ValueError) as err:
+            raise DeployError(
+                f"--data {data}: cannot count its rows to declare its size ({err}); fix the "
+                "file or pass --data-size"
+            ) from None
     config = render_node_config(
+        data_size=data_size,
+        disjoint_data_set=disjoint_data_set,
         site_id=site_id,
         data_path=data,
         state_dir=state,
@@ -223,7 +245,7 @@ def init_site(
         write_private(directory / NODE_KEY, private)
     write_public(directory / NODE_PUB, public + f" {site_id}\n".encode())
     try:
-        load_or_create_identity(state)  # never replaces an existing ledger key
+        init_state(state, site_id=site_id)  # never replaces an existing key or ledger
     except LedgerError as err:
         raise DeployError(str(err)) from None
     write_public(directory / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM))
@@ -240,14 +262,19 @@ def init_summary(site: Site) -> str:
     d = site.directory
     pub = (d / NODE_PUB).read_text().strip()
     q = shlex.quote(str(d))
-    return f"""site {site.node_config[SITE_ID_KEY]} ready in {d}
+    cfg = site.node_config
+    ledger_key = open_state(d / STATE_DIR).identity.fingerprint()
+    scope = f", disjoint data set {cfg[DISJOINT_KEY]!r}" if DISJOINT_KEY in cfg else ""
+    return f"""site {cfg[SITE_ID_KEY]} ready in {d}
   node key      {d / NODE_KEY} (0600, stays here)
-  ledger key    {d / STATE_DIR / KEY_FILE} (0600, stays here); auditors get {d / STATE_DIR / PUBLIC_KEY_FILE}
-  node config   {d / NODE_CONFIG_FILE}: data {site.node_config[DATA_PATH_KEY]}, epsilon {site.node_config[SITE_EPSILON_KEY]:g}, delta {site.node_config[SITE_DELTA_KEY]:g}
+  ledger key    {d / STATE_DIR / KEY_FILE} (0600, stays here); auditors get {d / STATE_DIR / PUBLIC_KEY_FILE} ({ledger_key})
+  node config   {d / NODE_CONFIG_FILE}: data {cfg[DATA_PATH_KEY]}, lifetime epsilon budget {cfg[SITE_EPSILON_KEY]:g}{scope}, delta {cfg[SITE_DELTA_KEY]:g}
+  public size   {cfg[DATA_SIZE_KEY]} examples: the coordinator learns this number (sample rate, weight), never the file's count
   SuperLink     {site.superlink} (TLS checked against {d / CA_CERT})
 
 hand this public key to the coordinator (file {d / NODE_PUB}):
 {pub}
+and the ledger key {d / STATE_DIR / PUBLIC_KEY_FILE} (fingerprint {ledger_key})
 
 next: fedsilo site check {q}     then: fedsilo site start {q}"""
 
@@ -307,35 +334,37 @@ def check_site(directory: Path) -> CheckReport:
             f"{site.node_config_file}: a deployed site needs '{DATA_PATH_KEY}' and '{STATE_DIR_KEY}'"
         )
         return report
-    fingerprint = _check_data(report, settings.data_path, settings, site.dataset)
-    _check_ledger(report, settings.state_dir, settings.epsilon, settings.delta, fingerprint)
+    _check_data(report, settings.data_path, settings, site.dataset)
+    _check_ledger(report, settings.state_dir, settings)
     return report
 
 
-def _check_data(
-    report: CheckReport, data_path: str, settings: SiteSettings, dataset: str
-) -> str | None:
-    """The ClientApp's own loader and label set (client.settings.read_site_file)."""
+def _check_data(report: CheckReport, data_path: str, settings: SiteSettings, dataset: str) -> None:
+    """The ClientApp's own loader and label set (client.settings.read_site_file), and
+    the file's size against the public size the site declared."""
     try:
         data = read_site_file(data_path, dataset, settings.text_column, settings.label_column)
     except DataValidationError as err:
         report.fail(f"data rejected: {err} (the ClientApp refuses the whole file until fixed)")
-        return None
+        return
     except (OSError, ValueError) as err:
         report.fail(f"data {data_path}: cannot be loaded ({type(err).__name__})")
-        return None
+        return
     counts = ", ".join(f"{k}: {v}" for k, v in data.label_counts().items())
     n = len(data)
     report.ok(f"data {data_path}: {n} rows, 0 rejected ({counts})")
-    problem = delta_problem(settings.delta, n)
+    declared = settings.declared_size
+    if declared is not None and n > declared:
+        report.fail(
+            f"the file has {n} rows, more than the declared public size {declared}: declare "
+            "it again (`fedsilo site init --force --data-size`), the sample rate follows it"
+        )
+    problem = delta_problem(settings.delta, max(n, declared or 0))
     if problem:
         report.fail(f"{problem}; lower --delta")
-    return dataset_fingerprint(data.texts, data.labels.tolist())
 
 
-def _check_ledger(
-    report: CheckReport, state: Path, budget: float, delta: float, fingerprint: str | None
-) -> None:
+def _check_ledger(report: CheckReport, state: Path, settings: SiteSettings) -> None:
     key_path = state / KEY_FILE
     if not key_path.exists():
         report.fail(f"{key_path}: ledger key missing (run `fedsilo site init --force`)")
@@ -345,19 +374,22 @@ def _check_ledger(
         report.fail(problem)
         return
     try:
-        load_or_create_identity(state)  # both files exist: this only loads and compares
+        keys = open_state(state)  # the marker and both secrets, or a refusal by name
         entries = read_ledger(state / LEDGER_FILE, missing_ok=True)
     except LedgerError as err:
         report.fail(str(err))
         return
-    where = f"ledger {state / LEDGER_FILE}: {len(entries)} entries"
-    if fingerprint is None:  # the data did not load: no data set to look up
-        report.ok(where)
-        return
-    # What the ClientApp's budget check composes: every entry on this data set, at the
-    # site's current delta (an entry's own epsilon was computed at its own delta).
-    spent = DatasetBudget.from_ledger(entries, fingerprint, budget=budget, delta=delta).spent()
-    report.ok(f"{where}, epsilon spent on this data set {spent:.3f} of {budget:g}")
+    # What the ClientApp's budget check composes: every entry charged to this site's
+    # budget (all runs, all data), at the site's current delta.
+    scope = scope_of(settings.disjoint_data_set)
+    budget = SiteBudget.from_ledger(
+        entries, scope=scope, budget=settings.epsilon, delta=settings.delta
+    )
+    report.ok(
+        f"ledger {state / LEDGER_FILE}: {len(entries)} entries, key "
+        f"{keys.identity.fingerprint()[:23]}...; lifetime epsilon spent {budget.spent():.3f} "
+        f"of {settings.epsilon:g} ({scope}, adaptive filter)"
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -1,13 +1,18 @@
 """What a site does with one train message, in plain Python (no Flower): the training
 path of the ClientApp, which alone loads torch, Opacus and the model.
 
-Order of a DP round (the invariants of docs/architecture.md):
-1. know the site's budget (its own node config first, else the federation's);
-2. calibrate sigma ONCE per run from the whole plan (rounds x local steps);
-3. budget filter: compose everything spent with the planned round, refuse if it
-   would exceed the budget, before touching the data with a model;
-4. train with DP-SGD, record the spend in the persistent accountant, and only then
-   hand back the update.
+Order of a DP round (the invariants of docs/architecture.md, the threat model of
+docs/threat-model.md):
+1. check what the coordinator sent against public rules only: the global weights
+   against the site's public norm bound, the plan against the run's frozen plan;
+2. size the mechanism from public numbers only: the site's declared size gives the
+   sample rate and the steps (never the private count of its file);
+3. in one critical section over the ledger: the first round of a run fixes its plan
+   and noise (the run's target, within what the lifetime budget has left); every
+   round is admitted by the adaptive filter over EVERY entry of the site, then
+   CHARGED: the signed entry is on disk before the data is loaded;
+4. only then load the data and train; a round that fails from here on stays charged,
+   and numerical trouble cannot make it fail (common/dp_engine.py).
 """
 
 from __future__ import annotations
@@ -15,11 +20,9 @@ from __future__ import annotations
 import fcntl
 import json
 import math
-import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -29,16 +32,31 @@ from client import secure
 from client.data import load_site_data
 from client.settings import ALLOW_NO_DP_KEY, STATE_DIR_KEY, SiteConfigError, SiteSettings
 from common.arrays import clip_update, flatten
+from common.config import RunConfig
 from common.data import builtin_label_names
 from common.messages import RoundPlan, SiteReport, TrainReply, TrainRequest
-from common.model import build_model, model_spec
-from common.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
-from common.privacy.budget import DatasetBudget, check_delta
+from common.model import TextClassifier, build_model, model_spec
+from common.privacy.accounting import compute_epsilon
+from common.privacy.budget import (
+    RunPlan,
+    SiteBudget,
+    calibrate_run,
+    check_delta,
+    one_run_budget,
+)
 from common.privacy.errors import PrivacyError
-from common.privacy.events import SubsampledGaussianEvent
-from common.privacy.identity import load_or_create_identity
-from common.privacy.ledger import LEDGER_FILE, Ledger
+from common.privacy.identity import SiteKeys, init_state, open_state
+from common.privacy.ledger import (
+    LEDGER_FILE,
+    Ledger,
+    LedgerEntry,
+    dataset_fingerprint,
+    file_digest,
+    scope_of,
+)
+from common.secure_random import SecureRandom
 from common.training import (
+    Batchable,
     batches_per_epoch,
     default_device,
     sample_rate,
@@ -51,31 +69,20 @@ LOCK_FILE = "ledger.lock"
 
 @dataclass
 class SiteState:
-    """What a site keeps across rounds of one run (Flower's context.state)."""
+    """What a site keeps across rounds of one run in Flower's context.state: only the
+    labelled no-DP baseline's step count. Everything privacy needs is in the ledger."""
 
-    plan_key: str = ""
-    noise_multiplier: float = 0.0
     noise_free_steps: int = 0  # steps of the labelled no-DP baseline (no accountant)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "plan_key": self.plan_key,
-                "noise_multiplier": self.noise_multiplier,
-                "noise_free_steps": self.noise_free_steps,
-            }
-        )
+        return json.dumps({"noise_free_steps": self.noise_free_steps})
 
     @classmethod
     def from_json(cls, text: str | None) -> SiteState:
         if not text:
             return cls()
         raw = json.loads(text)
-        return cls(
-            plan_key=str(raw["plan_key"]),
-            noise_multiplier=float(raw["noise_multiplier"]),
-            noise_free_steps=int(raw.get("noise_free_steps", 0)),
-        )
+        return cls(noise_free_steps=int(raw.get("noise_free_steps", 0)))
 
 
 @contextmanager
@@ -96,6 +103,39 @@ def code_version() -> str:
         return "fedsilo (not installed)"
 
 
+class Refused(Exception):
+    """The site declines the round before touching its data; ``reason`` is public."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def check_global_weights(arrays: dict[str, torch.Tensor], bound: float) -> None:
+    """The coordinator's weights must be finite and within the site's public norm
+    bound: checked before anything else, on public values only."""
+    total = 0.0
+    for name, value in arrays.items():
+        if not bool(torch.isfinite(value).all()):
+            raise Refused(f"the global weights are not finite ('{name}')")
+        total += float(value.double().square().sum())
+    norm = math.sqrt(total)
+    if not norm <= bound:
+        raise Refused(
+            f"the global weights have norm {norm:.4g}, above this site's public bound {bound:g}"
+        )
+
+
+def _keys(settings: SiteSettings, state_dir: Path) -> SiteKeys:
+    """A deployed site opens the state folder `site init` made; a simulated one makes
+    its own."""
+    return (
+        open_state(state_dir)
+        if settings.deployed
+        else init_state(state_dir, site_id=settings.site_id)
+    )
+
+
 def run_round(
     plan: RoundPlan,
     global_arrays: dict[str, torch.Tensor],
@@ -103,36 +143,32 @@ def run_round(
     state: SiteState,
     *,
     run_id: str,
-    generator: torch.Generator,
+    rng: SecureRandom,
 ) -> tuple[SiteReport, dict[str, torch.Tensor] | None]:
-    """One round at a site. With DP, the signed ledger is the record of every spend: the
-    budget filter reads it (all runs on this data set), and the round's entry is written
-    and fsync'd before the update is handed back."""
+    """One round at a site (see the module docstring for the order of a DP round)."""
     cfg = plan.config
-    data, fingerprint = load_site_data(settings, cfg)
-    n = len(data)
-    model = build_model(model_spec(cfg, len(builtin_label_names(cfg.dataset))))
-    model.load_trainable_state(global_arrays)
-    q = sample_rate(n, cfg.batch_size)
-    steps = cfg.local_epochs * batches_per_epoch(n, cfg.batch_size)
-    train = partial(
-        train_dp,
-        model,
-        data,
-        steps=steps,
-        sample_rate=q,
-        clip_norm=cfg.clip_norm,
-        learning_rate=cfg.learning_rate,
-        generator=generator,
-        engine=cfg.dp_engine,
-        device=default_device(),
-    )
     if not cfg.dp and not settings.allow_no_dp:
         raise SiteConfigError(
             f"the plan asks for no DP; this site requires DP ('{ALLOW_NO_DP_KEY}')"
         )
     if not cfg.dp:
-        train(noise_multiplier=0.0)  # the labelled baseline: clipped, no noise, no epsilon
+        plain, _ = load_site_data(settings, cfg)
+        n = len(plain)
+        q = sample_rate(n, cfg.batch_size)
+        steps = cfg.local_epochs * batches_per_epoch(n, cfg.batch_size)
+        model = _model(cfg, global_arrays)
+        train_dp(  # the labelled baseline: clipped, no noise, no epsilon
+            model,
+            plain,
+            steps=steps,
+            sample_rate=q,
+            noise_multiplier=0.0,
+            clip_norm=cfg.clip_norm,
+            learning_rate=cfg.learning_rate,
+            rng=rng,
+            engine=cfg.dp_engine,
+            device=default_device(),
+        )
         state.noise_free_steps += steps
         no_dp = {"dp": False, "epsilon": math.nan, "budget": math.nan, "delta": math.nan}
         return SiteReport.of(
@@ -143,116 +179,193 @@ def run_round(
             sample_rate=q,
             steps=steps,
             total_steps=state.noise_free_steps,
+            lifetime_epsilon=math.nan,
             **no_dp,
         ), trainable_delta(global_arrays, model.trainable_state())
 
-    check_delta(settings.delta, n)
     if settings.state_dir is None:
         raise SiteConfigError(f"a DP site needs '{STATE_DIR_KEY}' for its privacy ledger")
-    ledger = Ledger(settings.state_dir / LEDGER_FILE, load_or_create_identity(settings.state_dir))
-    # One round at a time per site: the budget read, the training and the entry are one
-    # critical section, so two concurrent runs cannot both spend the last of a budget.
-    with _exclusive(settings.state_dir / LOCK_FILE):
-        return _dp_round(
-            plan,
-            settings,
-            state,
-            ledger,
-            run_id=run_id,
-            fingerprint=fingerprint,
-            train=train,
-            trained=lambda: trainable_delta(global_arrays, model.trainable_state()),
-            n=n,
-            q=q,
-            steps=steps,
-        )
-
-
-def _dp_round(
-    plan: RoundPlan,
-    settings: SiteSettings,
-    state: SiteState,
-    ledger: Ledger,
-    *,
-    run_id: str,
-    fingerprint: str,
-    train: Callable[..., object],
-    trained: Callable[[], dict[str, torch.Tensor]],
-    n: int,
-    q: float,
-    steps: int,
-) -> tuple[SiteReport, dict[str, torch.Tensor] | None]:
-    cfg = plan.config
-    everything = ledger.entries()  # a torn ledger raises LedgerError: fail closed
-    budget = DatasetBudget.from_ledger(
-        everything, fingerprint, budget=settings.epsilon, delta=settings.delta
-    )  # every run
-    this_run = [e.event for e in everything if e.run_id == run_id]  # as the auditor composes
-    common = {
-        "num_examples": n,
-        "budget": settings.epsilon,
-        "delta": settings.delta,
-        "sample_rate": q,
-    }
-
-    def refuse(reason: str) -> tuple[SiteReport, None]:
-        return SiteReport.of(
-            "refused",
-            reason,
-            settings.site_id,
-            epsilon=budget.spent(),
-            steps=0,
-            total_steps=budget.steps,
-            noise_multiplier=state.noise_multiplier,
-            **common,
-        ), None
-
-    plan_key = json.dumps([n, q, steps, cfg.num_server_rounds, settings.epsilon, settings.delta])
-    if state.plan_key != plan_key:
-        # Once per run: the noise that, composed after what earlier runs spent on this
-        # data set, reaches the budget exactly at the last planned round.
-        earlier = budget.earlier_runs(run_id)
-        try:
-            state.noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon=settings.epsilon,
-                delta=settings.delta,
-                sample_rate=q,
-                steps=steps * cfg.num_server_rounds,
-                prior=earlier,
-            )
-        except PrivacyError as err:  # our own text: it names no data
-            return refuse(f"no noise fits this plan: {err}")
-        state.plan_key = plan_key
-    event = SubsampledGaussianEvent(state.noise_multiplier, q, steps)
-    fits, after = budget.allows(event)
-    if not fits:
-        return refuse(f"budget {settings.epsilon:g} would reach {after:.2f}")
-    train(noise_multiplier=state.noise_multiplier)
-    entry = ledger.append(  # written and fsync'd before the update exists outside
-        site_id=settings.site_id,
-        dataset=fingerprint,
-        run_id=run_id,
-        round=plan.round,
-        event=event,
+    keys = _keys(settings, settings.state_dir)
+    try:
+        check_global_weights(global_arrays, settings.max_global_norm)
+    except Refused as refusal:
+        return _refusal(settings, keys, refusal.reason, settings.epsilon), None
+    data: Batchable | None = None
+    if settings.declared_size is None:  # simulation: the partition sizes are public
+        data, digest = load_site_data(settings, cfg)
+        size = len(data)
+    else:  # the file's bytes are hashed, not parsed: nothing here depends on its content
+        size = settings.declared_size
+        digest = file_digest(Path(str(settings.data_path)))
+    check_delta(settings.delta, size)
+    q = sample_rate(size, cfg.batch_size)
+    steps = cfg.local_epochs * batches_per_epoch(size, cfg.batch_size)
+    asked = RunPlan(
+        noise_multiplier=1.0,  # replaced by the run's calibrated noise
+        sample_rate=q,
+        steps=steps,
+        rounds=cfg.num_server_rounds,
         clip_norm=cfg.clip_norm,
+        epsilon_target=cfg.epsilon,
         delta=settings.delta,
-        epsilon_run=compute_epsilon([*this_run, event], settings.delta),
-        epsilon_dataset=after,
-        budget=settings.epsilon,
-        code_version=code_version(),
+        scope=scope_of(settings.disjoint_data_set),
+        public_size=size,
+    )
+    lifetime = settings.epsilon
+    if settings.one_run_budget:
+        lifetime = one_run_budget(
+            target=cfg.epsilon,
+            delta=settings.delta,
+            sample_rate=q,
+            steps=steps * cfg.num_server_rounds,
+        )
+    ledger = Ledger(settings.state_dir / LEDGER_FILE, keys.identity)
+    # One charge at a time per site: the budget read and the entry are one critical
+    # section, so two concurrent runs cannot both spend the last of a budget.
+    with _exclusive(settings.state_dir / LOCK_FILE):
+        try:
+            entry, frozen, before = _charge(
+                plan,
+                settings,
+                lifetime,
+                ledger,
+                asked,
+                run_id=run_id,
+                fingerprint=dataset_fingerprint(keys.fingerprint_key, digest),
+            )
+        except Refused as refusal:
+            return _refusal(settings, keys, refusal.reason, lifetime, ledger), None
+    # Charged. From here on a failure stays charged, and the data is touched.
+    if data is None:
+        data, _ = load_site_data(settings, cfg)
+    model = _model(cfg, global_arrays)
+    train_dp(
+        model,
+        data,
+        steps=frozen.steps,
+        sample_rate=frozen.sample_rate,
+        expected_batch=max(1, round(frozen.sample_rate * size)),
+        noise_multiplier=frozen.noise_multiplier,
+        clip_norm=frozen.clip_norm,
+        learning_rate=cfg.learning_rate,
+        rng=rng,
+        engine=cfg.dp_engine,
+        device=default_device(),
     )
     return SiteReport.of(
         "ok",
         "",
         settings.site_id,
-        epsilon=after,
-        steps=steps,
-        total_steps=budget.steps + steps,
-        noise_multiplier=state.noise_multiplier,
+        num_examples=size,
+        budget=lifetime,
+        delta=settings.delta,
+        sample_rate=frozen.sample_rate,
+        epsilon=entry.epsilon_run,
+        lifetime_epsilon=entry.spent,
+        steps=frozen.steps,
+        total_steps=before.steps + frozen.steps,
+        noise_multiplier=frozen.noise_multiplier,
         ledger_head=entry.entry_hash(),
         ledger_signature=entry.signature,
-        **common,
-    ), trained()
+        identity=keys.identity.fingerprint(),
+    ), trainable_delta(global_arrays, model.trainable_state())
+
+
+def _model(cfg: RunConfig, global_arrays: dict[str, torch.Tensor]) -> TextClassifier:
+    model = build_model(model_spec(cfg, len(builtin_label_names(cfg.dataset))))
+    model.load_trainable_state(global_arrays)
+    return model
+
+
+def _charge(
+    plan: RoundPlan,
+    settings: SiteSettings,
+    lifetime: float,
+    ledger: Ledger,
+    asked: RunPlan,
+    *,
+    run_id: str,
+    fingerprint: str,
+) -> tuple[LedgerEntry, RunPlan, SiteBudget]:
+    """Fix or check the run's plan, admit the round by the lifetime filter and write
+    its entry; ``Refused`` (a public reason) writes nothing."""
+    everything = ledger.entries()  # a torn ledger raises LedgerError: fail closed
+    budget = SiteBudget.from_ledger(
+        everything, scope=asked.scope, budget=lifetime, delta=settings.delta
+    )
+    this_run = [e for e in everything if e.run_id == run_id]
+    if this_run:
+        frozen = RunPlan.of_entry(this_run[0])
+        if frozen is None:
+            raise Refused(f"run {run_id} began under an older ledger schema; start a new run")
+        change = frozen.change(asked)
+        if change is not None:
+            raise Refused(f"the plan changed during run {run_id}: {change}")
+        if len(this_run) >= frozen.rounds:
+            raise Refused(f"run {run_id} already ran its {frozen.rounds} planned rounds")
+    else:
+        try:
+            sigma = calibrate_run(
+                budget,
+                target=asked.epsilon_target,
+                sample_rate=asked.sample_rate,
+                steps=asked.steps,
+                rounds=asked.rounds,
+            )
+        except PrivacyError as err:  # our own text: it names no data
+            raise Refused(str(err)) from None
+        frozen = replace(asked, noise_multiplier=sigma)
+    fits, after = budget.allows(frozen.event)
+    if not fits:
+        raise Refused(
+            f"the site's lifetime budget {lifetime:g} would reach {after:.3f} "
+            "(its adaptive filter over every run)"
+        )
+    entry = ledger.append(  # written and fsync'd before the data is touched
+        site_id=settings.site_id,
+        dataset=fingerprint,
+        run_id=run_id,
+        round=plan.round,
+        event=frozen.event,
+        clip_norm=frozen.clip_norm,
+        delta=frozen.delta,
+        rounds=frozen.rounds,
+        public_size=frozen.public_size,
+        epsilon_target=frozen.epsilon_target,
+        epsilon_run=compute_epsilon([*(e.event for e in this_run), frozen.event], frozen.delta),
+        epsilon_lifetime=after,
+        budget=lifetime,
+        scope=frozen.scope,
+        code_version=code_version(),
+    )
+    return entry, frozen, budget
+
+
+def _refusal(
+    settings: SiteSettings,
+    keys: SiteKeys,
+    reason: str,
+    lifetime: float,
+    ledger: Ledger | None = None,
+) -> SiteReport:
+    """A refused round's report: the reason and what the ledger already shows, public
+    numbers only."""
+    spent = 0.0
+    if ledger is not None:
+        entries = ledger.entries()
+        scope = scope_of(settings.disjoint_data_set)
+        spent = SiteBudget.from_ledger(
+            entries, scope=scope, budget=lifetime, delta=settings.delta
+        ).spent()
+    return SiteReport.of(
+        "refused",
+        reason,
+        settings.site_id,
+        budget=lifetime,
+        delta=settings.delta,
+        lifetime_epsilon=spent,
+        identity=keys.identity.fingerprint(),
+    )
 
 
 def train_round(
@@ -262,19 +375,18 @@ def train_round(
     or encode it and join the secure round (the update then waits for the protocol's
     stages in the returned state, and only public keys leave now)."""
     plan, setup = request.plan, request.setup
-    # Noise and sampling must be unpredictable to anyone else: OS entropy.
-    generator = torch.Generator(device=default_device()).manual_seed(secrets.randbits(63))
+    # Noise and sampling must be unpredictable to anyone else: a ChaCha20 stream under
+    # a fresh key from the operating system.
     report, update = run_round(
-        plan, request.arrays, settings, state, run_id=run_id, generator=generator
+        plan, request.arrays, settings, state, run_id=run_id, rng=SecureRandom.fresh()
     )
     if setup is None:
         if update is None:
             return TrainReply(report), None
         update, clipped = clip_update(update, plan.config.update_clip_norm)
         return TrainReply(replace(report, update_clipped=int(clipped)), update), None
-    # Under secure aggregation the example count travels only inside the secure sum.
-    hidden = replace(report, num_examples=0)
     if update is None:
-        return TrainReply(hidden), None
+        return TrainReply(report), None
+    # The weight (examples weighting) is the declared public size, inside the sum too.
     pending, keys, clipped = secure.join(setup, plan.config, flatten(update), report.num_examples)
-    return TrainReply(replace(hidden, update_clipped=int(clipped)), keys=keys), pending
+    return TrainReply(replace(report, update_clipped=int(clipped)), keys=keys), pending

@@ -28,7 +28,15 @@ STATE_DIR_KEY = "state-dir"
 ALLOW_NO_DP_KEY = "allow-no-dp"
 TEXT_COLUMN_KEY = "text-column"
 LABEL_COLUMN_KEY = "label-column"
+# The number of examples the site declares public: its sample rate and steps come from
+# it (never from the private count of its file), and so does its weight.
+DATA_SIZE_KEY = "data-size"
+# The explicit opt-in to a budget of its own for a data set disjoint from all others.
+DISJOINT_KEY = "disjoint-data-set"
+# The largest L2 norm of the trainable global weights the site accepts (public).
+MAX_GLOBAL_NORM_KEY = "max-global-norm"
 DEFAULT_SITE_DELTA = 1e-5
+DEFAULT_MAX_GLOBAL_NORM = 1e4  # the tiny model starts at 22 and trains to about 64
 
 
 class SiteConfigError(ValueError):
@@ -49,6 +57,16 @@ class SiteSettings:
     allow_no_dp: bool  # a deployed site trains without DP only if its own config says so
     text_column: str
     label_column: str
+    declared_size: int | None = None  # None: simulation, where partition sizes are public
+    # Simulation without a site budget of its own: the lifetime budget is one run at the
+    # plan's target (``epsilon`` is then that target).
+    one_run_budget: bool = False
+    disjoint_data_set: str | None = None
+    max_global_norm: float = DEFAULT_MAX_GLOBAL_NORM
+
+    @property
+    def deployed(self) -> bool:
+        return self.data_path is not None
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any], config: RunConfig) -> SiteSettings:
@@ -63,9 +81,13 @@ class SiteSettings:
                 f"'{PARTITION_ID_KEY}' and '{NUM_PARTITIONS_KEY}' (simulation)"
             )
         if data_path is None:  # simulation: the researcher is coordinator and site at once
+            # Without its own budget a simulated site gets one run's worth: what its
+            # filter certifies for a run at the plan's target (see one_run_budget).
+            one_run = SITE_EPSILON_KEY not in node
             epsilon = float(node.get(SITE_EPSILON_KEY, config.epsilon))
             delta = float(node.get(SITE_DELTA_KEY, config.delta))
         else:  # a deployed site's budget is its own, never the coordinator's plan
+            one_run = False
             if SITE_EPSILON_KEY not in node:
                 raise SiteConfigError(f"a deployed site sets its own '{SITE_EPSILON_KEY}' budget")
             epsilon = float(node[SITE_EPSILON_KEY])
@@ -81,7 +103,30 @@ class SiteSettings:
         state = node.get(STATE_DIR_KEY)
         if state is None and data_path is None and config.sites_dir:
             state = str(Path(config.sites_dir) / site_id)
+        declared = _positive_int(node, DATA_SIZE_KEY)
+        if data_path is not None and declared is None:
+            raise SiteConfigError(
+                f"a deployed site declares its public '{DATA_SIZE_KEY}' (the number of "
+                "examples it lets the coordinator know; `fedsilo site init --data-size`)"
+            )
+        disjoint = node.get(DISJOINT_KEY)
+        if disjoint is not None and not (
+            isinstance(disjoint, str) and SITE_NAME.fullmatch(disjoint)
+        ):
+            raise SiteConfigError(
+                f"'{DISJOINT_KEY}' {disjoint!r}: name the data set with 1-64 letters, digits, "
+                "'.', '_', '-'"
+            )
+        max_norm = float(node.get(MAX_GLOBAL_NORM_KEY, DEFAULT_MAX_GLOBAL_NORM))
+        if not (math.isfinite(max_norm) and max_norm > 0):
+            raise SiteConfigError(
+                f"'{MAX_GLOBAL_NORM_KEY}' must be a positive number, got {max_norm}"
+            )
         return cls(
+            one_run_budget=one_run,
+            declared_size=declared,
+            disjoint_data_set=disjoint,
+            max_global_norm=max_norm,
             allow_no_dp=data_path is None or bool(node.get(ALLOW_NO_DP_KEY, False)),
             text_column=str(node.get(TEXT_COLUMN_KEY, "text")),
             label_column=str(node.get(LABEL_COLUMN_KEY, "label")),
@@ -93,6 +138,15 @@ class SiteSettings:
             epsilon=epsilon,
             delta=delta,
         )
+
+
+def _positive_int(node: Mapping[str, Any], key: str) -> int | None:
+    value = node.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SiteConfigError(f"'{key}' must be a whole number of at least 1, got {value!r}")
+    return value
 
 
 def read_site_file(path: str, dataset: str, text_column: str, label_column: str) -> TextDataset:

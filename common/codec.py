@@ -19,6 +19,7 @@ from flwr.common.serde import recorddict_to_proto
 
 from common.config import ConfigError, RunConfig
 from common.messages import (
+    KEY_FINGERPRINT,
     LEDGER_HEAD,
     LEDGER_SIGNATURE,
     REPORT_TEXT_FIELDS,
@@ -156,6 +157,7 @@ def encode_reply(reply: TrainReply) -> RecordDict:
                     "dp": report.dp,
                     "ledger-head": report.ledger_head,
                     "ledger-signature": report.ledger_signature,
+                    "identity": report.identity,
                 }
             ),
             METRICS_KEY: MetricRecord(numbers),
@@ -183,6 +185,9 @@ def _decode_report(content: RecordDict) -> SiteReport:
         raise WireError("reply has a bad ledger head (64 hex digits or empty)")
     if not isinstance(signature, str) or not LEDGER_SIGNATURE.fullmatch(signature):
         raise WireError("reply has a bad ledger signature (base64 Ed25519 or empty)")
+    identity = status_rec.get("identity", "")
+    if not isinstance(identity, str) or not KEY_FINGERPRINT.fullmatch(identity):
+        raise WireError("reply has a bad ledger key fingerprint ('sha256:' and 64 hex digits)")
     metrics = dict(content.metric_records[METRICS_KEY])
     values: dict[str, object] = {}
     for f in fields(SiteReport):
@@ -208,6 +213,7 @@ def _decode_report(content: RecordDict) -> SiteReport:
         dp=dp,
         ledger_head=head,
         ledger_signature=signature,
+        identity=identity,
         **values,  # type: ignore[arg-type]
     )
 

@@ -12,23 +12,29 @@ A step, for a model whose trainable parameters all sit in ``nn.Linear``,
    per-example gradients for LayerNorm and biases.
 3. Clip factors exactly as Opacus's DPOptimizer: ``min(1, C / (norm + 1e-6))``.
 4. The clipped sum per parameter from the same ``a`` and ``g`` (one matmul per Linear),
-   Gaussian noise of std ``noise_multiplier * C`` drawn per parameter in
-   ``model.parameters()`` order, division by the expected batch, plain SGD.
+   Gaussian noise of std ``noise_multiplier * C`` from the site's cryptographically
+   secure source (common/secure_random.py: one draw for all parameters, split in
+   ``model.parameters()`` order), division by the expected batch, plain SGD.
 
 Privacy rests on two things checked here: each example's contribution to the sum has
 norm at most C because norm and sum come from the same per-example quantities; and
 dim 0 of every trainable layer's input is the batch (checked against the loss), with
 no mixing across examples elsewhere in the model (as for Opacus; not checkable here).
-Anything else fails closed: unsupported trainable layers and tied weights are refused
-when the engine is built, a layer called twice or never, or a non-finite norm, raise
-before any parameter changes. The model's flags and hooks are restored after every
-step, also on error, so nothing outlives a call.
+Numerical trouble is data-independent (it must not let a coordinator probe the data
+through a failing round): the squared norms are computed in float32 and, where one
+overflows, again in float64 from inputs rescaled per example, so a norm is found
+wherever the true norm fits; an example whose norm is still not finite (an infinite or
+NaN activation) gets clip factor 0, exactly as if it had not been sampled, and its
+rows are zeroed before the sum. Anything else fails closed: unsupported trainable
+layers and tied weights are refused when the engine is built, and a layer called twice
+or never raises before any parameter changes. The model's flags and hooks are restored
+after every step, also on error, so nothing outlives a call.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -36,11 +42,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.secure_random import SecureRandom
+
 SUPPORTED = (nn.Linear, nn.LayerNorm, nn.Embedding)
 
 Grads = dict[torch.Tensor, torch.Tensor]
 # (squared per-example norms (batch,), clipped sums given the clip factors)
 Rule = tuple[torch.Tensor, Callable[[torch.Tensor], Grads]]
+
+
+def draw_noise(rng: SecureRandom, like: Sequence[torch.Tensor], std: float) -> list[torch.Tensor]:
+    """Gaussian noise of ``std`` shaped like each tensor of ``like``: one draw from the
+    secure source for all of them (cheaper than one per tensor), split in order; zeros,
+    drawing nothing, when ``std`` is 0 (as Opacus)."""
+    if not like:
+        return []
+    sizes = [t.numel() for t in like]
+    if std == 0:
+        return [torch.zeros_like(t) for t in like]
+    flat = rng.normal((sum(sizes),), std, dtype=like[0].dtype, device=like[0].device)
+    return [
+        part.view(t.shape).to(t.device, t.dtype)
+        for part, t in zip(torch.split(flat, sizes), like, strict=True)
+    ]
 
 
 class UnsupportedModelError(TypeError):
@@ -85,7 +109,7 @@ class BookkeepingDPSGD:
         noise_multiplier: float,
         expected_batch: int,
         learning_rate: float,
-        generator: torch.Generator,
+        rng: SecureRandom,
     ) -> None:
         self.model = model
         self.layers = trainable_layers(model)
@@ -93,7 +117,7 @@ class BookkeepingDPSGD:
         self._ids = [id(p) for p in self.params]
         self.clip_norm, self.noise_multiplier = clip_norm, noise_multiplier
         self.expected_batch, self.learning_rate = expected_batch, learning_rate
-        self.generator = generator
+        self.rng = rng
 
     def clipped_sum(
         self, per_example_loss: Callable[[], torch.Tensor]
@@ -114,12 +138,16 @@ class BookkeepingDPSGD:
         with torch.no_grad():  # flags restored: requires_grad says again what trains
             rules = [self._rule(name, m, saved.get(m, []), batch) for name, m in self.layers]
             norms = torch.stack([n2 for n2, _ in rules]).sum(0).clamp(min=0).sqrt()
-            if not bool(torch.isfinite(norms).all()):
-                raise FloatingPointError("non-finite per-example gradient norm")
-            factor = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
-            grads: Grads = {}
-            for _, summed in rules:
-                grads.update(summed(factor))
+            dtype = norms.dtype
+            safe = not bool(torch.isfinite(norms).all())
+            if safe:
+                norms, rules = self._safe_norms(saved, batch, dtype)
+            grads = self._sums(rules, norms)
+            if not safe and not _all_finite(grads):  # float32 overflowed in a sum
+                norms, rules = self._safe_norms(saved, batch, dtype)
+                grads = self._sums(rules, norms)
+            if not _all_finite(grads):  # each row is clipped to C: float64 cannot overflow
+                raise FloatingPointError("non-finite clipped sum after the float64 recompute")
         missing = [
             n for n, p in self.model.named_parameters() if p.requires_grad and p not in grads
         ]
@@ -127,22 +155,48 @@ class BookkeepingDPSGD:
             raise RuntimeError(f"no clipped gradient for trainable parameters {missing}")
         return [grads[p] for p in self.params], norms
 
+    def _sums(self, rules: list[Rule], norms: torch.Tensor) -> Grads:
+        """The clipped sums: factor min(1, C / (norm + 1e-6)), 0 where a norm is not
+        finite (the example counts as not sampled)."""
+        factor = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
+        factor = torch.where(torch.isfinite(norms), factor, 0.0).to(norms.dtype)
+        grads: Grads = {}
+        for _, summed in rules:
+            grads.update(summed(factor))
+        return grads
+
+    def _safe_norms(
+        self, saved: dict[nn.Module, list[torch.Tensor]], batch: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, list[Rule]]:
+        """The rare path: per-example norms in float64 from per-example rescaled inputs
+        (no overflow where the true norm fits); examples whose norm is still not finite
+        get their recorded rows zeroed (norm NaN: clip factor 0) and the sums are rebuilt
+        from the cleaned records, in float64 where float32 overflowed."""
+        parts = [_exact_n2(m, *saved[m]) for _, m in self.layers]
+        norms = torch.stack(parts).sum(0).clamp(min=0).sqrt()
+        bad = ~torch.isfinite(norms)
+
+        def cleaned(x: torch.Tensor) -> torch.Tensor:  # a copy: records may alias inputs
+            if not x.is_floating_point():
+                return x
+            keep = (~bad).reshape(-1, *([1] * (x.dim() - 1)))
+            return torch.where(keep, x.double(), 0.0)
+
+        rules = [
+            self._rule(name, m, [cleaned(x) for x in saved[m]], batch) for name, m in self.layers
+        ]
+        exact = torch.where(bad, torch.nan, norms)
+        return exact, [(n2, _cast(summed, dtype)) for n2, summed in rules]
+
     @torch.no_grad()
     def step(self, per_example_loss: Callable[[], torch.Tensor]) -> torch.Tensor:
         """One DP-SGD step (Opacus's DPOptimizer update, mean loss); returns the
         per-example gradient norms."""
         with torch.enable_grad():
             sums, norms = self.clipped_sum(per_example_loss)
-        std = self.noise_multiplier * self.clip_norm
-        gen = self.generator
-        for p, summed in zip(self.params, sums, strict=True):
-            grad = summed
-            if std > 0:  # Opacus draws nothing when the std is 0
-                noise = torch.normal(
-                    0.0, std, p.shape, generator=gen, device=gen.device, dtype=p.dtype
-                )
-                grad = grad + noise.to(p.device)
-            p.add_(grad / self.expected_batch, alpha=-self.learning_rate)
+        noises = draw_noise(self.rng, self.params, self.noise_multiplier * self.clip_norm)
+        for p, summed, noise in zip(self.params, sums, noises, strict=True):
+            p.add_((summed + noise) / self.expected_batch, alpha=-self.learning_rate)
         return norms
 
     @contextmanager
@@ -193,8 +247,50 @@ class BookkeepingDPSGD:
         return _embedding(m, a, g)
 
 
+def _all_finite(grads: Grads) -> bool:
+    return bool(torch.stack([torch.isfinite(v).all() for v in grads.values()]).all())
+
+
 def _bcast(c: torch.Tensor) -> torch.Tensor:
     return c[:, None, None]
+
+
+def _cast(
+    summed: Callable[[torch.Tensor], Grads], dtype: torch.dtype
+) -> Callable[[torch.Tensor], Grads]:
+    """A float64 rule's sums, given float clip factors, back in the parameters' dtype."""
+
+    def run(c: torch.Tensor) -> Grads:
+        return {p: v.to(dtype) for p, v in summed(c.double()).items()}
+
+    return run
+
+
+def _per_example_max(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over each example's entries (float64), at least the smallest normal."""
+    peak = x.double().abs().reshape(x.shape[0], -1).amax(1)
+    return peak.clamp(min=torch.finfo(torch.float64).tiny)
+
+
+def _exact_n2(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """A layer's squared per-example norms in float64, without overflow where the true
+    norm fits: Linear inputs and output gradients are rescaled to max 1 per example
+    and the scales multiplied back in float64 (an infinite or NaN entry gives NaN)."""
+    b = a.shape[0]
+    if not isinstance(m, nn.Linear):
+        ids_or_input = a.double() if a.is_floating_point() else a
+        rule = _layer_norm if isinstance(m, nn.LayerNorm) else _embedding
+        return rule(m, ids_or_input, g.double())[0]  # type: ignore[arg-type]
+    sa, sg = _per_example_max(a), _per_example_max(g)
+    a_s = a.double().reshape(b, -1, m.in_features) / sa[:, None, None]
+    g_s = g.double().reshape(b, -1, m.out_features) / sg[:, None, None]
+    n2 = torch.zeros(b, dtype=torch.float64, device=g.device)
+    if m.weight.requires_grad:
+        ghost = (a_s @ a_s.transpose(1, 2) * (g_s @ g_s.transpose(1, 2))).sum((1, 2))
+        n2 = n2 + ghost * (sa * sg).square()
+    if m.bias is not None and m.bias.requires_grad:
+        n2 = n2 + g_s.sum(1).square().sum(1) * sg.square()
+    return n2
 
 
 def _linear(m: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> Rule:

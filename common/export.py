@@ -232,7 +232,13 @@ def export_run(
     size32, size8 = _file_size(out_dir / FP32_FILE), _file_size(out_dir / INT8_FILE)
 
     sites: list[dict[str, Any]] = [
-        {"site": s.site, "epsilon": s.epsilon, "delta": s.delta, "budget": s.budget}
+        {
+            "site": s.site,
+            "epsilon": s.epsilon,
+            "lifetime_epsilon": s.lifetime_epsilon,
+            "delta": s.delta,
+            "budget": s.budget,
+        }
         for s in summary.sites
     ]
     eps = [s.epsilon for s in summary.sites if s.epsilon is not None]

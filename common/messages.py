@@ -34,6 +34,7 @@ STATUSES: tuple[Status, ...] = ("ok", "refused", "failed")
 SITE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 LEDGER_HEAD = re.compile(r"(|[0-9a-f]{64})")
 LEDGER_SIGNATURE = re.compile(r"(|[A-Za-z0-9+/]{86}==)")  # base64 of 64 bytes
+KEY_FINGERPRINT = re.compile(r"(|sha256:[0-9a-f]{64})")  # a site's ledger key
 
 
 class WireError(ValueError):
@@ -52,9 +53,10 @@ class RoundPlan:
 class SiteReport:
     """A site's declared public metrics for one round.
 
-    ``epsilon`` is the site's spend on this data set in this run after the round (0
-    for refused rounds that spent nothing new; NaN when DP is off), ``budget`` the
-    site's own epsilon budget.
+    ``epsilon`` is this run's epsilon after the round (the PRV accountant on the run's
+    fixed plan; NaN when DP is off); ``lifetime_epsilon`` what the site's adaptive
+    filter certifies spent of its lifetime ``budget`` over every run. ``num_examples``
+    is the size the site declared public, never the count of its file.
     """
 
     status: Status
@@ -75,6 +77,9 @@ class SiteReport:
     ledger_signature: str = ""
     # 1 when the site's model delta was scaled down to the plan's update-clip-norm.
     update_clipped: int = 0
+    lifetime_epsilon: float = 0.0
+    # The fingerprint of the key that signs the site's ledger ("" without a ledger).
+    identity: str = ""
 
     @classmethod
     def of(cls, status: Status, reason: str, site: str, **values: Any) -> SiteReport:
@@ -95,7 +100,15 @@ class SiteReport:
 
 
 # The report's fields that travel as text; the others are declared numbers.
-REPORT_TEXT_FIELDS = ("status", "reason", "site", "dp", "ledger_head", "ledger_signature")
+REPORT_TEXT_FIELDS = (
+    "status",
+    "reason",
+    "site",
+    "dp",
+    "ledger_head",
+    "ledger_signature",
+    "identity",
+)
 
 
 @dataclass(frozen=True)

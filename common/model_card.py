@@ -56,7 +56,12 @@ class ModelCard:
             f"- federation: {self.num_sites} sites, partition {self.partition}, "
             f"{self.rounds_completed} of {self.rounds_planned} rounds completed",
             f"- differential privacy: **{'yes' if self.dp else 'NO'}**"
-            + (f", per site epsilon <= {eps}, delta <= {delta}" if self.dp else ""),
+            + (
+                f", per site epsilon <= {eps}, delta <= {delta} (this run; privacy unit: one "
+                "row of a site's data file)"
+                if self.dp
+                else ""
+            ),
             f"- secure aggregation: {secagg}",
             f"- model: preset `{self.model['preset']}`, {self.model['trainable_parameters']:,} "
             f"trainable of {self.model['parameters']:,} parameters, "
@@ -65,12 +70,17 @@ class ModelCard:
             "",
             "## Privacy spent per site",
             "",
-            "| site | epsilon | delta | budget |",
-            "|---|---|---|---|",
+            "The run's epsilon is the PRV accountant's over the run's fixed plan; the lifetime",
+            "epsilon is what the site's adaptive privacy filter certifies over every run it ever",
+            "ran, against its lifetime budget (docs/threat-model.md).",
+            "",
+            "| site | run epsilon | lifetime epsilon | delta | lifetime budget |",
+            "|---|---|---|---|---|",
         ]
         for s in self.sites:
             lines.append(
-                f"| {s['site']} | {_num(s.get('epsilon'), '.3f')} | {_num(s.get('delta'), 'g')} "
+                f"| {s['site']} | {_num(s.get('epsilon'), '.3f')} "
+                f"| {_num(s.get('lifetime_epsilon'), '.3f')} | {_num(s.get('delta'), 'g')} "
                 f"| {_num(s.get('budget'), 'g')} |"
             )
         lines += [
@@ -121,9 +131,12 @@ def _limitations(card: ModelCard) -> list[str]:
     if card.dp:
         out.append(
             f"- The model is differentially private with respect to each site's individual "
-            f"training examples, at the epsilon and delta stated per site (at most "
-            f"{_num(card.epsilon_max, '.3f')}, {_num(card.delta_max, 'g')}). A person with "
-            "several examples at a site, or at several sites, is protected less (group privacy)."
+            f"training examples (the privacy unit: one row of a site's data file), at the "
+            f"epsilon and delta stated per site (at most {_num(card.epsilon_max, '.3f')}, "
+            f"{_num(card.delta_max, 'g')}). A person with k rows at a site is protected as a "
+            "group of k: roughly k times epsilon, and delta multiplied by about "
+            "k e^((k-1) epsilon); a person at several sites is protected by each site's "
+            "guarantee separately, which compose."
         )
     else:
         out.append(

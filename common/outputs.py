@@ -10,8 +10,12 @@ Versions. ``summary.json`` carries ``version``. Version 1 grew while it was curr
 ledger heads, upload bytes, stage times and trained sites were added to the rounds
 later, so a version-1 reader takes those as absent (empty) when an older run lacks
 them; ``config`` is kept exactly as the run recorded it (``recorded`` tells a key the
-run predates from one it set). A summary of a newer version than this code knows is
-refused by name rather than misread.
+run predates from one it set). Version 2 (issue 12) adds per site the fingerprint of
+its ledger key (``identity``) and the lifetime epsilon its adaptive filter certifies;
+a site's ``epsilon`` became the run's own (it was the data set's across runs), and
+``num_examples`` the size the site declared public. Version 1 files are still read. A
+summary of a newer version than this code knows is refused by name rather than
+misread.
 
 torch is imported only where model files are written or read (and matplotlib only
 where common/plots.py draws): the auditor reads summaries without them.
@@ -46,7 +50,7 @@ if TYPE_CHECKING:
 
     from common.model import ModelSpec
 
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model/model.safetensors"
 CHECKPOINT_DIR = "checkpoints"
@@ -148,13 +152,16 @@ class SiteSummary(_Frozen):
     # Declared numbers are held to what the codec lets a reply carry (non-negative and
     # finite), so no declaration can keep the coordinator from writing its summary.
     site: SiteName
-    num_examples: Count = 0  # 0 under secure aggregation: the count stays at the site
+    num_examples: Count = 0  # the size the site declared public (v1: 0 under secure agg.)
     noise_multiplier: Declared | None = None
     sample_rate: Declared | None = None
     steps: Count = 0
-    epsilon: Declared | None = None  # None: no DP, or nothing declared
+    epsilon: Declared | None = None  # this run's (v1: the data set's); None: no DP
     delta: Declared | None = None
-    budget: Declared | None = None
+    budget: Declared | None = None  # the site's lifetime budget
+    lifetime_epsilon: Declared | None = None  # spent of it, as its adaptive filter certifies
+    # "sha256:<hex>" of the key that signs the site's ledger, as the site reported it.
+    identity: Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")] | None = None
     dp: bool = True
     rounds_trained: Count = 0
     rounds_refused: Count = 0
@@ -262,6 +269,10 @@ class RunSummary(_Frozen):
             for site, head in row.ledger_heads.items():
                 heads.setdefault(site, []).append((row.round, head.hash))
         return heads
+
+    def site_identities(self) -> dict[str, str]:
+        """Per site that reported one, the fingerprint of its ledger key."""
+        return {s.site: s.identity for s in self.sites if s.identity is not None}
 
     def to_json(self) -> str:
         """The file's text. A NaN or infinite number is an error here, as it was before

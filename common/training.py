@@ -1,8 +1,10 @@
 """Local training and evaluation in plain torch (no Flower here).
 
-DP-SGD is fed by Poisson sampling that we draw ourselves with a passed-in generator:
-each example joins each step independently with probability ``sample_rate``, which is
-what the accountant assumes. Two engines clip, sum and add Gaussian noise, with the
+DP-SGD is fed by Poisson sampling that we draw ourselves from a passed-in
+cryptographically secure source (common/secure_random.py, a keyed ChaCha20 stream; tests
+fix its key): each example joins each step independently with probability
+``sample_rate``, which is what the accountant assumes; the noise comes from the same
+source, with either engine. Two engines clip, sum and add Gaussian noise, with the
 same update: "bookkeeping" (default, common/dp_engine.py: one backward, no
 per-example gradient tensors of the big layers) and "opacus" (Opacus's per-sample
 gradient hooks and DPOptimizer; any layer Opacus supports).
@@ -22,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
-from common.dp_engine import BookkeepingDPSGD
+from common.dp_engine import BookkeepingDPSGD, draw_noise
+from common.secure_random import SecureRandom
 from common.text import Encoded
 
 Engine = Literal["bookkeeping", "opacus"]
@@ -81,32 +85,36 @@ def train_dp(
     noise_multiplier: float,
     clip_norm: float,
     learning_rate: float,
-    generator: torch.Generator,
+    rng: SecureRandom,
     device: torch.device,
     engine: Engine = "bookkeeping",
+    expected_batch: int | None = None,
 ) -> TrainResult:
     """``steps`` DP-SGD steps with plain SGD; the mechanism is exactly
     SubsampledGaussianEvent(noise_multiplier, sample_rate, steps) with either engine.
 
     ``noise_multiplier=0`` is the no-DP baseline: the same per-example clipping and
     sampling, no noise (unclipped SGD with these settings flipped between classes
-    here), so the gap to it is the cost of the noise alone."""
+    here), so the gap to it is the cost of the noise alone.
+
+    ``expected_batch`` divides the noisy sum (default: ``sample_rate * len(data)``); a
+    site passes the one of its declared public size, so nothing depends on its count."""
     model.to(device).train()
     data = data.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    expected_batch = max(1, round(sample_rate * len(data)))
+    if expected_batch is None:
+        expected_batch = max(1, round(sample_rate * len(data)))
     if engine not in ("bookkeeping", "opacus"):
         raise ValueError(f"unknown DP engine {engine!r}; choose 'bookkeeping' or 'opacus'")
     stepper = _bookkeeping_steps if engine == "bookkeeping" else _opacus_steps
-    settings = _Settings(noise_multiplier, clip_norm, expected_batch, learning_rate, generator)
+    settings = _Settings(noise_multiplier, clip_norm, expected_batch, learning_rate, rng)
     seen = 0
     with stepper(model, params, data, settings) as dp_step:
         for _ in range(steps):
-            chosen = torch.rand(len(data), generator=generator, device=generator.device)
-            idx = (chosen < sample_rate).nonzero().squeeze(1).to(device)
+            idx = rng.bernoulli(len(data), sample_rate).nonzero().squeeze(1).to(device)
             if idx.numel() == 0:
                 _noise_only_step(
-                    params, noise_multiplier * clip_norm / expected_batch, learning_rate, generator
+                    params, noise_multiplier * clip_norm / expected_batch, learning_rate, rng
                 )
                 continue
             dp_step(idx)
@@ -120,7 +128,42 @@ class _Settings:
     clip_norm: float
     expected_batch: int
     learning_rate: float
-    generator: torch.Generator
+    rng: SecureRandom
+
+
+class SecureNoiseDPOptimizer(DPOptimizer):  # type: ignore[misc]
+    """Opacus's DPOptimizer with its noise from the site's secure source (Opacus's own
+    ``secure_mode`` needs torchcsprng, which torch 2.13 lacks): the same draw as the
+    book-keeping engine's, in the same parameter order; and an example with a
+    non-finite per-sample gradient counts as not sampled."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, rng: SecureRandom, **kw: float) -> None:
+        super().__init__(optimizer, **kw)
+        self.rng = rng
+
+    def clip_and_accumulate(self) -> None:
+        """Opacus's clipping, after zeroing the per-sample gradients of every example
+        that has a non-finite one: it counts as not sampled (clip factor 0), as in the
+        book-keeping engine, instead of turning the whole update into NaN."""
+        samples = self.grad_samples
+        if samples and len(samples[0]):
+            device = samples[0].device
+            finite = torch.stack(
+                [torch.isfinite(g.reshape(len(g), -1)).all(1).to(device) for g in samples]
+            ).all(0)
+            if not bool(finite.all()):
+                for g in samples:
+                    g[~finite.to(g.device)] = 0.0
+        super().clip_and_accumulate()
+
+    def add_noise(self) -> None:
+        sums = [p.summed_grad for p in self.params]
+        for s in sums:
+            _check_processed_flag(s)
+        noises = draw_noise(self.rng, sums, self.noise_multiplier * self.max_grad_norm)
+        for p, s, noise in zip(self.params, sums, noises, strict=True):
+            p.grad = (s + noise).view_as(p)
+            _mark_as_processed(s)
 
 
 Stepper = Iterator[Callable[[torch.Tensor], None]]
@@ -132,12 +175,12 @@ def _opacus_steps(
 ) -> Stepper:
     """Opacus hooks and DPOptimizer; yields a DP step on the examples ``idx``."""
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    optimizer = DPOptimizer(
+    optimizer = SecureNoiseDPOptimizer(
         torch.optim.SGD(params, lr=s.learning_rate),
+        rng=s.rng,
         noise_multiplier=s.noise_multiplier,
         max_grad_norm=s.clip_norm,
         expected_batch_size=s.expected_batch,
-        generator=s.generator,
     )
 
     def step(idx: torch.Tensor) -> None:
@@ -168,7 +211,7 @@ def _bookkeeping_steps(
         noise_multiplier=s.noise_multiplier,
         expected_batch=s.expected_batch,
         learning_rate=s.learning_rate,
-        generator=s.generator,
+        rng=s.rng,
     )
 
     def step(idx: torch.Tensor) -> None:
@@ -183,14 +226,13 @@ def _bookkeeping_steps(
 
 @torch.no_grad()
 def _noise_only_step(
-    params: Sequence[torch.Tensor], std: float, learning_rate: float, generator: torch.Generator
+    params: Sequence[torch.Tensor], std: float, learning_rate: float, rng: SecureRandom
 ) -> None:
     """An empty Poisson batch still releases noise: the sum of no gradients plus the
     Gaussian noise, exactly the step the accountant counts (skipping it would reveal
     that the batch was empty)."""
-    for p in params:
-        noise = torch.normal(0.0, std, p.shape, generator=generator, device=generator.device)
-        p.add_(noise.to(p.device), alpha=-learning_rate)
+    for p, noise in zip(params, draw_noise(rng, params, std), strict=True):
+        p.add_(noise, alpha=-learning_rate)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ from common.pki import (
     write_private,
     write_public,
 )
+from common.privacy.errors import LedgerError
+from common.privacy.identity import key_fingerprint, load_public_key
 
 CA_KEY = "ca.key"
 SERVER_KEY = "superlink.key"
@@ -191,8 +193,9 @@ next steps
      which runs:
        {cmd}
   2. hand every site {d / CA_CERT} and the address {coord.site_address}
-  3. register each site's node key (its node.pub), while the SuperLink runs:
-       fedsilo coordinator register node.pub --name SITE --dir {shlex.quote(str(d))}
+  3. register each site's node key (its node.pub) and ledger key (its state/identity.pub,
+     which auditors compare), while the SuperLink runs:
+       fedsilo coordinator register node.pub --name SITE --ledger-key identity.pub --dir {shlex.quote(str(d))}
   4. run the federation from the project folder and watch it:
        export FLWR_HOME={shlex.quote(str(coord.flwr_home))} FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
        flwr run . {CONNECTION} --run-config "num-server-rounds=20" --stream
@@ -230,6 +233,16 @@ class Registration:
     key_fingerprint: str
     node_id: int | None
     created: bool  # False: it was registered already (idempotent)
+    ledger_key: str | None = None  # "sha256:..." of the site's ledger key, if recorded
+    ledger_key_added: bool = False  # True: recorded now for an already registered site
+
+
+def _ledger_key_fingerprint(path: Path) -> str:
+    """``sha256:<hex>`` of a site's ledger key (its ``identity.pub``)."""
+    try:
+        return key_fingerprint(load_public_key(path))
+    except LedgerError as err:
+        raise DeployError(f"--ledger-key {err}") from None
 
 
 def _read_registry(coord: Coordinator) -> dict[str, dict[str, Any]]:
@@ -289,14 +302,20 @@ def _flwr_register(coord: Coordinator, key_path: Path, name: str) -> tuple[int |
     return None, " ".join(message.split())
 
 
-def register_site(directory: Path, public_key: Path, name: str) -> Registration:
-    """Register a site's node key with the SuperLink, once. Registering the same key
-    under the same name again is a no-op; a name or key already taken by another
-    site is refused."""
+def register_site(
+    directory: Path, public_key: Path, name: str, *, ledger_key: Path | None = None
+) -> Registration:
+    """Register a site's node key with the SuperLink, once, and with ``ledger_key`` (the
+    site's ``identity.pub``) record the fingerprint of the key that signs its privacy
+    ledger in ``sites.json`` (``fedsilo audit verify --sites`` checks ledgers against
+    it). Registering the same values again is a no-op; a name, node key or ledger key
+    already taken by another site, or another ledger key for a registered site, is
+    refused."""
     if not SITE_NAME.fullmatch(name):
         raise DeployError(f"--name {name!r}: use 1-64 letters, digits, '.', '_', '-'")
     coord = Coordinator.load(directory)
     _, fp = load_node_public_key(public_key)
+    ledger_fp = _ledger_key_fingerprint(ledger_key) if ledger_key is not None else None
     registry = _read_registry(coord)
     known = registry.get(name)
     if known is not None and known.get("key") != fp:
@@ -305,9 +324,20 @@ def register_site(directory: Path, public_key: Path, name: str) -> Registration:
             f"(SHA-256 {str(known.get('key'))[:16]}...); unregister node "
             f"{known.get('node_id')} with `flwr supernode unregister` first"
         )
+    recorded = known.get("ledger_key") if known is not None else None
+    if ledger_fp is not None and recorded is not None and recorded != ledger_fp:
+        raise DeployError(
+            f"site {name!r} is already registered with another ledger key "
+            f"({str(recorded)[:23]}...); a site's ledger key is never replaced (a new key "
+            "would start a new ledger, a fresh privacy budget)"
+        )
     for other, entry in registry.items():
         if other != name and entry.get("key") == fp:
             raise DeployError(f"{public_key}: this key is already registered as site {other!r}")
+        if other != name and ledger_fp is not None and entry.get("ledger_key") == ledger_fp:
+            raise DeployError(
+                f"{ledger_key}: this ledger key is already registered as site {other!r}"
+            )
     node_id, error = _flwr_register(coord, public_key.resolve(), name)
     if node_id is None:
         if "already in use" in error.lower():
@@ -317,9 +347,29 @@ def register_site(directory: Path, public_key: Path, name: str) -> Registration:
                     f"does not name it; find its node with `flwr supernode list` and "
                     "unregister it first"
                 )
-            # Same key, same name: registering again changes nothing.
-            return Registration(name, fp, known.get("node_id"), False)
+            # Same key, same name: registering again changes nothing, but a ledger key
+            # given for the first time is recorded.
+            added = ledger_fp is not None and recorded is None
+            if added:
+                registry[name] = {**known, "ledger_key": ledger_fp}
+                _write_registry(coord, registry)
+            return Registration(
+                name,
+                fp,
+                known.get("node_id"),
+                False,
+                ledger_key=ledger_fp or (str(recorded) if recorded is not None else None),
+                ledger_key_added=added,
+            )
         raise DeployError(f"registering {name!r} failed: {error or 'no reason given by flwr'}")
-    registry[name] = {"key": fp, "node_id": node_id}
+    record: dict[str, Any] = {"key": fp, "node_id": node_id}
+    kept = ledger_fp or (str(recorded) if recorded is not None else None)
+    if kept is not None:
+        record["ledger_key"] = kept
+    registry[name] = record
+    _write_registry(coord, registry)
+    return Registration(name, fp, node_id, True, ledger_key=kept)
+
+
+def _write_registry(coord: Coordinator, registry: dict[str, dict[str, Any]]) -> None:
     write_public(coord.directory / REGISTRY_FILE, json.dumps(registry, indent=2) + "\n")
-    return Registration(name, fp, node_id, True)

@@ -76,6 +76,8 @@ class DeclaredSite:
             epsilon=_declared(last.epsilon),
             delta=_declared(last.delta),
             budget=_declared(last.budget),
+            lifetime_epsilon=_declared(last.lifetime_epsilon) if last.dp else None,
+            identity=last.identity or None,
             dp=last.dp,
             rounds_trained=self.rounds_trained,
             rounds_refused=self.rounds_refused,

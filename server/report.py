@@ -44,7 +44,8 @@ class Reporter:
     def start(self, cfg: RunConfig, *, num_params: int) -> None:
         self._dp = cfg.dp
         privacy = (
-            f"DP-SGD per site: epsilon {cfg.epsilon:g}, delta {cfg.delta:g}, clip {cfg.clip_norm:g}"
+            f"DP-SGD per site: run epsilon {cfg.epsilon:g}, delta {cfg.delta:g}, clip "
+            f"{cfg.clip_norm:g}; privacy unit: one row of a site's data"
             if cfg.dp
             else "[bold red]NO DIFFERENTIAL PRIVACY (baseline): sites' updates are not private[/]"
         )
@@ -95,16 +96,18 @@ class Reporter:
         more = len(summary.sites) - len(shown)
         caption = f"... and {more} more sites in {SUMMARY_FILE}" if more else None
         table = Table(title="sites", show_lines=False, caption=caption)
-        for col in ("site", "n", "sigma", "q", "steps", "eps", "budget", "ok", "refused", "failed"):
+        columns = ("site", "n", "sigma", "q", "steps", "eps run", "eps life", "budget")
+        for col in (*columns, "ok", "refused", "failed"):
             table.add_column(col, justify="right")
         for s in shown:
             table.add_row(
                 s.site,
-                str(s.num_examples) if s.num_examples else "-",  # hidden under secagg
+                str(s.num_examples) if s.num_examples else "-",  # declared public size
                 _fmt(s.noise_multiplier, 3),
                 _fmt(s.sample_rate, 3),
                 str(s.steps),
                 _fmt(s.epsilon, 3) if s.epsilon is not None else "no-DP",
+                _fmt(s.lifetime_epsilon, 3),
                 _fmt(s.budget, 2),
                 str(s.rounds_trained),
                 str(s.rounds_refused),
@@ -114,7 +117,7 @@ class Reporter:
         final = summary.final
         self.console.print(
             f"[bold]final accuracy {final.accuracy:.4f}[/] after {final.rounds_completed} "
-            f"successful rounds; max site epsilon {_fmt(final.epsilon_max, 3)}"
+            f"successful rounds; max site run epsilon {_fmt(final.epsilon_max, 3)}"
             f"{'' if summary.dp else ' (NO DP)'}; outputs in {out_dir}"
         )
 

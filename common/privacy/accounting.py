@@ -12,6 +12,7 @@ an independent implementation.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Literal
 
@@ -29,6 +30,7 @@ from scipy.optimize import brentq
 
 from common.privacy.errors import PrivacyError
 from common.privacy.events import (
+    FILTER_ORDERS,
     PRV_EPS_ERROR,
     PRV_MAX_EPSILON,
     SubsampledGaussianEvent,
@@ -120,6 +122,63 @@ def _prv_epsilon(history: History, delta: float) -> float:
     return float(eps_upper)
 
 
+@lru_cache(maxsize=4096)
+def _filter_rdp_one_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    rdp: np.ndarray = rdp_analysis.compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(FILTER_ORDERS)
+    )
+    rdp.setflags(write=False)
+    return rdp
+
+
+def filter_epsilon(events: list[SubsampledGaussianEvent], delta: float) -> float:
+    """The epsilon an RDP privacy filter certifies for ``events`` even when each was
+    chosen after the outputs of those before it (Feldman & Zrnic 2021): at every order
+    of the fixed grid FILTER_ORDERS the RDP adds up, each order converted to (epsilon,
+    delta / K) by Balle et al. 2020's bound (Opacus's and dp_accounting's), and the
+    smallest is taken. Union bound over the K orders: whichever order ends up smallest,
+    the whole adaptive sequence is (epsilon, delta)-DP (docs/threat-model.md proves
+    it). 0 for no steps."""
+    if not 0 < delta < 1:
+        raise PrivacyError(f"delta must be in (0, 1), got {delta}")
+    history = merged_history(events)
+    if not history:
+        return 0.0
+    rdp = sum([_filter_rdp_one_step(q, sigma) * steps for sigma, q, steps in history])
+    orders = np.asarray(FILTER_ORDERS)
+    eps = (
+        rdp
+        + np.log1p(-1.0 / orders)
+        - (math.log(delta / len(FILTER_ORDERS)) + np.log(orders)) / (orders - 1)
+    )
+    return float(max(0.0, np.nanmin(eps)))
+
+
+def _smallest_sigma(excess: Callable[[float], float], what: str) -> float:
+    """The smallest noise multiplier with ``excess(sigma) <= 0`` (to within 0.1%, never
+    above), for an excess that falls as sigma grows; Brent's method on log(sigma)."""
+
+    def at(log_sigma: float) -> float:
+        return excess(math.exp(log_sigma))
+
+    lo, hi = 0.0, 0.0  # log sigma brackets: at(lo) > 0 >= at(hi)
+    if at(0.0) > 0:
+        while at(hi) > 0:
+            lo, hi = hi, hi + math.log(2.0)
+            if hi > math.log(MAX_NOISE_MULTIPLIER):
+                raise PrivacyError(what)
+    else:
+        while at(lo) <= 0:
+            if lo - math.log(2.0) < math.log(MIN_NOISE_MULTIPLIER):
+                return math.exp(lo)  # the budget hardly constrains: keep this noise
+            hi, lo = lo, lo - math.log(2.0)
+    sigma = math.exp(float(brentq(at, lo, hi, xtol=1e-5)))
+    # Fail closed: never return a sigma that overspends by our own accountant.
+    while excess(sigma) > 0:
+        sigma *= 1.0002
+    return sigma
+
+
 @lru_cache(maxsize=64)
 def calibrate_noise_multiplier(
     *,
@@ -141,27 +200,37 @@ def calibrate_noise_multiplier(
     if already >= target_epsilon:
         raise PrivacyError(f"budget {target_epsilon:g} is already spent ({already:.3f})")
 
-    def excess(log_sigma: float) -> float:
-        event = SubsampledGaussianEvent(math.exp(log_sigma), sample_rate, steps)
+    def excess(sigma: float) -> float:
+        event = SubsampledGaussianEvent(sigma, sample_rate, steps)
         return compute_epsilon([*prior, event], delta) - target_epsilon
 
-    lo, hi = 0.0, 0.0  # log sigma brackets: excess(lo) > 0 >= excess(hi)
-    if excess(0.0) > 0:
-        while excess(hi) > 0:
-            lo, hi = hi, hi + math.log(2.0)
-            if hi > math.log(MAX_NOISE_MULTIPLIER):
-                raise PrivacyError(
-                    f"budget epsilon={target_epsilon} is too small for {steps} steps "
-                    f"at sample rate {sample_rate}"
-                )
-    else:
-        while excess(lo) <= 0:
-            if lo - math.log(2.0) < math.log(MIN_NOISE_MULTIPLIER):
-                return math.exp(lo)  # the budget hardly constrains: keep this noise
-            hi, lo = lo, lo - math.log(2.0)
-    root = float(brentq(excess, lo, hi, xtol=1e-5))
-    sigma = math.exp(root)
-    # Fail closed: never return a sigma that overspends by our own accountant.
-    while excess(math.log(sigma)) > 0:
-        sigma *= 1.0002
-    return sigma
+    return _smallest_sigma(
+        excess,
+        f"budget epsilon={target_epsilon} is too small for {steps} steps at sample rate "
+        f"{sample_rate}",
+    )
+
+
+@lru_cache(maxsize=64)
+def calibrate_filter_noise(
+    *,
+    budget: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    prior: tuple[SubsampledGaussianEvent, ...] = (),
+) -> float:
+    """The smallest noise multiplier whose ``steps`` steps, after the ``prior`` events,
+    keep the adaptive filter (``filter_epsilon``) within ``budget``."""
+    if steps < 1:
+        raise PrivacyError(f"a plan needs at least one step, got {steps}")
+
+    def excess(sigma: float) -> float:
+        event = SubsampledGaussianEvent(sigma, sample_rate, steps)
+        return filter_epsilon([*prior, event], delta) - budget
+
+    return _smallest_sigma(
+        excess,
+        f"what is left of the lifetime budget {budget:g} is too small for {steps} steps "
+        f"at sample rate {sample_rate:.4g} at any noise up to {MAX_NOISE_MULTIPLIER:g}",
+    )

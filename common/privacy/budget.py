@@ -1,10 +1,22 @@
 """A site's privacy budget: the one rule the ClientApp enforces and ``fedsilo site
 check`` reports.
 
-What a data set has spent is every entry on it in the site's ledger, from every run,
-composed at the site's current delta (an entry's own epsilon was computed at its own
-delta). A round may run only if that composition, with the round added, stays within
-the site's budget; and delta must be below 1/n for the guarantee to mean anything.
+One budget per site. Every round a site ever ran is charged to its lifetime budget
+(node config ``epsilon``), whatever the run and whatever the data: editing the data
+file, or adding one row, does not open a new budget (that would be adjacency, exactly
+what DP protects). A site that truly holds disjoint data sets may declare each by name
+(``disjoint-data-set``); a named set is charged with its own rounds and every
+site-wide one.
+
+Runs are planned after earlier runs' outputs were seen, so the check across runs is a
+privacy filter valid for adaptively chosen mechanisms (``filter_epsilon``: an RDP
+filter, Feldman & Zrnic 2021). Within a run the plan is frozen; its epsilon, a fixed
+history, is reported with the tight PRV accountant. A run asks for a target epsilon:
+its noise is the larger of what reaches that target (PRV, the run alone) and what
+keeps the lifetime filter within the budget at its last planned round.
+
+And delta must be below 1/n for the guarantee to mean anything: n is the site's
+declared public size.
 """
 
 from __future__ import annotations
@@ -14,7 +26,7 @@ from dataclasses import dataclass
 
 from common.privacy.errors import PrivacyError
 from common.privacy.events import SubsampledGaussianEvent
-from common.privacy.ledger import LedgerEntry
+from common.privacy.ledger import LedgerEntry, charged_to
 
 
 def delta_problem(delta: float, num_examples: int) -> str | None:
@@ -33,18 +45,20 @@ def check_delta(delta: float, num_examples: int) -> None:
 
 
 @dataclass(frozen=True)
-class DatasetBudget:
-    """Everything spent on one data set (all runs, in ledger order) against a budget."""
+class SiteBudget:
+    """Everything charged to one budget scope (all runs, in ledger order) against the
+    site's lifetime budget for it."""
 
     entries: tuple[LedgerEntry, ...]
     budget: float
     delta: float
+    scope: str
 
     @classmethod
     def from_ledger(
-        cls, entries: Sequence[LedgerEntry], dataset: str, *, budget: float, delta: float
-    ) -> DatasetBudget:
-        return cls(tuple(e for e in entries if e.dataset == dataset), budget, delta)
+        cls, entries: Sequence[LedgerEntry], *, scope: str, budget: float, delta: float
+    ) -> SiteBudget:
+        return cls(tuple(charged_to(entries, scope)), budget, delta, scope)
 
     @property
     def events(self) -> list[SubsampledGaussianEvent]:
@@ -55,26 +69,135 @@ class DatasetBudget:
         return sum(e.steps for e in self.entries)
 
     def spent(self) -> float:
-        """Epsilon spent so far, composed at the site's delta."""
-        return _epsilon(self.events, self.delta)
+        """Epsilon spent, as the adaptive filter certifies it (the budget's number)."""
+        return _filter(self.events, self.delta)
 
-    def after(self, event: SubsampledGaussianEvent) -> float:
-        """Epsilon once ``event`` has also run: the composition, not a sum of epsilons."""
-        return _epsilon([*self.events, event], self.delta)
+    def spent_if_fixed(self) -> float:
+        """The tight PRV epsilon of the same history, valid only had it been fixed in
+        advance: reported beside ``spent``, never used to admit a round."""
+        return _prv(self.events, self.delta)
+
+    def remaining(self) -> float:
+        return max(0.0, self.budget - self.spent())
 
     def allows(self, event: SubsampledGaussianEvent) -> tuple[bool, float]:
-        """Whether ``event`` fits the budget, and the epsilon it would bring."""
-        after = self.after(event)
+        """Whether ``event`` still fits the budget, and the filter's epsilon after it."""
+        after = _filter([*self.events, event], self.delta)
         return after <= self.budget, after
 
-    def earlier_runs(self, run_id: str) -> tuple[SubsampledGaussianEvent, ...]:
-        """What other runs spent on this data set: a run calibrates its noise after it."""
-        return tuple(e.event for e in self.entries if e.run_id != run_id)
+    def run_entries(self, run_id: str) -> list[LedgerEntry]:
+        return [e for e in self.entries if e.run_id == run_id]
 
 
-def _epsilon(events: list[SubsampledGaussianEvent], delta: float) -> float:
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run fixes at its first round and keeps to its last: the mechanism
+    (sigma, q, steps per round), the number of rounds, the run's target, and what the
+    site spends it from. Recorded in every ledger entry of the run."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    rounds: int
+    clip_norm: float
+    epsilon_target: float
+    delta: float
+    scope: str
+    public_size: int
+
+    @property
+    def event(self) -> SubsampledGaussianEvent:
+        return SubsampledGaussianEvent(self.noise_multiplier, self.sample_rate, self.steps)
+
+    @classmethod
+    def of_entry(cls, entry: LedgerEntry) -> RunPlan | None:
+        if entry.schema < 2:
+            return None
+        assert entry.rounds is not None and entry.public_size is not None
+        assert entry.epsilon_target is not None and entry.scope is not None
+        return cls(
+            noise_multiplier=entry.noise_multiplier,
+            sample_rate=entry.sample_rate,
+            steps=entry.steps,
+            rounds=entry.rounds,
+            clip_norm=entry.clip_norm,
+            epsilon_target=entry.epsilon_target,
+            delta=entry.delta,
+            scope=entry.scope,
+            public_size=entry.public_size,
+        )
+
+    def change(self, asked: RunPlan) -> str | None:
+        """What ``asked`` changes of this frozen plan (its noise is this plan's)."""
+        for name in (
+            "sample_rate",
+            "steps",
+            "rounds",
+            "clip_norm",
+            "epsilon_target",
+            "delta",
+            "scope",
+            "public_size",
+        ):
+            was, now = getattr(self, name), getattr(asked, name)
+            if was != now:
+                return f"{name.replace('_', ' ')} {now} (the run started with {was})"
+        return None
+
+
+def calibrate_run(
+    budget: SiteBudget, *, target: float, sample_rate: float, steps: int, rounds: int
+) -> float:
+    """The noise multiplier of a new run: the run alone reaches ``target`` (PRV) at its
+    last round, and the lifetime filter over everything charged before stays within the
+    budget. Refuses, with the cause in words, a run asking more than remains."""
+    from common.privacy.accounting import calibrate_filter_noise, calibrate_noise_multiplier
+
+    spent = budget.spent()
+    left = budget.budget - spent
+    if target > left:
+        raise PrivacyError(
+            f"the run asks for epsilon {target:g} but the site's lifetime budget "
+            f"{budget.budget:g} has {max(left, 0.0):.3f} left ({spent:.3f} spent over "
+            f"{len(budget.entries)} earlier rounds, as its adaptive filter certifies)"
+        )
+    total = steps * rounds
+    for_target = calibrate_noise_multiplier(
+        target_epsilon=target, delta=budget.delta, sample_rate=sample_rate, steps=total
+    )
+    for_budget = calibrate_filter_noise(
+        budget=budget.budget,
+        delta=budget.delta,
+        sample_rate=sample_rate,
+        steps=total,
+        prior=tuple(budget.events),
+    )
+    return max(for_target, for_budget)
+
+
+def one_run_budget(*, target: float, delta: float, sample_rate: float, steps: int) -> float:
+    """A simulated site's lifetime budget when it has none of its own: what the filter
+    certifies for one run calibrated to ``target`` (PRV) over ``steps`` steps, so that
+    the run reaches its target and a second run on the same state folder finds the
+    budget spent. (A hair above, so that the filter does not bind before the target.)"""
+    from common.privacy.accounting import calibrate_noise_multiplier
+
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=target, delta=delta, sample_rate=sample_rate, steps=steps
+    )
+    event = SubsampledGaussianEvent(sigma, sample_rate, steps)
+    return _filter([event], delta) * (1 + 1e-4)
+
+
+def _filter(events: list[SubsampledGaussianEvent], delta: float) -> float:
     # Opacus's accountant loads when an epsilon is computed, not when the site's tooling
     # starts (``fedsilo site init`` needs none).
+    from common.privacy.accounting import filter_epsilon
+
+    return filter_epsilon(events, delta)
+
+
+def _prv(events: list[SubsampledGaussianEvent], delta: float) -> float:
     from common.privacy.accounting import compute_epsilon
 
     return compute_epsilon(events, delta)

@@ -1,12 +1,19 @@
-"""A site's identity key: the Ed25519 key that signs its privacy ledger.
+"""A site's state folder and its secrets: the Ed25519 identity key that signs the
+privacy ledger, and the fingerprint key that keys the ledger's data fingerprints.
 
-Created once in the site's state folder (mode 0600) and never replaced; the public
-half (``identity.pub``) is what an auditor checks the ledger's signatures with.
+Both are created once (mode 0600) and never replaced; the public half of the identity
+(``identity.pub``) is what an auditor checks the ledger's signatures with, and its
+fingerprint is what the coordinator records. ``fedsilo site init`` creates the folder
+with a marker file; a deployed site opens it only if the marker is there, so a missing
+or mistyped ``state-dir`` cannot quietly start a new identity and an empty ledger (a
+fresh budget).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import secrets
 from dataclasses import dataclass
@@ -23,6 +30,8 @@ from common.privacy.errors import LedgerError
 
 KEY_FILE = "identity.key"
 PUBLIC_KEY_FILE = "identity.pub"
+FINGERPRINT_KEY_FILE = "fingerprint.key"  # 32 secret bytes, never leave the site
+MARKER_FILE = "site-state.json"  # written by ``fedsilo site init`` (and simulations)
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,23 @@ class SiteIdentity:
 
     def sign(self, data: bytes) -> bytes:
         return self.private_key.sign(data)
+
+    def fingerprint(self) -> str:
+        return key_fingerprint(self.public_key)
+
+
+def key_fingerprint(key: Ed25519PublicKey) -> str:
+    """``sha256:<hex>`` of the raw public key: what the coordinator records for a site
+    and an auditor compares with the ``identity.pub`` beside a ledger."""
+    return "sha256:" + hashlib.sha256(key.public_bytes_raw()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SiteKeys:
+    """What a site's rounds need from its state folder."""
+
+    identity: SiteIdentity
+    fingerprint_key: bytes
 
 
 def fsync_dir(directory: Path) -> None:
@@ -126,3 +152,46 @@ def load_or_create_identity(directory: Path) -> SiteIdentity:
     if load_public_key(pub_path).public_bytes_raw() != identity.public_key.public_bytes_raw():
         raise LedgerError(f"{pub_path}: does not match the private key in {key_path}")
     return identity
+
+
+def load_fingerprint_key(directory: Path) -> bytes:
+    path = directory / FINGERPRINT_KEY_FILE
+    try:
+        key = path.read_bytes()
+    except OSError as err:
+        raise LedgerError(f"{path}: cannot read the fingerprint key ({err})") from err
+    if len(key) != 32:
+        raise LedgerError(f"{path}: a fingerprint key is 32 bytes, this file has {len(key)}")
+    return key
+
+
+def init_state(directory: Path, *, site_id: str) -> SiteKeys:
+    """Create the state folder's secrets and marker (``fedsilo site init``; simulated
+    sites); what already exists is kept, never replaced."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        directory.chmod(0o700)
+    identity = load_or_create_identity(directory)
+    write_new_file(directory / FINGERPRINT_KEY_FILE, secrets.token_bytes(32), 0o600)
+    marker = {"site_id": site_id, "identity": identity.fingerprint()}
+    write_new_file(directory / MARKER_FILE, (json.dumps(marker) + "\n").encode(), 0o644)
+    return open_state(directory)
+
+
+def open_state(directory: Path) -> SiteKeys:
+    """The keys of a state folder ``fedsilo site init`` created; refuses (by name) a
+    folder without its marker or a secret, rather than create a new identity."""
+    marker = directory / MARKER_FILE
+    if not marker.is_file():
+        raise LedgerError(
+            f"state folder {directory} was not created by `fedsilo site init` (no {MARKER_FILE}): "
+            "refusing to start a new identity and an empty ledger there, which would be a "
+            "fresh privacy budget; check 'state-dir' in the node config"
+        )
+    for name in (KEY_FILE, PUBLIC_KEY_FILE, FINGERPRINT_KEY_FILE):
+        if not (directory / name).is_file():
+            raise LedgerError(
+                f"state folder {directory}: {name} is missing; a site's keys are never "
+                "recreated (restore it from backup)"
+            )
+    return SiteKeys(load_or_create_identity(directory), load_fingerprint_key(directory))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import hmac
 import json
 import math
 import operator
@@ -32,11 +33,36 @@ if sys.platform != "win32":
     import fcntl
 
 LEDGER_FILE = "ledger.jsonl"  # in the site's state folder, beside its identity key
-SCHEMA_VERSION = 1
-ACCOUNTANT = "prv"
+SCHEMA_VERSION = 2  # what this code writes; schema 1 ledgers are still read and audited
+ACCOUNTANT = "prv+rdp-filter"  # schema 2: the run's PRV epsilon and the lifetime filter's
+ACCOUNTANT_V1 = "prv"
 ZERO_HASH = "0" * 64
+# The budget an entry is charged to: the whole site (the default), or one data set the
+# site declared disjoint from all its others (node config ``disjoint-data-set``).
+SITE_SCOPE = "site"
+DATA_SET_SCOPE = "data-set:"
+_SCOPE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def scope_of(disjoint_data_set: str | None) -> str:
+    """The budget scope of a site's rounds: the site, or its declared disjoint data set."""
+    if disjoint_data_set is None:
+        return SITE_SCOPE
+    if not _SCOPE_NAME.fullmatch(disjoint_data_set):
+        raise LedgerError(
+            f"disjoint data set name {disjoint_data_set!r}: use 1-64 letters, digits, '.', '_', '-'"
+        )
+    return DATA_SET_SCOPE + disjoint_data_set
+
+
+def _scope_problem(scope: str) -> str | None:
+    if scope == SITE_SCOPE:
+        return None
+    if scope.startswith(DATA_SET_SCOPE) and _SCOPE_NAME.fullmatch(scope[len(DATA_SET_SCOPE) :]):
+        return None
+    return f"scope must be {SITE_SCOPE!r} or '{DATA_SET_SCOPE}<name>', got {scope!r}"
 
 
 # ---- entries ----------------------------------------------------------------------
@@ -67,7 +93,6 @@ _FLOAT_FIELDS = (
     "clip_norm",
     "delta",
     "epsilon_run",
-    "epsilon_dataset",
     "budget",
 )
 _INT_FIELDS = ("schema", "round", "steps")
@@ -81,15 +106,27 @@ _STR_FIELDS = (
     "prev_hash",
     "signature",
 )
+# Fields only one schema has (None in the other).
+_V1_FLOATS = ("epsilon_dataset",)
+_V2_FLOATS = ("epsilon_target", "epsilon_lifetime")
+_V2_INTS = ("rounds", "public_size")
+_V2_STRS = ("scope",)
+_ONLY = {1: _V1_FLOATS, 2: (*_V2_FLOATS, *_V2_INTS, *_V2_STRS)}
 
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One round's spend, with the epsilons claimed for it; signed and chained."""
+    """One round's spend, with the epsilons claimed for it; signed and chained.
+
+    Schema 2 (written now) is charged BEFORE the round touches the site's data, and
+    also freezes the run's plan: the first entry of a run fixes sigma, q, steps per
+    round, the planned rounds and the run's target; later rounds must match it.
+    Schema 1 entries (per-data-set budgets, written after training) are still read,
+    verified and composed, conservatively, into every budget of the site."""
 
     schema: int
     site_id: str
-    dataset: str
+    dataset: str  # schema 2: HMAC of the data with the site's secret key (never sent)
     run_id: str
     round: int
     noise_multiplier: float
@@ -98,28 +135,41 @@ class LedgerEntry:
     clip_norm: float
     delta: float
     accountant: str
-    epsilon_run: float
-    epsilon_dataset: float
-    budget: float  # the site's epsilon budget for this data set when the entry was made
+    epsilon_run: float  # PRV epsilon of this run's entries so far (a fixed history)
+    budget: float  # schema 2: the scope's lifetime budget; schema 1: the data set's
     code_version: str
     time: str
     prev_hash: str
     signature: str
+    epsilon_dataset: float | None = None  # schema 1 only
+    scope: str | None = None  # schema 2 only, and below
+    rounds: int | None = None  # the run's planned rounds
+    public_size: int | None = None  # the examples the site declared public
+    epsilon_target: float | None = None  # the run's target epsilon (PRV)
+    epsilon_lifetime: float | None = None  # the adaptive filter over the whole scope
 
     def __post_init__(self) -> None:
-        for name in _INT_FIELDS:
+        if isinstance(self.schema, bool) or self.schema not in _ONLY:
+            raise LedgerError(f"unknown schema {self.schema!r}; this code reads 1 and 2")
+        own = _ONLY[self.schema]
+        other = [n for s, names in _ONLY.items() if s != self.schema for n in names]
+        ints = _INT_FIELDS + tuple(n for n in _V2_INTS if n in own)
+        floats = _FLOAT_FIELDS + tuple(n for n in (*_V1_FLOATS, *_V2_FLOATS) if n in own)
+        strs = _STR_FIELDS + tuple(n for n in _V2_STRS if n in own)
+        for name in ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise LedgerError(f"{name} must be an integer, got {value!r}")
-        for name in _FLOAT_FIELDS:
+        for name in floats:
             value = getattr(self, name)
             if not isinstance(value, float) or not math.isfinite(value):
                 raise LedgerError(f"{name} must be a finite float, got {value!r}")
-        for name in _STR_FIELDS:
+        for name in strs:
             if not isinstance(getattr(self, name), str):
                 raise LedgerError(f"{name} must be a string, got {getattr(self, name)!r}")
-        if self.schema != SCHEMA_VERSION:
-            raise LedgerError(f"unknown schema {self.schema}; this code reads {SCHEMA_VERSION}")
+        for name in other:
+            if getattr(self, name) is not None:
+                raise LedgerError(f"schema {self.schema} has no field {name}")
         if not self.site_id or not self.run_id:
             raise LedgerError("site_id and run_id must not be empty")
         for name in ("dataset", "prev_hash"):
@@ -135,34 +185,68 @@ class LedgerEntry:
             raise LedgerError(f"clip_norm must be > 0, got {self.clip_norm}")
         if not 0 < self.delta < 1:
             raise LedgerError(f"delta must be in (0, 1), got {self.delta}")
-        if self.accountant != ACCOUNTANT:
-            raise LedgerError(f"accountant must be {ACCOUNTANT!r}, got {self.accountant!r}")
-        if self.epsilon_run < 0 or self.epsilon_dataset < 0:
+        expected = ACCOUNTANT if self.schema == 2 else ACCOUNTANT_V1
+        if self.accountant != expected:
+            raise LedgerError(f"accountant must be {expected!r}, got {self.accountant!r}")
+        if self.epsilon_run < 0 or self.spent < 0:
             raise LedgerError("epsilons must be >= 0")
         if self.budget <= 0:
             raise LedgerError(f"budget must be > 0, got {self.budget}")
+        if self.schema == 2:
+            problem = _scope_problem(str(self.scope))
+            if problem:
+                raise LedgerError(problem)
+            if self.rounds is None or self.rounds < 1 or self.round > self.rounds:
+                raise LedgerError(f"round {self.round} is not within the planned {self.rounds}")
+            if self.public_size is None or self.public_size < 1:
+                raise LedgerError(f"public_size must be >= 1, got {self.public_size}")
+            if self.epsilon_target is None or self.epsilon_target <= 0:
+                raise LedgerError(f"epsilon_target must be > 0, got {self.epsilon_target}")
         parse_time(self.time)
 
     @property
     def event(self) -> SubsampledGaussianEvent:
         return SubsampledGaussianEvent(self.noise_multiplier, self.sample_rate, self.steps)
 
+    @property
+    def spent(self) -> float:
+        """What the site claimed spent of its budget after this entry: schema 2 the
+        lifetime filter's epsilon over the scope, schema 1 the data set's PRV epsilon."""
+        value = self.epsilon_lifetime if self.schema == 2 else self.epsilon_dataset
+        assert value is not None  # __post_init__ checked it
+        return value
+
+    @property
+    def budget_scope(self) -> str:
+        """Schema 1 entries have no scope: they count against every budget of the site."""
+        return self.scope if self.scope is not None else SITE_SCOPE
+
+    def body(self) -> dict[str, Any]:
+        """The fields this entry's schema has (what is written and hashed)."""
+        skip = {n for s, names in _ONLY.items() if s != self.schema for n in names}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
     def signed_bytes(self) -> bytes:
         """The canonical bytes the signature covers: every field but the signature."""
-        body = asdict(self)
+        body = self.body()
         del body["signature"]
         return _canonical(body)
 
     def to_line(self) -> str:
-        return _canonical(asdict(self)).decode()
+        return _canonical(self.body()).decode()
 
     def entry_hash(self) -> str:
         return hashlib.sha256(self.to_line().encode()).hexdigest()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LedgerEntry:
-        """Strict: every field present, none unknown, JSON integers allowed as floats."""
-        names = [f.name for f in fields(cls)]
+        """Strict: every field of the entry's schema present, none unknown, JSON
+        integers allowed as floats. Malformed values raise LedgerError, never crash."""
+        schema = data.get("schema")
+        if isinstance(schema, bool) or schema not in _ONLY:
+            raise LedgerError(f"unknown schema {schema!r}; this code reads 1 and 2")
+        skip = {n for s, names in _ONLY.items() if s != schema for n in names}
+        names = [f.name for f in fields(cls) if f.name not in skip]
         missing = sorted(set(names) - data.keys())
         unknown = sorted(data.keys() - set(names))
         if missing or unknown:
@@ -173,16 +257,19 @@ class LedgerEntry:
                 parts.append(f"unknown fields {unknown}")
             raise LedgerError("; ".join(parts))
         values = dict(data)
-        for name in _FLOAT_FIELDS:
-            value = values[name]
+        for name in (*_FLOAT_FIELDS, *_V1_FLOATS, *_V2_FLOATS):
+            value = values.get(name)
             if isinstance(value, int) and not isinstance(value, bool):
-                values[name] = float(value)
+                try:
+                    values[name] = float(value)
+                except OverflowError:
+                    raise LedgerError(f"{name} is an integer too large for a float") from None
         return cls(**values)
 
 
-def dataset_fingerprint(texts: Sequence[str], labels: Sequence[int]) -> str:
-    """Which data set was spent on, whatever order the rows come in: the digests of
-    the (text, label) rows are sorted before they are hashed together."""
+def row_digest(texts: Sequence[str], labels: Sequence[int]) -> bytes:
+    """The content of a data set, whatever order the rows come in: the digests of the
+    (text, label) rows, sorted, hashed together (simulated sites' partitions)."""
     if len(texts) != len(labels):
         raise LedgerError(f"{len(texts)} texts but {len(labels)} labels")
     rows = sorted(
@@ -194,7 +281,27 @@ def dataset_fingerprint(texts: Sequence[str], labels: Sequence[int]) -> str:
     outer = hashlib.sha256(b"fedsilo-dataset-v1\n")
     for row in rows:
         outer.update(row)
-    return outer.hexdigest()
+    return outer.digest()
+
+
+def file_digest(path: Path) -> bytes:
+    """The bytes of a site's data file, hashed (read, not parsed: nothing about the
+    content can make this fail before the round is charged)."""
+    digest = hashlib.sha256(b"fedsilo-file-v1\n")
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def dataset_fingerprint(key: bytes, digest: bytes) -> str:
+    """What the ledger records of the data a round spent on: an HMAC-SHA256 of its
+    digest with the site's secret fingerprint key (common/privacy/identity.py), so the
+    ledger heads the coordinator receives cannot be tested against guessed data sets;
+    an auditor given the key checks it (``fedsilo audit fingerprint``)."""
+    if len(key) < 32:
+        raise LedgerError("a fingerprint key has at least 32 bytes")
+    return hmac.new(key, b"fedsilo-dataset-v2\n" + digest, hashlib.sha256).hexdigest()
 
 
 # ---- reading ----------------------------------------------------------------------
@@ -249,6 +356,9 @@ def parse_ledger(data: bytes, path: Path) -> tuple[list[tuple[int, LedgerEntry]]
                 parse_constant=_reject_constant,
                 object_pairs_hook=_unique_keys,
             )
+        except RecursionError:  # nested too deeply to be an entry
+            findings.append(Finding(number, "parse", f"{path} line {number}: nested too deeply"))
+            continue
         except ValueError as err:  # UnicodeDecodeError and JSONDecodeError included
             findings.append(
                 torn
@@ -286,8 +396,17 @@ def read_ledger(path: Path, *, missing_ok: bool = False) -> list[LedgerEntry]:
 
 
 def spent_events(entries: Sequence[LedgerEntry], dataset: str) -> list[SubsampledGaussianEvent]:
-    """Everything spent on ``dataset`` by any run: a restarted site starts from this."""
+    """Schema 1's budget: everything spent on ``dataset`` by any run (how a schema 1
+    entry's ``epsilon_dataset`` was computed, which the auditor re-derives)."""
     return [entry.event for entry in entries if entry.dataset == dataset]
+
+
+def charged_to(entries: Sequence[LedgerEntry], scope: str) -> list[LedgerEntry]:
+    """The entries a budget scope composes: all of them for the site's budget; for a
+    declared disjoint data set its own and every site-wide one (schema 1 included)."""
+    if scope == SITE_SCOPE:
+        return list(entries)
+    return [e for e in entries if e.budget_scope in (scope, SITE_SCOPE)]
 
 
 # ---- writing ----------------------------------------------------------------------
@@ -326,15 +445,19 @@ class Ledger:
         event: SubsampledGaussianEvent,
         clip_norm: float,
         delta: float,
+        rounds: int,
+        public_size: int,
+        epsilon_target: float,
         epsilon_run: float,
-        epsilon_dataset: float,
+        epsilon_lifetime: float,
         budget: float,
         code_version: str,
+        scope: str = SITE_SCOPE,
         time: str | None = None,
     ) -> LedgerEntry:
-        """Sign, chain and durably append one entry. Refuses a ledger that does not
-        parse (it is never repaired here), another site's ledger, a round that does not
-        follow the run's last one and a time before the last entry's."""
+        """Sign, chain and durably append one (schema 2) entry. Refuses a ledger that
+        does not parse (it is never repaired here), another site's ledger, a round that
+        does not follow the run's last one and a time before the last entry's."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         with self.path.open("a+b") as handle, _locked(handle):
@@ -346,10 +469,10 @@ class Ledger:
             last = existing[-1] if existing else None
             if last is not None and last.site_id != site_id:
                 raise LedgerError(f"{self.path} belongs to site {last.site_id!r}, not {site_id!r}")
-            rounds = [e.round for e in existing if e.run_id == run_id]
-            if rounds and round <= rounds[-1]:
+            done = [e.round for e in existing if e.run_id == run_id]
+            if done and round <= done[-1]:
                 raise LedgerError(
-                    f"run {run_id!r} already recorded round {rounds[-1]}; round {round} "
+                    f"run {run_id!r} already recorded round {done[-1]}; round {round} "
                     "must come after it"
                 )
             if time is None:
@@ -371,8 +494,12 @@ class Ledger:
                 delta=float(delta),
                 accountant=ACCOUNTANT,
                 epsilon_run=float(epsilon_run),
-                epsilon_dataset=float(epsilon_dataset),
                 budget=float(budget),
+                scope=scope,
+                rounds=rounds,
+                public_size=public_size,
+                epsilon_target=float(epsilon_target),
+                epsilon_lifetime=float(epsilon_lifetime),
                 code_version=code_version,
                 time=time,
                 prev_hash=last.entry_hash() if last is not None else ZERO_HASH,

@@ -32,14 +32,18 @@ def test_report_matches_what_the_coordinator_saw(run_dir: Path, tmp_path: Path) 
     plot = tmp_path / "eps.png"
     result = fedsilo("audit", "report", str(run_dir), "--json", "--plot", str(plot))
     assert result.returncode == 0, result.stderr
-    rows = {r["site"]: r for r in json.loads(result.stdout)}
+    report = json.loads(result.stdout)
+    rows = {r["site"]: r for r in report["rows"]}
     summary = json.loads((run_dir / "summary.json").read_text())
     for site in summary["sites"]:
-        assert rows[site["site"]]["epsilon_dataset"] == pytest.approx(site["epsilon"])
-        assert rows[site["site"]]["rounds"] == 2
-        assert rows[site["site"]]["remaining"] == pytest.approx(
-            site["budget"] - site["epsilon"], abs=1e-9
+        row = rows[site["site"]]
+        assert row["epsilon_run"] == pytest.approx(site["epsilon"])
+        assert row["epsilon_lifetime"] == pytest.approx(site["lifetime_epsilon"])
+        assert row["rounds"] == row["planned_rounds"] == 2 and row["scope"] == "site"
+        assert row["remaining"] == pytest.approx(
+            site["budget"] - site["lifetime_epsilon"], abs=1e-9
         )
+    assert "one row of the site's data file" in report["privacy_unit"]
     heads = summary["rounds"][-1]["ledger_heads"]
     assert {s["site"]: s["ledger_head"] for s in summary["sites"]} == {
         k: v["hash"] for k, v in heads.items()
@@ -55,7 +59,7 @@ def test_verify_names_the_tampered_entry(run_dir: Path, tmp_path: Path) -> None:
     (site / "identity.pub").write_bytes((source / "identity.pub").read_bytes())
     lines = (source / "ledger.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
-    first["epsilon_dataset"] = first["epsilon_dataset"] / 2
+    first["epsilon_lifetime"] = first["epsilon_lifetime"] / 2
     lines[0] = json.dumps(first, sort_keys=True, separators=(",", ":"))
     (site / "ledger.jsonl").write_text("\n".join(lines) + "\n")
 
@@ -64,9 +68,9 @@ def test_verify_names_the_tampered_entry(run_dir: Path, tmp_path: Path) -> None:
 
     # Assert
     assert result.returncode == 1
-    findings = json.loads(result.stdout)[0]["findings"]
+    findings = json.loads(result.stdout)["ledgers"][0]["findings"]
     kinds = {(f["entry"], f["kind"]) for f in findings}
-    assert (1, "signature") in kinds and (1, "epsilon-dataset") in kinds and (2, "chain") in kinds
+    assert (1, "signature") in kinds and (1, "epsilon-lifetime") in kinds and (2, "chain") in kinds
 
 
 def test_verify_without_any_ledger_is_a_one_line_error(tmp_path: Path) -> None:

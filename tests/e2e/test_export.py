@@ -14,6 +14,7 @@ from common.data import load_builtin
 from server.app import app as server_app
 from tests.support.inprocess_grid import InProcessGrid
 from tests.support.runs import SMALL_RUN, fedsilo
+from tests.support.sites import deployed_node
 
 
 @pytest.mark.e2e
@@ -30,12 +31,9 @@ def test_export_and_predict_on_a_real_run(tmp_path: Path) -> None:
             for j in range(200 * i, 200 * (i + 1)):
                 writer.writerow([train.texts[j], train.label_names[train.labels[j]]])
         nodes.append(
-            {
-                "data-path": str(path),
-                "site-id": f"site-{i}",
-                "epsilon": 4.0,
-                "state-dir": str(tmp_path / f"state-{i}"),
-            }
+            deployed_node(
+                path, tmp_path / f"state-{i}", site_id=f"site-{i}", epsilon=8.0, data_size=200
+            )
         )
     run = tmp_path / "run"
     grid = InProcessGrid(

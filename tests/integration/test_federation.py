@@ -10,10 +10,12 @@ import pytest
 
 from client.app import app as client_app
 from common.outputs import read_summary
+from common.privacy.ledger import LEDGER_FILE, read_ledger
 from server.app import app as server_app
 from tests.support.inprocess_grid import InProcessGrid
 from tests.support.reference import reference_epsilon
 from tests.support.runs import SMALL_RUN
+from tests.support.sites import deployed_node
 
 
 def _run(tmp_path: Path, grid: InProcessGrid) -> dict:
@@ -59,7 +61,7 @@ def test_a_site_with_bad_data_fails_sanitized_and_the_round_goes_on(tmp_path: Pa
     bad = tmp_path / "site.csv"
     bad.write_text("text,label\nSECRET-PATIENT-NOTE,fresh\n,rotten\n")
     nodes = [
-        {"data-path": str(bad), "site-id": "hospital-a", "epsilon": 4.0},
+        deployed_node(bad, tmp_path / "state", site_id="hospital-a", epsilon=4.0, data_size=100),
         {"partition-id": 1, "num-partitions": 3},
         {"partition-id": 2, "num-partitions": 3},
     ]
@@ -87,6 +89,8 @@ def test_a_site_with_bad_data_fails_sanitized_and_the_round_goes_on(tmp_path: Pa
         }
     ]
     assert "SECRET" not in text and "site.csv" not in text
+    # The round was charged before the file was parsed: it stays charged.
+    assert len(read_ledger(tmp_path / "state" / LEDGER_FILE)) == 1
 
 
 def test_no_site_trains_leaves_the_model_unchanged(tmp_path: Path) -> None:

@@ -19,6 +19,27 @@ def reference_epsilon(sigma: float, q: float, steps: int, delta: float = DELTA) 
     return float(accountant.get_epsilon(delta))
 
 
+def reference_filter_epsilon(
+    history: list[tuple[float, float, int]], delta: float = DELTA
+) -> float:
+    """What an adaptive RDP filter over the orders FILTER_ORDERS certifies for a
+    history of (sigma, q, steps), by Google's RDP accountant (not Opacus's): each
+    order's RDP converted at delta / K, the smallest taken."""
+    from common.privacy.events import FILTER_ORDERS  # the grid is a constant, not code
+
+    if not history:
+        return 0.0
+    accountant = dp_accounting.rdp.RdpAccountant(orders=list(FILTER_ORDERS))
+    for sigma, q, steps in history:
+        accountant.compose(
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
+                steps,
+            )
+        )
+    return float(accountant.get_epsilon(delta / len(FILTER_ORDERS)))
+
+
 def add_mod(a: np.ndarray, b: np.ndarray, ring_bits: int) -> np.ndarray:
     """Elementwise (a + b) mod 2^ring_bits in Python integers: independent of the uint64
     wrap-around and masks the code under test relies on."""

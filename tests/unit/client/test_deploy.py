@@ -15,6 +15,7 @@ from client.deploy import (
     Site,
     check_site,
     init_site,
+    init_summary,
     node_config_toml,
     render_node_config,
     supernode_command,
@@ -61,6 +62,8 @@ def test_node_config_file_reads_back_through_flower_into_site_settings(tmp_path:
         delta=1e-6,
         text_column="note",
         label_column="outcome",
+        data_size=1200,
+        disjoint_data_set="notes-2025",
     )
     path = tmp_path / "node-config.toml"
     path.write_text(node_config_toml(config))
@@ -73,6 +76,7 @@ def test_node_config_file_reads_back_through_flower_into_site_settings(tmp_path:
     assert settings.state_dir == odd / "state"
     assert (settings.epsilon, settings.delta) == (4.0, 1e-6)
     assert (settings.text_column, settings.label_column) == ("note", "outcome")
+    assert (settings.declared_size, settings.disjoint_data_set) == (1200, "notes-2025")
     assert not settings.allow_no_dp
 
 
@@ -84,6 +88,8 @@ def test_node_config_file_reads_back_through_flower_into_site_settings(tmp_path:
         ({"delta": 1.0}, "delta must be in"),
         ({"site_id": "bad name"}, "site-id 'bad name'"),
         ({"text_column": "label"}, "must differ"),
+        ({"data_size": 0}, "'data-size' must be a whole number"),
+        ({"disjoint_data_set": "a b"}, "'disjoint-data-set'"),
     ],
 )
 def test_node_config_values_the_client_app_would_refuse_are_refused_now(
@@ -97,6 +103,7 @@ def test_node_config_values_the_client_app_would_refuse_are_refused_now(
         "delta": 1e-5,
         "text_column": "text",
         "label_column": "label",
+        "data_size": 100,
     }
     args.update(kw)
     with pytest.raises(DeployError, match=match):
@@ -174,43 +181,56 @@ def test_site_check_prints_counts_only(tmp_path: Path, coord: coordinator.Coordi
     assert "SECRET" not in text
 
 
-def test_site_check_states_the_spend_the_clientapp_enforces(
+def test_site_check_states_the_lifetime_spend_the_clientapp_enforces(
     tmp_path: Path, coord: coordinator.Coordinator
 ) -> None:
-    # An entry written at another delta: the check recomputes it at the site's delta,
-    # as the ClientApp's budget check does, instead of echoing the entry's own epsilon.
+    # Entries on two different data files (and at another delta): the check composes
+    # both under the adaptive filter at the site's delta, as the ClientApp does.
     from client.settings import SiteSettings
     from common.config import RunConfig
-    from common.data import builtin_label_names, load_site_file
-    from common.privacy.accounting import compute_epsilon
+    from common.privacy.accounting import filter_epsilon
     from common.privacy.events import SubsampledGaussianEvent
-    from common.privacy.identity import load_or_create_identity
-    from common.privacy.ledger import LEDGER_FILE, Ledger, dataset_fingerprint
+    from common.privacy.identity import open_state
+    from common.privacy.ledger import LEDGER_FILE, Ledger
 
     site = site_folder(tmp_path, coord)
     settings = SiteSettings.from_node_config(site.node_config, RunConfig())
-    assert settings.data_path is not None and settings.state_dir is not None
-    data = load_site_file(settings.data_path, label_names=builtin_label_names(site.dataset))
+    assert settings.state_dir is not None
     event = SubsampledGaussianEvent(1.0, 0.5, 10)
-    Ledger(settings.state_dir / LEDGER_FILE, load_or_create_identity(settings.state_dir)).append(
-        site_id="site-a",
-        dataset=dataset_fingerprint(data.texts, data.labels.tolist()),
-        run_id="r1",
-        round=1,
-        event=event,
-        clip_norm=1.0,
-        delta=0.1,
-        epsilon_run=compute_epsilon([event], 0.1),
-        epsilon_dataset=compute_epsilon([event], 0.1),
-        budget=settings.epsilon,
-        code_version="test",
-    )
+    ledger = Ledger(settings.state_dir / LEDGER_FILE, open_state(settings.state_dir).identity)
+    for run, dataset in (("r1", "a" * 64), ("r2", "b" * 64)):
+        ledger.append(
+            site_id="site-a",
+            dataset=dataset,
+            run_id=run,
+            round=1,
+            event=event,
+            clip_norm=1.0,
+            delta=0.1,
+            rounds=1,
+            public_size=20,
+            epsilon_target=1.0,
+            epsilon_run=1.0,
+            epsilon_lifetime=filter_epsilon([event] * 2, 0.1),
+            budget=settings.epsilon,
+            code_version="test",
+        )
 
     text = "\n".join(check_site(site.directory).lines)
 
-    enforced = compute_epsilon([event], settings.delta)
-    assert f"epsilon spent on this data set {enforced:.3f} of" in text
-    assert f"{compute_epsilon([event], 0.1):.3f} of" not in text
+    enforced = filter_epsilon([event, event], settings.delta)
+    assert f"lifetime epsilon spent {enforced:.3f} of 8 (site, adaptive filter)" in text
+
+
+def test_init_declares_the_files_size_public_and_check_holds_the_file_to_it(
+    tmp_path: Path, coord: coordinator.Coordinator
+) -> None:
+    site = site_folder(tmp_path, coord)  # 20 rows
+    assert site.node_config["data-size"] == 20
+    assert "public size   20 examples" in init_summary(site)
+    small = site_folder(tmp_path, coord, name="site-b", data_size=10)
+    problems = check_site(small.directory).problems
+    assert any("more than the declared public size 10" in p for p in problems)
 
 
 def test_site_check_names_bad_data_and_loose_keys(

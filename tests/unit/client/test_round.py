@@ -1,5 +1,7 @@
-"""A site's round: calibration once per run, the budget filter over its signed ledger
-(across rounds, restarts and runs), and the labelled no-DP mode."""
+"""A site's round against a coordinator that chooses the plan and the weights: charged
+before the data is touched, one lifetime budget (adaptive filter) across runs and data
+edits, the plan frozen per run on disk, public sizes only, and the labelled no-DP
+mode. Independent references: Google's PLD and RDP accountants."""
 
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ from common.messages import RoundPlan, SecAggSetup, SiteReport, TrainReply, Trai
 from common.model import build_model, model_spec
 from common.privacy.audit import verify_ledger
 from common.privacy.errors import LedgerError, PrivacyError
-from common.privacy.identity import load_public_key
-from common.privacy.ledger import LEDGER_FILE
+from common.privacy.identity import MARKER_FILE, init_state, load_public_key
+from common.privacy.ledger import LEDGER_FILE, read_ledger
+from common.secagg.encoding import encoding_spec
 from common.secagg.params import SecAggParams
-from tests.support.reference import reference_epsilon
+from common.secure_random import SecureRandom
+from tests.support.reference import reference_epsilon, reference_filter_epsilon
 
 NODE = {"partition-id": 3, "num-partitions": 20}
 
@@ -39,25 +43,65 @@ def cfg(tmp_path: Path) -> RunConfig:
     )
 
 
+def _arrays(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    return build_model(model_spec(cfg, 2), seed=0).trainable_state()
+
+
 def _round(
-    rnd: int, state: SiteState, cfg: RunConfig, node: dict[str, Any] = NODE, run_id: str = "run-a"
+    rnd: int,
+    state: SiteState,
+    cfg: RunConfig,
+    node: dict[str, Any] = NODE,
+    run_id: str = "run-a",
+    arrays: dict[str, torch.Tensor] | None = None,
 ) -> tuple[SiteReport, dict[str, torch.Tensor] | None]:
     settings = SiteSettings.from_node_config(node, cfg)
     return run_round(
         RoundPlan(rnd, cfg),
-        build_model(model_spec(cfg, 2), seed=0).trainable_state(),
+        _arrays(cfg) if arrays is None else arrays,
         settings,
         state,
         run_id=run_id,
-        generator=torch.Generator().manual_seed(rnd),
+        rng=SecureRandom(bytes([rnd]) * 32),
     )
 
 
-def _ledger(cfg: RunConfig) -> Path:
-    return Path(cfg.sites_dir) / "site-3" / LEDGER_FILE
+def _ledger(cfg: RunConfig, site: str = "site-3") -> Path:
+    return Path(cfg.sites_dir) / site / LEDGER_FILE
 
 
-def test_budget_is_spent_exactly_at_the_last_planned_round_then_refused(cfg: RunConfig) -> None:
+def _history(report: SiteReport, rounds: int) -> list[tuple[float, float, int]]:
+    return [(report.noise_multiplier, report.sample_rate, report.steps * rounds)]
+
+
+def write_site_file(path: Path, rows: int, extra: str = "") -> Path:
+    path.write_text(
+        "text,label\n"
+        + "".join(f"review {i},{'fresh' if i % 2 else 'rotten'}\n" for i in range(rows))
+        + extra
+    )
+    return path
+
+
+def deployed_node(tmp_path: Path, data: Path, **extra: Any) -> dict[str, Any]:
+    """A deployed site whose state folder `fedsilo site init` made (its marker)."""
+    state = tmp_path / "bank-state"
+    init_state(state, site_id="bank-a")
+    return {
+        "data-path": str(data),
+        "site-id": "bank-a",
+        "epsilon": 2.0,
+        "data-size": 400,
+        "state-dir": str(state),
+        **extra,
+    }
+
+
+# ---- the budget: a run's target within one lifetime budget ----------------------------
+
+
+def test_a_run_spends_its_target_exactly_at_the_last_planned_round(cfg: RunConfig) -> None:
+    # A simulated site without a budget of its own: one run's worth at the plan's target.
     state = SiteState()
 
     r1, u1 = _round(1, state, cfg)
@@ -68,17 +112,42 @@ def test_budget_is_spent_exactly_at_the_last_planned_round_then_refused(cfg: Run
     assert r1.status == r2.status == "ok" and u1 is not None and u2 is not None
     assert 0 < r1.epsilon < r2.epsilon <= cfg.epsilon
     assert r2.epsilon == pytest.approx(cfg.epsilon, rel=0.01)
-    # Independent accountant from the reported mechanism parameters.
+    # Independent accountants from the reported mechanism parameters.
     assert r2.epsilon == pytest.approx(
-        reference_epsilon(r2.noise_multiplier, r2.sample_rate, r2.total_steps), rel=0.02
+        reference_epsilon(r2.noise_multiplier, r2.sample_rate, 2 * r2.steps), rel=0.02
     )
+    assert r2.lifetime_epsilon == pytest.approx(reference_filter_epsilon(_history(r2, 2)), rel=1e-6)
+    assert r2.lifetime_epsilon <= r2.budget
     assert r3.status == "refused" and u3 is None
-    assert r3.reason.startswith("budget 4 would reach")
-    assert r3.epsilon == pytest.approx(r2.epsilon)
+    assert "already ran its 2 planned rounds" in r3.reason
     assert _ledger(cfg).read_bytes() == before  # a refusal spends and writes nothing
+    # A new run on the same state folder finds the one run's worth spent.
+    again, _ = _round(1, SiteState(), cfg, run_id="run-b")
+    assert again.status == "refused" and "lifetime budget" in again.reason
 
 
-def test_every_trained_round_is_in_the_signed_ledger_before_the_reply(cfg: RunConfig) -> None:
+def test_a_run_asking_the_whole_lifetime_budget_is_bound_by_the_filter(cfg: RunConfig) -> None:
+    node = {**NODE, "epsilon": cfg.epsilon}  # the site's own lifetime budget: 4
+    _round(1, SiteState(), cfg, node=node)
+    r2, _ = _round(2, SiteState(), cfg, node=node)
+    assert r2.lifetime_epsilon == pytest.approx(cfg.epsilon, rel=0.01)
+    assert r2.lifetime_epsilon <= cfg.epsilon
+    assert r2.epsilon < cfg.epsilon  # the run's tight figure: the price of adaptivity
+    assert r2.epsilon == pytest.approx(
+        reference_epsilon(r2.noise_multiplier, r2.sample_rate, 2 * r2.steps), rel=0.02
+    )
+
+
+def test_a_small_target_is_reached_by_the_run_alone(cfg: RunConfig) -> None:
+    small = cfg.with_overrides({"epsilon": 1.0})
+    node = {**NODE, "epsilon": 10.0}  # the lifetime budget leaves room: PRV binds
+    _round(1, SiteState(), small, node=node)
+    r2, _ = _round(2, SiteState(), small, node=node)
+    assert r2.epsilon == pytest.approx(1.0, rel=0.01) and r2.epsilon <= 1.0
+    assert 1.0 < r2.lifetime_epsilon < 10.0  # the filter's bound is looser
+
+
+def test_every_round_is_charged_in_the_signed_ledger(cfg: RunConfig) -> None:
     state = SiteState()
     _round(1, state, cfg)
     r2, _ = _round(2, state, cfg)
@@ -86,59 +155,171 @@ def test_every_trained_round_is_in_the_signed_ledger_before_the_reply(cfg: RunCo
     entries, findings = verify_ledger(_ledger(cfg), key)
     assert findings == []
     assert [e.round for e in entries] == [1, 2]
-    assert (
-        entries[-1].entry_hash() == r2.ledger_head and entries[-1].signature == r2.ledger_signature
-    )
-    assert entries[-1].epsilon_dataset == pytest.approx(r2.epsilon)
+    assert entries[-1].entry_hash() == r2.ledger_head
+    assert entries[-1].signature == r2.ledger_signature
+    assert entries[-1].spent == pytest.approx(r2.lifetime_epsilon)
+    assert r2.identity.startswith("sha256:")
 
 
-def test_a_restarted_site_rebuilds_its_spend_from_the_ledger(cfg: RunConfig) -> None:
+def test_a_round_that_fails_after_the_charge_stays_charged(cfg: RunConfig, tmp_path: Path) -> None:
+    # The file is charged before it is parsed: a bad row fails the round afterwards.
+    data = write_site_file(tmp_path / "site.csv", 400, extra="a review,neither\n")
+    node = deployed_node(tmp_path, data)
+    with pytest.raises(Exception, match="neither"):
+        _round(1, SiteState(), cfg.with_overrides({"epsilon": 2.0}), node=node)
+    entries = read_ledger(Path(node["state-dir"]) / LEDGER_FILE)
+    assert [e.round for e in entries] == [1]
+
+
+def test_a_restarted_site_keeps_the_runs_noise_from_the_ledger(cfg: RunConfig) -> None:
     r1, _ = _round(1, SiteState(), cfg)
     # Restart: Flower's context.state is gone; only the ledger on disk remains.
     r2, _ = _round(2, SiteState(), cfg)
-    assert r2.epsilon > r1.epsilon
+    assert r2.noise_multiplier == r1.noise_multiplier
     assert r2.total_steps == 2 * r1.steps
     assert r2.epsilon == pytest.approx(cfg.epsilon, rel=0.01)
 
 
-def test_a_second_run_on_the_same_data_starts_from_the_first_runs_spend(cfg: RunConfig) -> None:
-    # Prepare: run A trains only one of its two planned rounds.
-    a1, _ = _round(1, SiteState(), cfg, run_id="run-a")
+def test_a_second_run_spends_only_what_the_first_left(cfg: RunConfig) -> None:
+    # Prepare: run A, target 2 of the lifetime 4.
+    node = {**NODE, "epsilon": 4.0}  # the site's lifetime budget, whatever the plans ask
+    two = cfg.with_overrides({"epsilon": 2.0})
+    _round(1, SiteState(), two, node=node, run_id="run-a")
+    a2, _ = _round(2, SiteState(), two, node=node, run_id="run-a")
+    left = cfg.epsilon - a2.lifetime_epsilon
 
-    # Execute: run B, same data set and ledger, plans two rounds.
-    b1, _ = _round(1, SiteState(), cfg, run_id="run-b")
-    b2, _ = _round(2, (state := SiteState()), cfg, run_id="run-b")
-    b3, _ = _round(3, state, cfg, run_id="run-b")
+    # Execute: run B asks for 4 (more than is left), then for what is left.
+    greedy, _ = _round(1, SiteState(), cfg, node=node, run_id="run-b")
+    fits = cfg.with_overrides({"epsilon": math.floor(left * 100) / 100})
+    _round(1, SiteState(), fits, node=node, run_id="run-c")
+    b2, _ = _round(2, SiteState(), fits, node=node, run_id="run-c")
 
-    # Assert: B composes after A and stops at the budget.
-    assert b1.epsilon > a1.epsilon
-    assert b2.epsilon == pytest.approx(cfg.epsilon, rel=0.01) and b2.epsilon <= cfg.epsilon
-    assert b3.status == "refused"
-    assert b1.noise_multiplier > a1.noise_multiplier  # less budget left: more noise
+    # Assert: the refusal says why in words; run C composes after A within the budget.
+    assert greedy.status == "refused"
+    assert "asks for epsilon 4 but the site's lifetime budget 4 has" in greedy.reason
+    assert b2.status == "ok" and b2.lifetime_epsilon <= cfg.epsilon
+    both = _history(a2, 2) + _history(b2, 2)
+    assert b2.lifetime_epsilon == pytest.approx(reference_filter_epsilon(both), rel=1e-6)
 
 
-def test_an_exhausted_budget_refuses_a_new_run(cfg: RunConfig) -> None:
+def test_a_row_added_to_the_file_opens_no_new_budget(cfg: RunConfig, tmp_path: Path) -> None:
+    # Attack: run 1 on D spends the budget; the coordinator asks again after one row was
+    # added to D (before: a new fingerprint, hence a fresh budget of 8 on the shared rows).
+    data = write_site_file(tmp_path / "site.csv", 400)
+    node = deployed_node(tmp_path, data)
+    two = cfg.with_overrides({"epsilon": 2.0})
     state = SiteState()
-    _round(1, state, cfg)
-    _round(2, state, cfg)
-    report, update = _round(1, SiteState(), cfg, run_id="run-b")
-    assert report.status == "refused" and update is None
-    assert report.reason.startswith("no noise fits this plan")
+    first = [_round(r, state, two, node=node, run_id="run-1")[0] for r in (1, 2)]
+    write_site_file(data, 401)
+
+    again, update = _round(1, SiteState(), two, node=node, run_id="run-2")
+
+    assert [r.status for r in first] == ["ok", "ok"]
+    assert again.status == "refused" and update is None
+    assert "lifetime budget 2 has" in again.reason
+
+
+def test_a_declared_disjoint_data_set_has_its_own_budget(cfg: RunConfig, tmp_path: Path) -> None:
+    a = write_site_file(tmp_path / "a.csv", 400)
+    b = write_site_file(tmp_path / "b.csv", 400)
+    node_a = deployed_node(tmp_path, a, **{"disjoint-data-set": "registry-a"})
+    node_b = {**node_a, "data-path": str(b), "disjoint-data-set": "registry-b"}
+    cfg = cfg.with_overrides({"epsilon": 2.0})
+    for r in (1, 2):
+        _round(r, SiteState(), cfg, node=node_a, run_id="on-a")
+    on_b, _ = _round(1, SiteState(), cfg, node=node_b, run_id="on-b")
+    site_wide, _ = _round(
+        1,
+        SiteState(),
+        cfg,
+        node={**node_a, "data-path": str(b)} | {"disjoint-data-set": None},
+        run_id="all",
+    )
+
+    assert on_b.status == "ok"  # registry-b has its own budget
+    entries = read_ledger(Path(node_a["state-dir"]) / LEDGER_FILE)
+    assert {e.scope for e in entries} == {"data-set:registry-a", "data-set:registry-b"}
+    assert site_wide.status == "refused"  # a site-wide run composes with every entry
+
+
+def test_a_plan_changed_during_a_run_is_refused(cfg: RunConfig) -> None:
+    _round(1, SiteState(), cfg)
+    before = _ledger(cfg).read_bytes()
+    for change in (
+        {"batch-size": 1},
+        {"epsilon": 2.0},
+        {"num-server-rounds": 5},
+        {"clip-norm": 9.0},
+    ):
+        report, update = _round(2, SiteState(), cfg.with_overrides(change))
+        assert report.status == "refused" and update is None, change
+        assert "the plan changed during run run-a" in report.reason
+    assert _ledger(cfg).read_bytes() == before
+
+
+def test_batch_size_one_reveals_only_the_declared_size(cfg: RunConfig, tmp_path: Path) -> None:
+    # Attack: with batch-size 1 the sample rate was 1/n and the steps n: n exactly.
+    one = cfg.with_overrides({"batch-size": 1, "max-length": 8})
+    reports = []
+    for rows in (300, 350):  # two files, one declared size
+        where = tmp_path / f"rows{rows}"
+        where.mkdir()
+        data = write_site_file(where / "site.csv", rows)
+        node = deployed_node(where, data, **{"epsilon": 50.0, "data-size": 400})
+        reports.append(_round(1, SiteState(), one, node=node)[0])
+    public = [
+        {
+            k: v
+            for k, v in vars(r).items()
+            if k not in ("ledger_head", "ledger_signature", "identity")
+        }
+        for r in reports
+    ]
+    assert reports[0].status == "ok"
+    assert public[0] == public[1]
+    assert reports[0].sample_rate == 1 / 400 and reports[0].num_examples == 400
+
+
+def test_a_deployed_site_without_its_marker_refuses_to_start_a_ledger(
+    cfg: RunConfig, tmp_path: Path
+) -> None:
+    data = write_site_file(tmp_path / "site.csv", 400)
+    node = deployed_node(tmp_path, data)
+    mistyped = {**node, "state-dir": str(tmp_path / "bank-stat")}
+    with pytest.raises(LedgerError, match="not created by `fedsilo site init`"):
+        _round(1, SiteState(), cfg, node=mistyped)
+    assert not (tmp_path / "bank-stat" / "identity.key").exists()
+    (Path(node["state-dir"]) / MARKER_FILE).unlink()
+    with pytest.raises(LedgerError, match=MARKER_FILE):
+        _round(1, SiteState(), cfg, node=node)
+
+
+def test_weights_beyond_the_public_bound_are_refused_before_the_charge(cfg: RunConfig) -> None:
+    arrays = _arrays(cfg)
+    huge = {k: v * 1e4 for k, v in arrays.items()}  # norm 22 -> 2.2e5, the bound is 1e4
+    nan = {k: v.clone() for k, v in arrays.items()}
+    next(iter(nan.values())).view(-1)[0] = float("nan")
+    for bad, why in ((huge, "above this site's public bound"), (nan, "not finite")):
+        report, update = _round(1, SiteState(), cfg, arrays=bad)
+        assert report.status == "refused" and update is None and why in report.reason
+    assert not _ledger(cfg).exists() or read_ledger(_ledger(cfg)) == []
+
+
+def test_the_sites_own_budget_wins_over_the_federations(cfg: RunConfig) -> None:
+    report, _ = _round(
+        1, SiteState(), cfg.with_overrides({"epsilon": 1.0}), node={**NODE, "epsilon": 1.5}
+    )
+    assert report.budget == 1.5 and report.lifetime_epsilon <= 1.5
 
 
 def test_a_torn_ledger_fails_closed_and_is_left_alone(cfg: RunConfig) -> None:
     _round(1, SiteState(), cfg)
     with _ledger(cfg).open("a") as f:
-        f.write('{"schema": 1, "site_id": "site-3", "round"')  # a crash mid-write
+        f.write('{"schema": 2, "site_id": "site-3", "round"')  # a crash mid-write
     before = _ledger(cfg).read_bytes()
     with pytest.raises(LedgerError, match="torn"):
         _round(2, SiteState(), cfg)
     assert _ledger(cfg).read_bytes() == before
-
-
-def test_the_sites_own_budget_wins_over_the_federations(cfg: RunConfig) -> None:
-    report, _ = _round(1, SiteState(), cfg, node={**NODE, "epsilon": 1.0})
-    assert report.budget == 1.0 and report.epsilon <= 1.0
 
 
 def test_delta_not_below_one_over_n_fails_closed(cfg: RunConfig) -> None:
@@ -160,7 +341,16 @@ def test_no_dp_mode_is_labelled(cfg: RunConfig) -> None:
 
 @pytest.mark.parametrize(
     "node",
-    [{}, {"partition-id": 1}, {"data-path": "x.csv", "epsilon": -1.0}, {**NODE, "site-id": "a b"}],
+    [
+        {},
+        {"partition-id": 1},
+        {"data-path": "x.csv", "epsilon": -1.0, "data-size": 10},
+        {"data-path": "x.csv", "epsilon": 1.0},  # no declared size
+        {"data-path": "x.csv", "epsilon": 1.0, "data-size": 0},
+        {"data-path": "x.csv", "epsilon": 1.0, "data-size": 10, "disjoint-data-set": "a b"},
+        {"data-path": "x.csv", "epsilon": 1.0, "data-size": 10, "max-global-norm": -1.0},
+        {**NODE, "site-id": "a b"},
+    ],
 )
 def test_bad_site_settings_are_named(node: dict[str, object], cfg: RunConfig) -> None:
     with pytest.raises(SiteConfigError):
@@ -170,51 +360,39 @@ def test_bad_site_settings_are_named(node: dict[str, object], cfg: RunConfig) ->
 def test_a_deployed_site_keeps_dp_and_its_own_budget_whatever_the_plan(
     cfg: RunConfig, tmp_path: Path
 ) -> None:
-    # A deployed site (data-path) with its own budget and ledger folder.
-    data = tmp_path / "site.csv"
-    data.write_text(
-        "text,label\n"
-        + "".join(f"review {i},{'fresh' if i % 2 else 'rotten'}\n" for i in range(400))
-    )
-    node = {
-        "data-path": str(data),
-        "site-id": "bank-a",
-        "epsilon": 2.0,
-        "state-dir": str(tmp_path / "bank"),
-    }
-
+    data = write_site_file(tmp_path / "site.csv", 400)
+    node = deployed_node(tmp_path, data, **{"data-size": 600})
     # The coordinator asks for no DP: refused.
     with pytest.raises(SiteConfigError, match="requires DP"):
         _round(1, SiteState(), cfg.with_overrides({"dp": False}), node=node)
-    # The coordinator's epsilon (4.0) and delta do not apply to this site.
-    report, _ = _round(1, SiteState(), cfg.with_overrides({"delta": 1e-3}), node=node)
-    assert report.budget == 2.0 and report.delta == 1e-5 and report.epsilon <= 2.0
-    # Without its own budget a deployed site does not start.
+    # The coordinator's delta does not apply to this site; its run target (4) is more
+    # than this site's lifetime budget (2): refused in words.
+    greedy, _ = _round(1, SiteState(), cfg.with_overrides({"delta": 1e-3}), node=node)
+    ok, _ = _round(1, SiteState(), cfg.with_overrides({"epsilon": 2.0}), node=node, run_id="b")
+    assert greedy.status == "refused" and "asks for epsilon 4" in greedy.reason
+    assert ok.budget == 2.0 and ok.delta == 1e-5 and ok.lifetime_epsilon <= 2.0
+    assert ok.num_examples == 600  # the declared size, not the file's 400
     with pytest.raises(SiteConfigError, match="own 'epsilon'"):
         SiteSettings.from_node_config({"data-path": str(data)}, cfg)
 
 
-def test_the_example_count_leaves_only_inside_the_secure_sum(cfg: RunConfig) -> None:
-    # Prepare: a site that trains (round 1) and one whose budget refuses (a new run once
-    # the budget is spent), each answered with and without secure aggregation.
-    settings = SiteSettings.from_node_config(NODE, cfg)
-    arrays = build_model(model_spec(cfg, 2), seed=0).trainable_state()
-    params = SecAggParams.create(range(1, 3), ring_bits=12, vector_length=4, session="s")
+def test_reports_carry_the_declared_size_with_or_without_secure_aggregation(
+    cfg: RunConfig,
+) -> None:
+    settings = SiteSettings.from_node_config({**NODE, "epsilon": 20.0}, cfg)
+    arrays = _arrays(cfg)
+    dim = sum(v.numel() for v in arrays.values())
+    spec = encoding_spec(cfg, num_sites=2, seed=7, dim=dim)
+    params = SecAggParams.create(
+        range(1, 3), ring_bits=spec.ring_bits, vector_length=spec.encoded_length, session="s"
+    )
 
     def answer(rnd: int, run_id: str, secure: bool) -> TrainReply:
         setup = SecAggSetup(params, 1, 7) if secure else None
         request = TrainRequest(RoundPlan(rnd, cfg), arrays, setup)
-        state = states.setdefault((run_id, secure), SiteState())
-        return train_round(request, settings, state, run_id=f"{run_id}-{secure}")[0]
+        return train_round(request, settings, SiteState(), run_id=run_id)[0]
 
-    states: dict[tuple[str, bool], SiteState] = {}
-    plain_ok = answer(1, "a", secure=False)
-    answer(2, "a", secure=False)  # the whole budget is spent now
-    refused_plain = answer(1, "b", secure=False)
-    refused_secure = answer(1, "c", secure=True)
-
-    # Assert
-    assert plain_ok.report.status == "ok" and plain_ok.report.num_examples > 0
-    assert refused_plain.report.status == refused_secure.report.status == "refused"
-    assert refused_plain.report.num_examples == plain_ok.report.num_examples
-    assert refused_secure.report.num_examples == 0
+    plain = answer(1, "a", secure=False)
+    secure = answer(1, "b", secure=True)
+    assert plain.report.status == secure.report.status == "ok"
+    assert plain.report.num_examples == secure.report.num_examples > 0

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from common.outputs import (
+    SUMMARY_VERSION,
     RunOutputError,
     read_model,
     read_summary,
@@ -61,7 +62,7 @@ def test_the_first_versions_summary_still_reads() -> None:
 
 def test_a_newer_version_is_refused_by_name(tmp_path: Path) -> None:
     data = json.loads(summaries.federated(0.7).to_json())
-    data["version"] = 2
+    data["version"] = SUMMARY_VERSION + 1
     (tmp_path / "summary.json").write_text(json.dumps(data))
     with pytest.raises(RunOutputError, match=r"summary\.json: field 'version': .*newer fedsilo"):
         read_summary(tmp_path)

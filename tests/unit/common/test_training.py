@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from common.model import ModelSpec, build_model
+from common.secure_random import SecureRandom
 from common.training import (
     Batchable,
     batches_per_epoch,
@@ -41,7 +42,7 @@ def test_dp_training_moves_the_model_and_reports_its_steps() -> None:
         noise_multiplier=1.0,
         clip_norm=1.0,
         learning_rate=0.1,
-        generator=torch.Generator().manual_seed(1),
+        rng=SecureRandom(bytes([1]) * 32),
         device=CPU,
     )
     delta = trainable_delta(before, model.trainable_state())
@@ -68,7 +69,7 @@ def test_empty_poisson_batches_still_release_calibrated_noise() -> None:
         noise_multiplier=sigma,
         clip_norm=clip,
         learning_rate=lr,
-        generator=torch.Generator().manual_seed(2),
+        rng=SecureRandom(bytes([2]) * 32),
         device=CPU,
     )
 
@@ -99,7 +100,7 @@ def test_noise_free_clipped_training_learns_a_trivial_rule() -> None:
         noise_multiplier=0.0,
         clip_norm=1.0,
         learning_rate=1.0,
-        generator=torch.Generator().manual_seed(0),
+        rng=SecureRandom(bytes([0]) * 32),
         device=CPU,
     )
     end = evaluate(model, data, device=CPU)

@@ -21,6 +21,6 @@ def ledger_path(tmp_path: Path, identity: SiteIdentity) -> Path:
     """A clean ledger of five realistic entries."""
     path = tmp_path / "ledger.jsonl"
     ledger = Ledger(path, identity)
-    for i, (run_id, rnd) in enumerate(PLAN, start=1):
-        append(ledger, run_id, rnd, dataset_rounds=i)
+    for run_id, rnd in PLAN:
+        append(ledger, run_id, rnd)
     return path

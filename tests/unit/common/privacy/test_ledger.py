@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from common.privacy.ledger import (
     ZERO_HASH,
     Ledger,
     dataset_fingerprint,
+    file_digest,
     read_ledger,
+    row_digest,
     spent_events,
 )
 from tests.unit.common.privacy.ledgers import (
@@ -24,6 +27,7 @@ from tests.unit.common.privacy.ledgers import (
     EVENT,
     PLAN,
     append,
+    lifetime_epsilon,
     lines,
     prv_epsilon,
     write_lines,
@@ -40,7 +44,8 @@ def test_append_and_read_round_trip(ledger_path: Path, identity: SiteIdentity) -
     assert entries[0].prev_hash == ZERO_HASH
     assert [e.prev_hash for e in entries[1:]] == [e.entry_hash() for e in entries[:-1]]
     assert entries[0].event == EVENT
-    assert entries[4].epsilon_dataset == prv_epsilon(5)
+    assert entries[4].epsilon_lifetime == lifetime_epsilon(5)
+    assert entries[4].schema == 2 and entries[4].scope == "site"
     assert Ledger(ledger_path, identity).entries() == entries
     for e in entries:
         identity.public_key.verify(base64.b64decode(e.signature), e.signed_bytes())
@@ -129,16 +134,34 @@ def test_spent_events_rebuild_a_data_sets_spend(ledger_path: Path) -> None:
     assert recompute_epsilon(events, DELTA) == pytest.approx(prv_epsilon(5), rel=0.02)
 
 
-def test_fingerprint_is_order_independent() -> None:
+def test_fingerprint_is_order_independent_and_keyed() -> None:
     # Prepare
     texts, labels = ["a", "b", "c", "b"], [0, 1, 1, 1]
+    key, other_key = bytes(range(32)), bytes(range(1, 33))
 
     # Execute
-    fingerprint = dataset_fingerprint(texts, labels)
-    shuffled = dataset_fingerprint(texts[::-1], labels[::-1])
+    digest = row_digest(texts, labels)
+    fingerprint = dataset_fingerprint(key, digest)
 
-    # Assert
-    assert fingerprint == shuffled
+    # Assert: order-independent content, keyed by the site's secret
+    assert row_digest(texts[::-1], labels[::-1]) == digest
+    assert row_digest(texts, [0, 1, 1, 0]) != digest
+    assert row_digest(texts[:3], labels[:3]) != digest  # duplicates count
     assert len(fingerprint) == 64
-    assert dataset_fingerprint(texts, [0, 1, 1, 0]) != fingerprint
-    assert dataset_fingerprint(texts[:3], labels[:3]) != fingerprint  # duplicates count
+    assert dataset_fingerprint(other_key, digest) != fingerprint
+    assert fingerprint not in (digest.hex(), hashlib.sha256(digest).hexdigest())
+    with pytest.raises(LedgerError, match="32 bytes"):
+        dataset_fingerprint(b"short", digest)
+
+
+def test_a_file_is_fingerprinted_by_its_bytes_without_parsing(tmp_path: Path) -> None:
+    path = tmp_path / "site.csv"
+    path.write_bytes(b"text,label\n\xff not even utf-8,fresh\n")
+    assert file_digest(path) == hashlib.sha256(b"fedsilo-file-v1\n" + path.read_bytes()).digest()
+
+
+def test_a_line_nested_too_deeply_is_a_finding_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    path.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(LedgerError, match="nested too deeply"):
+        read_ledger(path)
