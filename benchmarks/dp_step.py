@@ -50,6 +50,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
 import numpy as np
@@ -218,6 +219,45 @@ def bookkeeping(
         engine.step(lambda: F.cross_entropy(model(ids, mask), y, reduction="none"))
 
     return step
+
+
+def engine_at(rev: str) -> Builder:
+    """The book-keeping engine as of a git revision, with torch noise (as it was built
+    before issue 12: a ``generator`` argument; after: ``rng``)."""
+    import importlib.util
+    import tempfile
+
+    source = subprocess.run(
+        ["git", "show", f"{rev}:common/dp_engine.py"], capture_output=True, text=True, check=True
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "dp_engine_at_rev.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("dp_engine_at_rev", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def build(model: nn.Module, batch: Batch, sigma: float, clip: float = CLIP) -> Step:
+        ids, mask, y = batch
+        kw: dict[str, object] = {
+            "clip_norm": clip,
+            "noise_multiplier": sigma,
+            "expected_batch": len(y),
+            "learning_rate": LR,
+        }
+        try:
+            engine = module.BookkeepingDPSGD(model, rng=TorchNoise(), **kw)
+        except TypeError:
+            engine = module.BookkeepingDPSGD(
+                model, generator=torch.Generator().manual_seed(0), **kw
+            )
+
+        def step() -> None:
+            engine.step(lambda: F.cross_entropy(model(ids, mask), y, reduction="none"))
+
+        return step
+
+    return build
 
 
 BK = "bookkeeping (fedsilo default)"
@@ -437,6 +477,12 @@ def main() -> None:
     )
     ap.add_argument("--no-attempts", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
+    ap.add_argument(
+        "--against",
+        metavar="REV",
+        help="also time common/dp_engine.py as of git revision REV (torch noise), to tell "
+        "a change of the code from a change of the machine",
+    )
     ap.add_argument("--thp-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.thp_child:
@@ -449,11 +495,14 @@ def main() -> None:
     batches: dict[int, Batch] = {256: big, 64: (big[0][:64], big[1][:64], big[2][:64])}
     model = base_model()
     rows = []
+    modes = dict(MODES)
+    if a.against:
+        modes[f"bookkeeping @{a.against[:8]}"] = engine_at(a.against)
     counts = [default_threads if t == "default" else int(t) for t in a.threads.split(",")]
     for threads in counts:
         torch.set_num_threads(threads)
         for size, batch in batches.items():
-            times = interleaved(build_steps(MODES, batch, model), reps=a.reps, warmup=a.warmup)
+            times = interleaved(build_steps(modes, batch, model), reps=a.reps, warmup=a.warmup)
             rows += [(threads, size, *r) for r in summarise(times)]
             print(
                 f"  measured {threads} thread(s), batch {size}: "

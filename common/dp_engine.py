@@ -22,11 +22,16 @@ dim 0 of every trainable layer's input is the batch (checked against the loss), 
 no mixing across examples elsewhere in the model (as for Opacus; not checkable here).
 Numerical trouble is data-independent (it must not let a coordinator probe the data
 through a failing round): the squared norms are computed in float32 and, where one
-overflows, again in float64 from inputs rescaled per example, so a norm is found
-wherever the true norm fits; an example whose norm is still not finite (an infinite or
+overflows, again in float64 (from float32 records nothing overflows there), so a norm
+is found wherever the true norm fits; an example whose norm is still not finite (an infinite or
 NaN activation) gets clip factor 0, exactly as if it had not been sampled, and its
-rows are zeroed before the sum. Anything else fails closed: unsupported trainable
-layers and tied weights are refused when the engine is built, and a layer called twice
+rows are zeroed before the sum. The norm and the clipped sum of a sequence layer are
+two float computations of one gradient; where the tokens' terms cancel (crafted
+weights can arrange it) they may disagree and let an example exceed C, so an example
+whose norm falls below 1e-3 of its triangle bound is recomputed in float64, and dropped
+(clip factor 0) below 1e-11 (``_CANCELLED``). Embedding norms and sums are both built
+from one gradient row per (example, id). Anything else fails closed: unsupported
+trainable layers and tied weights are refused when the engine is built, and a layer called twice
 or never raises before any parameter changes. The model's flags and hooks are restored
 after every step, also on error, so nothing outlives a call.
 """
@@ -168,10 +173,10 @@ class BookkeepingDPSGD:
     def _safe_norms(
         self, saved: dict[nn.Module, list[torch.Tensor]], batch: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, list[Rule]]:
-        """The rare path: per-example norms in float64 from per-example rescaled inputs
-        (no overflow where the true norm fits); examples whose norm is still not finite
-        get their recorded rows zeroed (norm NaN: clip factor 0) and the sums are rebuilt
-        from the cleaned records, in float64 where float32 overflowed."""
+        """The rare path: per-example norms in float64, by the same rules the rebuilt
+        sums use (no overflow where the true norm fits); examples whose norm is still
+        not finite get their recorded rows zeroed (norm NaN: clip factor 0), and the
+        sums are rebuilt in float64 from the cleaned records."""
         parts = [_exact_n2(m, *saved[m]) for _, m in self.layers]
         norms = torch.stack(parts).sum(0).clamp(min=0).sqrt()
         bad = ~torch.isfinite(norms)
@@ -248,7 +253,8 @@ class BookkeepingDPSGD:
 
 
 def _all_finite(grads: Grads) -> bool:
-    return bool(torch.stack([torch.isfinite(v).all() for v in grads.values()]).all())
+    """One check for all sums (a non-finite entry, or an overflow, makes the total so)."""
+    return bool(torch.isfinite(torch.stack([v.sum() for v in grads.values()]).sum()))
 
 
 def _bcast(c: torch.Tensor) -> torch.Tensor:
@@ -266,31 +272,40 @@ def _cast(
     return run
 
 
-def _per_example_max(x: torch.Tensor) -> torch.Tensor:
-    """max |x| over each example's entries (float64), at least the smallest normal."""
-    peak = x.double().abs().reshape(x.shape[0], -1).amax(1)
-    return peak.clamp(min=torch.finfo(torch.float64).tiny)
+# Below this fraction of its triangle bound (sum over tokens of |a_t| |g_t|, squared), a
+# sequence Linear layer's squared per-example norm is mostly rounding error: the tokens'
+# terms cancel, and the norm and the clipped sum (two different float computations of
+# one gradient) may disagree, letting the example exceed C. Trained models sit above
+# 0.04 (tiny preset, Rotten Tomatoes); such examples are recomputed in float64, and
+# below the float64 threshold (1e-11) dropped (clip factor 0: within C, as any clipping).
+_CANCELLED = {torch.float32: 1e-3, torch.float64: 1e-11}
+
+
+def _triangle(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per example, sum over tokens of |a_t| |g_t|: the triangle bound of the norm of
+    sum_t g_t a_t^T."""
+    return torch.sum(torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(g, dim=-1), 1)
+
+
+def _unless_cancelled(n2: torch.Tensor, triangle: torch.Tensor) -> torch.Tensor:
+    """``n2``, with NaN where it is below its dtype's share of the squared triangle
+    bound."""
+    cancelled = n2 < _CANCELLED.get(n2.dtype, 1e-3) * triangle.square()
+    return torch.where(cancelled, torch.nan, n2)
 
 
 def _exact_n2(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """A layer's squared per-example norms in float64, without overflow where the true
-    norm fits: Linear inputs and output gradients are rescaled to max 1 per example
-    and the scales multiplied back in float64 (an infinite or NaN entry gives NaN)."""
-    b = a.shape[0]
-    if not isinstance(m, nn.Linear):
-        ids_or_input = a.double() if a.is_floating_point() else a
-        rule = _layer_norm if isinstance(m, nn.LayerNorm) else _embedding
-        return rule(m, ids_or_input, g.double())[0]  # type: ignore[arg-type]
-    sa, sg = _per_example_max(a), _per_example_max(g)
-    a_s = a.double().reshape(b, -1, m.in_features) / sa[:, None, None]
-    g_s = g.double().reshape(b, -1, m.out_features) / sg[:, None, None]
-    n2 = torch.zeros(b, dtype=torch.float64, device=g.device)
-    if m.weight.requires_grad:
-        ghost = (a_s @ a_s.transpose(1, 2) * (g_s @ g_s.transpose(1, 2))).sum((1, 2))
-        n2 = n2 + ghost * (sa * sg).square()
-    if m.bias is not None and m.bias.requires_grad:
-        n2 = n2 + g_s.sum(1).square().sum(1) * sg.square()
-    return n2
+    """A layer's squared per-example norms in float64, by the very rule (and float64
+    records) the rebuilt sums use, so norm and sum stay consistent. From float32 records
+    nothing overflows in float64 (a ghost term is at most (3.4e38)^4 times the number of
+    terms, far below 1.8e308); an infinite or NaN entry gives NaN."""
+    a64 = a.double() if a.is_floating_point() else a  # Embedding ids stay integers
+    if isinstance(m, nn.Linear):
+        return _linear(m, a64, g.double())[0]
+    if isinstance(m, nn.LayerNorm):
+        return _layer_norm(m, a64, g.double())[0]
+    assert isinstance(m, nn.Embedding)
+    return _embedding(m, a64, g.double())[0]
 
 
 def _linear(m: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> Rule:
@@ -301,9 +316,16 @@ def _linear(m: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> Rule:
     if m.weight.requires_grad:
         t = a.shape[1]
         if t * t <= m.in_features * m.out_features:  # ghost norm: (t, t) per example
-            n2 = n2 + (a @ a.transpose(1, 2) * (g @ g.transpose(1, 2))).sum((1, 2))
+            ga, gg = a @ a.transpose(1, 2), g @ g.transpose(1, 2)
+            weight = (ga * gg).sum((1, 2))
+            if t > 1:  # the Gram diagonals hold |a_t|^2 and |g_t|^2
+                da, dg = ga.diagonal(dim1=1, dim2=2), gg.diagonal(dim1=1, dim2=2)
+                weight = _unless_cancelled(weight, (da * dg).sqrt().sum(1))
         else:  # the per-example gradient is the smaller tensor
-            n2 = n2 + (g.transpose(1, 2) @ a).square().sum((1, 2))
+            weight = (g.transpose(1, 2) @ a).square().sum((1, 2))
+            if t > 1:
+                weight = _unless_cancelled(weight, _triangle(a, g))
+        n2 = n2 + weight
     bias = m.bias if m.bias is not None and m.bias.requires_grad else None
     gb = g.sum(1)
     if bias is not None:
@@ -339,17 +361,26 @@ def _layer_norm(m: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor) -> Rule:
 
 
 def _embedding(m: nn.Embedding, ids: torch.Tensor, g: torch.Tensor) -> Rule:
+    """One gradient row per (example, id), summed over the example's tokens with that id:
+    the norm and the clipped sum are both built from these rows (a ghost formula over
+    token pairs could round to 0 where repeated ids' gradients cancel, while the sum did
+    not)."""
     b = ids.shape[0]
     ids = ids.reshape(b, -1)
     g = g.reshape(b, -1, m.embedding_dim)
     if m.padding_idx is not None:  # torch gives the padding row no gradient
         g = g * (ids != m.padding_idx).unsqueeze(-1).to(g.dtype)
-    same = (ids[:, :, None] == ids[:, None, :]).to(g.dtype)
-    n2 = (same * (g @ g.transpose(1, 2))).sum((1, 2))
+    key = torch.arange(b, device=ids.device)[:, None] * m.num_embeddings + ids
+    unique, inverse = torch.unique(key.reshape(-1), return_inverse=True)
+    rows = torch.zeros(len(unique), m.embedding_dim, dtype=g.dtype, device=g.device)
+    rows.index_add_(0, inverse, g.reshape(-1, m.embedding_dim))
+    example, row = unique // m.num_embeddings, unique % m.num_embeddings
+    n2 = torch.zeros(b, dtype=g.dtype, device=g.device)
+    n2.index_add_(0, example, rows.square().sum(1))
 
     def summed(c: torch.Tensor) -> Grads:
         weight = torch.zeros_like(m.weight)
-        rows = (g * _bcast(c)).reshape(-1, m.embedding_dim).to(weight.dtype)
-        return {m.weight: weight.index_add_(0, ids.reshape(-1), rows)}
+        scaled = (rows * c[example, None]).to(weight.dtype)
+        return {m.weight: weight.index_add_(0, row, scaled)}
 
     return n2, summed

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -95,9 +96,21 @@ class Reporter:
         shown = summary.sites[:MAX_SITE_ROWS]
         more = len(summary.sites) - len(shown)
         caption = f"... and {more} more sites in {SUMMARY_FILE}" if more else None
-        table = Table(title="sites", show_lines=False, caption=caption)
-        columns = ("site", "n", "sigma", "q", "steps", "eps run", "eps life", "budget")
-        for col in (*columns, "ok", "refused", "failed"):
+        table = Table(title="sites", caption=caption, box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0))
+        # eps: this run's (PRV); life: the lifetime filter's, of the lifetime budget
+        for col in (
+            "site",
+            "n",
+            "sigma",
+            "q",
+            "steps",
+            "eps",
+            "life",
+            "budget",
+            "ok",
+            "ref",
+            "fail",
+        ):
             table.add_column(col, justify="right")
         for s in shown:
             table.add_row(
@@ -107,7 +120,7 @@ class Reporter:
                 _fmt(s.sample_rate, 3),
                 str(s.steps),
                 _fmt(s.epsilon, 3) if s.epsilon is not None else "no-DP",
-                _fmt(s.lifetime_epsilon, 3),
+                _fmt(s.lifetime_epsilon, 2),
                 _fmt(s.budget, 2),
                 str(s.rounds_trained),
                 str(s.rounds_refused),

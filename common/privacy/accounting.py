@@ -151,7 +151,10 @@ def filter_epsilon(events: list[SubsampledGaussianEvent], delta: float) -> float
         + np.log1p(-1.0 / orders)
         - (math.log(delta / len(FILTER_ORDERS)) + np.log(orders)) / (orders - 1)
     )
-    return float(max(0.0, np.nanmin(eps)))
+    finite = eps[np.isfinite(eps)]
+    if finite.size == 0:  # fail closed: no order gives a bound
+        return math.inf
+    return float(max(0.0, finite.min()))
 
 
 def _smallest_sigma(excess: Callable[[float], float], what: str) -> float:

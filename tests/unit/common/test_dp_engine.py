@@ -480,3 +480,107 @@ def test_the_opacus_engine_also_drops_an_example_with_a_non_finite_gradient() ->
     for p, q, w in zip(model.parameters(), before.parameters(), want, strict=True):
         assert torch.isfinite(p).all()
         assert torch.allclose(q - p, w / 6, rtol=1e-4, atol=1e-6)
+
+
+class _Keys(nn.Module):
+    """One sequence Linear whose per-token output gradients sum to zero over the tokens
+    (as attention keys' do) and whose token inputs share a large common part: the
+    tokens' terms of the ghost norm cancel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(128, 384)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return ((self.lin(x) @ v) * w).sum(1)  # per example: sum_t w_t (lin(x_t) . v)
+
+
+@pytest.mark.parametrize("spread", [1e-3, 1e-4, 1e-7])
+def test_cancelling_tokens_cannot_carry_an_example_past_the_clip_bound(spread: float) -> None:
+    # Attack (found in review): near-identical token inputs and zero-sum gradients made
+    # the float32 ghost norm 0 while the float32 clipped sum was up to 15.7 C. Now such
+    # examples are recomputed in float64 (equal to the reference), or dropped where
+    # even float64 cannot tell (contributing 0).
+    torch.manual_seed(0)
+    model = _Keys()
+    b, t = 16, 48
+    base = torch.randn(b, 1, 128)
+    x = (base + spread * torch.randn(b, t, 128)) * 100
+    w = torch.randn(b, t)
+    w = w - w.mean(1, keepdim=True)  # zero-sum over the tokens
+    v = torch.randn(384)
+    clip = 1.0
+
+    def contribution(rows: slice) -> list[torch.Tensor]:
+        return _engine(model, clip).clipped_sum(lambda: model(x[rows], w[rows], v))[0]
+
+    alone = [contribution(slice(i, i + 1)) for i in range(b)]
+    together = contribution(slice(0, b))
+
+    # Each example's clipped contribution, alone, is within C (it was 15.7 C) ...
+    norms = [float(torch.sqrt(sum(g.double().square().sum() for g in c))) for c in alone]
+    assert max(norms) <= clip * (1 + 1e-5), max(norms)
+    assert (max(norms) == 0.0) == (spread < 1e-5)  # dropped where float64 cannot tell
+    # ... and the batch adds exactly those contributions.
+    for i, g in enumerate(together):
+        summed = torch.stack([c[i] for c in alone]).sum(0)
+        assert torch.allclose(g, summed, rtol=1e-4, atol=1e-6 * clip)
+
+
+class _Lookup(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 64)
+
+    def forward(self, ids: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (self.emb(ids) * v).sum((1, 2))  # per example: sum_t v_t . emb(ids_t)
+
+
+@pytest.mark.parametrize("scale", [1e2, 1e4, 1e6])
+def test_a_repeated_id_whose_gradients_cancel_is_clipped_to_c(scale: float) -> None:
+    # Found in review: the ghost formula over pairs of equal ids rounded to 0 where the
+    # two gradients nearly cancel, while the sum did not (3 C at scale 1e4).
+    torch.manual_seed(0)
+    model = _Lookup()
+    x = torch.randn(64) * scale
+    delta = torch.randn(64)
+    delta = delta / delta.norm() * 3.0  # the true per-example gradient has norm 3
+    v = torch.stack([x, -x + delta])[None]
+    ids = torch.tensor([[5, 5]])
+
+    got, norms = _engine(model, 1.0).clipped_sum(lambda: model(ids, v))
+
+    true = float((v[0, 0].double() + v[0, 1].double()).norm())
+    assert float(norms[0]) == pytest.approx(true, rel=1e-3 * scale / 1e2)
+    assert float(got[0].double().norm()) <= 1.0 + 1e-5
+
+
+class _Bias(nn.Module):
+    """A Linear whose bias alone trains, with crafted output gradients ``w``; and a
+    second Linear whose huge input overflows float32 (gradient 0): it sends the step to
+    the float64 path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 1)
+        self.lin.weight.requires_grad_(False)
+        self.trigger = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, big: torch.Tensor) -> torch.Tensor:
+        return (self.lin(x) * w).sum((1, 2)) + 0.0 * self.trigger(big).sum((1, 2))
+
+
+@pytest.mark.parametrize("pattern", [[3.0, -1.75, -1.25, 2**-52], [3.0, -1.1, -1.9, 2**-51]])
+def test_the_float64_path_builds_a_bias_norm_and_sum_from_the_same_values(
+    pattern: list[float],
+) -> None:
+    # Found in review: the float64 path summed the rescaled bias gradients for the norm
+    # but the unscaled ones for the sum: norm 0, contribution 1.13e15 C.
+    model = _Bias()
+    w = torch.tensor(pattern)[None, :, None] * 2.0**100
+    t = w.shape[1]
+    x, big = torch.zeros(1, t, 2), torch.full((1, t, 8), 1e20)
+
+    got, _ = _engine(model, 1.0).clipped_sum(lambda: model(x, w, big))
+
+    assert float(torch.sqrt(sum(g.double().square().sum() for g in got))) <= 1.0 + 1e-6
