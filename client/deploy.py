@@ -128,7 +128,8 @@ def node_config_toml(config: Mapping[str, Any]) -> str:
     (no quoting trouble with spaces or quotes in paths)."""
     header = (
         "# Node config of this fedsilo site (read by the ClientApp as context.node_config).\n"
-        "# epsilon/delta are this site's own budget: the coordinator cannot change them.\n"
+        "# epsilon/delta: this site's own lifetime budget (the coordinator cannot change them);\n"
+        "# data-size: the number of examples it declares public.\n"
     )
     return header + tomli_w.dumps(dict(config))
 

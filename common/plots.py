@@ -1,5 +1,6 @@
-"""The plots every run leaves: test accuracy per round, and each site's epsilon against
-its budget."""
+"""The plots every run leaves: test accuracy per round, and each site's run epsilon
+against the run's target (lifetime spend is the auditor's: ``fedsilo audit report
+--plot``)."""
 
 from __future__ import annotations
 
@@ -35,10 +36,10 @@ def plot_run(out_dir: Path, summary: RunSummary) -> None:
     for name in names:
         pts = [(r.round, r.epsilon_per_site[name]) for r in rounds if name in r.epsilon_per_site]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, label=name)
-    for b in {s.budget for s in summary.sites if s.budget is not None}:
-        ax.axhline(b, color="red", ls="--", lw=1)
+    if names:
+        ax.axhline(summary.run_config.epsilon, color="red", ls="--", lw=1, label="run target")
     ax.set_xlabel("round")
-    ax.set_ylabel("epsilon spent (PRV accountant)")
+    ax.set_ylabel("run epsilon (PRV accountant, the run's fixed plan)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("privacy spent per site" if names else "no differential privacy in this run")
     if 0 < len(names) <= 12:
