@@ -298,6 +298,38 @@ def decode_sum(total: RingArray, spec: EncodingSpec, num_summands: int) -> tuple
     return summed / effective_count, total_weight
 
 
+def check_sum(
+    mean: FloatArray,
+    total_weight: int,
+    spec: EncodingSpec,
+    *,
+    num_summands: int,
+    expected_weight: int | None = None,
+) -> None:
+    """Refuse a decoded sum that ``num_summands`` honest encodings cannot produce.
+
+    Each honest site clips its delta to ``clip_norm`` before weighting, so the weighted
+    mean has norm at most ``clip_norm``, plus the quantization's ``error_bound``; the
+    per-coordinate range check of ``decode_sum`` alone let one site push the mean about
+    ``sqrt(num_blocks) * headroom`` times further. With the sites' weights public
+    (their declared sizes), the total weight must be exactly theirs: a site that encodes
+    another weight (say a negative one, to scale the others' mean up) is caught. Within
+    these bounds a malicious site can still move the mean anywhere in the clip ball, as
+    any site's clipped update can (no range proofs)."""
+    if expected_weight is not None and total_weight != expected_weight:
+        raise ValueError(
+            f"the total weight {total_weight} is not the {expected_weight} the summed sites "
+            "declared: a site encoded another weight"
+        )
+    limit = spec.clip_norm + error_bound(spec, num_summands=num_summands, total_weight=total_weight)
+    norm = float(np.linalg.norm(mean))
+    if not norm <= limit * (1 + 1e-9):
+        raise ValueError(
+            f"the decoded mean has norm {norm:.4g}, beyond the {limit:.4g} that "
+            f"{num_summands} sites clipped to {spec.clip_norm:g} can produce"
+        )
+
+
 def error_bound(
     spec: EncodingSpec, *, num_summands: int = 1, total_weight: int | None = None
 ) -> float:

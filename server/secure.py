@@ -24,9 +24,9 @@ from common.messages import (
     StageName,
     TrainRequest,
 )
-from common.quantize import decode_sum
+from common.quantize import check_sum, decode_sum
 from common.secagg.coordinator import CoordinatorSession
-from common.secagg.encoding import encoding_spec
+from common.secagg.encoding import encoding_spec, site_weight
 from common.secagg.errors import SecAggAbort, SecAggError
 from common.secagg.params import PublicKeys, SecAggParams
 from server.aggregation import Arrays, RoundOutcome, SiteResult, Transport
@@ -216,7 +216,19 @@ def secure_round(
         )
         started = time.monotonic()
         total, alive = coordinator.receive_unmask(revealed)
-        mean_vector, _ = decode_sum(total, spec, len(alive))
+        mean_vector, total_weight = decode_sum(total, spec, len(alive))
+        # Public weights (declared sizes): the total must be the survivors' own, and the
+        # mean within what clipped sites can produce.
+        declared = [state.results[state.node_of[u]].report for u in alive]
+        check_sum(
+            mean_vector,
+            total_weight,
+            spec,
+            num_summands=len(alive),
+            expected_weight=sum(site_weight(cfg, r.num_examples) for r in declared if r is not None)
+            if all(r is not None for r in declared)
+            else None,
+        )
         mean = unflatten(mean_vector, weights)
         mean = {k: v.to(weights[k].dtype) for k, v in mean.items()}
         state.seconds["unmask-and-decode"] = time.monotonic() - started

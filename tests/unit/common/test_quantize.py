@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from common.quantize import (
     MAX_RING_BITS,
     EncodingSpec,
+    check_sum,
     decode_sum,
     encode,
     error_bound,
@@ -443,3 +444,48 @@ def test_unpack_refuses_wrong_sizes(data: bytes, name: str) -> None:
     # 2 elements of 10 bits = 20 bits = 3 bytes, the last 4 bits padding.
     with pytest.raises(ValueError, match=name):
         unpack(data, 10, 2)
+
+
+def _oversized(s: EncodingSpec) -> np.ndarray:
+    """A malicious site's encoding: every coordinate at the top level (each passes the
+    per-coordinate range check), weight 1."""
+    values = np.full(s.encoded_length, s.max_level, dtype=np.int64)
+    values[-1] = 1
+    return to_ring(values, s.ring_bits)
+
+
+def test_honest_sums_pass_the_influence_check() -> None:
+    s = spec(weight_bound=100, dim=300, bits=8)
+    data = np.random.default_rng(41)
+    weights = [3, 100, 17]
+    encodings = [
+        encode(data.normal(size=300) * 5.0, s, np.random.default_rng(i), weight=w)
+        for i, w in enumerate(weights)
+    ]  # every delta far beyond the clip norm: clipped to it
+    mean, total = decode_sum(ring_sum([e.values for e in encodings], s.ring_bits), s, 3)
+    check_sum(mean, total, s, num_summands=3, expected_weight=sum(weights))
+
+
+def test_an_oversized_contribution_is_refused() -> None:
+    # Attack (issue 13): one site moved the decoded mean far beyond what clipped sites
+    # can; every coordinate stayed within the range decode_sum checks.
+    s = spec(dim=300, bits=8)
+    honest = [encode(np.full(300, 0.01), s, np.random.default_rng(i)) for i in range(2)]
+    total = ring_sum([*(e.values for e in honest), _oversized(s)], s.ring_bits)
+    mean, weight = decode_sum(total, s, 3)  # accepted before
+    with pytest.raises(ValueError, match=r"beyond the .* that 3 sites clipped to 1 can produce"):
+        check_sum(mean, weight, s, num_summands=3, expected_weight=3)
+
+
+def test_a_weight_other_than_the_declared_one_is_refused() -> None:
+    # Attack (issue 13): a negative weight scaled the others' mean up (12.9x), with a
+    # total weight still in decode_sum's range.
+    s = spec(weight_bound=100, dim=300, bits=16)
+    honest = [encode(np.full(300, 0.01), s, np.random.default_rng(i), weight=50) for i in range(3)]
+    liar = encode(np.zeros(300), s, np.random.default_rng(9), weight=1).values.copy()
+    liar[-1] = to_ring(np.array([-120], dtype=np.int64), s.ring_bits)[0]  # weight -120
+    total = ring_sum([*(e.values for e in honest), liar], s.ring_bits)
+    mean, weight = decode_sum(total, s, 4)  # 150 - 120 = 30: in range, accepted before
+    assert weight == 30
+    with pytest.raises(ValueError, match="not the 151 the summed sites declared"):
+        check_sum(mean, weight, s, num_summands=4, expected_weight=151)
