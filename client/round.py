@@ -375,6 +375,10 @@ def train_round(
     or encode it and join the secure round (the update then waits for the protocol's
     stages in the returned state, and only public keys leave now)."""
     plan, setup = request.plan, request.setup
+    if setup is not None:  # checked before anything is charged or trained
+        problem = secure.unsafe(setup.params)
+        if problem is not None:
+            return TrainReply(SiteReport.of("refused", problem, settings.site_id)), None
     # Noise and sampling must be unpredictable to anyone else: a ChaCha20 stream under
     # a fresh key from the operating system.
     report, update = run_round(

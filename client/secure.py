@@ -22,7 +22,13 @@ from common.quantize import encode, pack, unpack
 from common.rotation import FloatArray
 from common.secagg.encoding import encoding_spec, site_weight
 from common.secagg.errors import SecAggError
-from common.secagg.params import PublicKeys, UnmaskRequest, pack_masked
+from common.secagg.params import (
+    PublicKeys,
+    SecAggParams,
+    UnmaskRequest,
+    default_degree,
+    pack_masked,
+)
 from common.secagg.site import SiteSession
 
 log = logging.getLogger("fedsilo.site")
@@ -34,6 +40,21 @@ class Pending:
 
     session: SiteSession
     encoded: bytes  # the packed encoding of its update (before masking)
+
+
+def unsafe(params: SecAggParams) -> str | None:
+    """Why the coordinator's protocol parameters are unsafe for this site (None: they
+    are not), checked before the site trains: a neighbour graph sparser than the safe
+    default for the round's size can be cut by a few dropouts (which an active
+    coordinator causes by ignoring replies) into pieces that unmask separately."""
+    n = len(params.participants)
+    safe = default_degree(n)
+    if params.degree < safe:
+        return (
+            f"the secure round's neighbour graph has degree {params.degree}, below the safe "
+            f"{safe} for {n} sites: this site does not join it"
+        )
+    return None
 
 
 def join(

@@ -71,7 +71,8 @@ class RunConfig(BaseModel):
     secure_aggregation: bool = True
     secagg_bits: Literal[4, 8, 16] = 8
     # Shares needed to recover a site's secrets, as a fraction of its holders (at least a
-    # strict majority); 0 degree = complete graph for few sites, about 3 log2(n) above.
+    # strict majority); 0 degree = complete graph for few sites, about 3 log2(n) above
+    # (sites refuse a lower degree: dropouts could cut a sparser graph into pieces).
     secagg_threshold: float = 0.5
     secagg_degree: int = 0
     # Server optimizer on the averaged update

@@ -396,3 +396,28 @@ def test_reports_carry_the_declared_size_with_or_without_secure_aggregation(
     secure = answer(1, "b", secure=True)
     assert plain.report.status == secure.report.status == "ok"
     assert plain.report.num_examples == secure.report.num_examples > 0
+
+
+def test_a_secure_round_with_a_sparse_neighbour_graph_is_refused_before_training(
+    cfg: RunConfig,
+) -> None:
+    # Attack (issue 13): with degree 2, two dropouts the coordinator causes cut the graph
+    # and one colluder unmasks a victim; sites accepted any even degree.
+    settings = SiteSettings.from_node_config({**NODE, "epsilon": 20.0}, cfg)
+    arrays = _arrays(cfg)
+    dim = sum(v.numel() for v in arrays.values())
+    spec = encoding_spec(cfg, num_sites=20, seed=7, dim=dim)
+    sparse = SecAggParams.create(
+        range(1, 21),
+        ring_bits=spec.ring_bits,
+        vector_length=spec.encoded_length,
+        degree=2,
+        session="s",
+    )
+    request = TrainRequest(RoundPlan(1, cfg), arrays, SecAggSetup(sparse, 1, 7))
+
+    reply, pending = train_round(request, settings, SiteState(), run_id="run-a")
+
+    assert reply.report.status == "refused" and pending is None
+    assert "degree 2, below the safe 14 for 20 sites" in reply.report.reason
+    assert not _ledger(cfg).exists()  # nothing charged, nothing trained
