@@ -137,6 +137,12 @@ class CoordinatorSession:
         dropped = self.shared - self.alive
         # Alive sites' self masks and dropped sites' keys must both be recoverable.
         self._require(self.alive, self.shared, "masked input")
+        pieces = self.params.pieces(self.alive)
+        if pieces > 1:
+            raise SecAggAbort(
+                f"after masked input the alive sites' neighbour graph falls into {pieces} "
+                "pieces: unmasking would reveal each piece's sum"
+            )
         requests: dict[int, UnmaskRequest] = {}
         for u in sorted(self.alive):
             holders = set(self.params.holders(u))

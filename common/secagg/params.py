@@ -11,7 +11,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,6 +153,22 @@ class SecAggParams:
     def holders(self, index: int) -> tuple[int, ...]:
         """Who holds shares of ``index``'s secrets: its neighbours and itself."""
         return tuple(sorted((*self.neighbours(index), index)))
+
+    def pieces(self, alive: Collection[int]) -> int:
+        """How many connected pieces the neighbour graph falls into among ``alive``:
+        more than one, and each piece's masks cancel on their own, so unmasking would
+        reveal each piece's sum (one victim and one colluder make a piece)."""
+        left = set(alive)
+        count = 0
+        while left:
+            count += 1
+            stack = [left.pop()]
+            while stack:
+                for v in self.neighbours(stack.pop()):
+                    if v in left:
+                        left.remove(v)
+                        stack.append(v)
+        return count
 
 
 def _b64(data: bytes) -> str:

@@ -184,6 +184,12 @@ class SiteSession:
             raise SecAggAbort(
                 f"only {len(alive)} masked inputs, threshold is {self.params.threshold}"
             )
+        pieces = self.params.pieces(alive)
+        if pieces > 1:  # checked here too: the coordinator is the party guarded against
+            raise SecAggAbort(
+                f"the alive sites' neighbour graph falls into {pieces} pieces: revealing "
+                "shares would unmask each piece on its own"
+            )
         self.stage = "done"
         out: dict[int, bytes] = {}
         for v, (b_share, s_share) in sorted(self.received.items()):

@@ -6,6 +6,7 @@ refused."""
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Collection
 from typing import Any
@@ -25,6 +26,7 @@ from common.secagg.errors import SecAggAbort, SecAggError
 from common.secagg.params import (
     SEALED_BYTES,
     PublicKeys,
+    SecAggParams,
     UnmaskRequest,
     default_degree,
 )
@@ -823,3 +825,36 @@ def test_decode_sum_refuses_uniform_garbage_totals_at_ten_sites() -> None:
     # Assert: the weight check alone catches all but 1 in 4096.
     assert len(refused) == len(garbage)
     assert all("impossible" in msg or "beyond" in msg for msg in refused)
+
+
+def _ring_order(params: SecAggParams) -> list[int]:
+    """The public permutation the neighbour graph is laid out on (params.neighbours)."""
+    order = list(params.participants)
+    random.Random(params.session).shuffle(order)
+    return order
+
+
+def test_dropouts_that_cut_the_neighbour_graph_abort_before_any_share_is_revealed() -> None:
+    # Attack (issue 13): with degree 2, two dropouts (an active coordinator causes them by
+    # ignoring replies) cut the ring into two arcs whose masks cancel on their own; with
+    # one colluder in an arc of two, the victim's update was recovered.
+    params = make_params(8, degree=2)
+    order = _ring_order(params)
+
+    out = run_round(params, drop={MASKED: {order[0], order[4]}})
+
+    assert isinstance(out.error, SecAggAbort)
+    assert "falls into 2 pieces" in str(out.error)
+    assert UNMASK not in out.messages  # no site revealed anything
+
+
+def test_a_site_refuses_an_unmask_request_whose_alive_sites_fall_apart() -> None:
+    # The coordinator is the party guarded against: each site checks too.
+    params = make_params(8, degree=2)
+    order = _ring_order(params)
+    out = run_round(params, drop={MASKED: {order[0], order[4]}}, until=MASKED)
+    alive = tuple(sorted(set(order) - {order[0], order[4]}))
+    request = UnmaskRequest(alive=alive, dropped=(order[0], order[4]))
+
+    with pytest.raises(SecAggAbort, match="falls into 2 pieces"):
+        out.sessions[order[1]].unmask(request)
