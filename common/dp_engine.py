@@ -173,25 +173,27 @@ class BookkeepingDPSGD:
     def _safe_norms(
         self, saved: dict[nn.Module, list[torch.Tensor]], batch: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, list[Rule]]:
-        """The rare path: per-example norms in float64, by the same rules the rebuilt
-        sums use (no overflow where the true norm fits); examples whose norm is still
-        not finite get their recorded rows zeroed (norm NaN: clip factor 0), and the
-        sums are rebuilt in float64 from the cleaned records."""
-        parts = [_exact_n2(m, *saved[m]) for _, m in self.layers]
-        norms = torch.stack(parts).sum(0).clamp(min=0).sqrt()
+        """The rare path: norms and sums by the same rules on float64 records (from
+        float32 values nothing overflows there); an example whose norm is still not
+        finite gets NaN (clip factor 0) and its rows zeroed, so it adds nothing."""
+
+        def rules(keep: torch.Tensor | None) -> list[Rule]:
+            def record(x: torch.Tensor) -> torch.Tensor:  # a copy: records may alias inputs
+                if not x.is_floating_point():
+                    return x  # Embedding ids
+                if keep is None:
+                    return x.double()
+                return torch.where(keep.reshape(-1, *([1] * (x.dim() - 1))), x.double(), 0.0)
+
+            return [self._rule(n, m, [record(x) for x in saved[m]], batch) for n, m in self.layers]
+
+        built = rules(None)
+        norms = torch.stack([n2 for n2, _ in built]).sum(0).clamp(min=0).sqrt()
         bad = ~torch.isfinite(norms)
-
-        def cleaned(x: torch.Tensor) -> torch.Tensor:  # a copy: records may alias inputs
-            if not x.is_floating_point():
-                return x
-            keep = (~bad).reshape(-1, *([1] * (x.dim() - 1)))
-            return torch.where(keep, x.double(), 0.0)
-
-        rules = [
-            self._rule(name, m, [cleaned(x) for x in saved[m]], batch) for name, m in self.layers
-        ]
+        if bool(bad.any()):
+            built = rules(~bad)
         exact = torch.where(bad, torch.nan, norms)
-        return exact, [(n2, _cast(summed, dtype)) for n2, summed in rules]
+        return exact, [(n2, _cast(summed, dtype)) for n2, summed in built]
 
     @torch.no_grad()
     def step(self, per_example_loss: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -292,20 +294,6 @@ def _unless_cancelled(n2: torch.Tensor, triangle: torch.Tensor) -> torch.Tensor:
     bound."""
     cancelled = n2 < _CANCELLED.get(n2.dtype, 1e-3) * triangle.square()
     return torch.where(cancelled, torch.nan, n2)
-
-
-def _exact_n2(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """A layer's squared per-example norms in float64, by the very rule (and float64
-    records) the rebuilt sums use, so norm and sum stay consistent. From float32 records
-    nothing overflows in float64 (a ghost term is at most (3.4e38)^4 times the number of
-    terms, far below 1.8e308); an infinite or NaN entry gives NaN."""
-    a64 = a.double() if a.is_floating_point() else a  # Embedding ids stay integers
-    if isinstance(m, nn.Linear):
-        return _linear(m, a64, g.double())[0]
-    if isinstance(m, nn.LayerNorm):
-        return _layer_norm(m, a64, g.double())[0]
-    assert isinstance(m, nn.Embedding)
-    return _embedding(m, a64, g.double())[0]
 
 
 def _linear(m: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> Rule:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from common.privacy.budget import PLAN_FIELDS
 from common.privacy.errors import LedgerError, PrivacyError
 from common.privacy.events import (
     FILTER_ORDERS,
@@ -98,19 +99,6 @@ LIFETIME_EPSILON_NOTE = (
 SCHEMA1_NOTE = (
     "schema-1 rows (ledgers written before lifetime budgets): per-data-set budgets, "
     "PRV epsilon over the data set's runs"
-)
-
-# The fields a run fixes at its first round (schema 2).
-PLAN_FIELDS = (
-    "noise_multiplier",
-    "sample_rate",
-    "steps",
-    "rounds",
-    "clip_norm",
-    "epsilon_target",
-    "delta",
-    "scope",
-    "public_size",
 )
 
 

@@ -22,7 +22,7 @@ declared public size.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from common.privacy.errors import PrivacyError
 from common.privacy.events import SubsampledGaussianEvent
@@ -129,20 +129,17 @@ class RunPlan:
 
     def change(self, asked: RunPlan) -> str | None:
         """What ``asked`` changes of this frozen plan (its noise is this plan's)."""
-        for name in (
-            "sample_rate",
-            "steps",
-            "rounds",
-            "clip_norm",
-            "epsilon_target",
-            "delta",
-            "scope",
-            "public_size",
-        ):
+        for name in PLAN_FIELDS:
+            if name == "noise_multiplier":
+                continue
             was, now = getattr(self, name), getattr(asked, name)
             if was != now:
                 return f"{name.replace('_', ' ')} {now} (the run started with {was})"
         return None
+
+
+# The fields a run fixes at its first round, as the ledger's entries name them.
+PLAN_FIELDS = tuple(f.name for f in fields(RunPlan))
 
 
 def calibrate_run(

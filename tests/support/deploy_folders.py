@@ -6,7 +6,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from client.deploy import Site, init_site
+from common.pki import load_node_public_key
 from server import deploy as coordinator
 from tests.support.runs import ROOT
 
@@ -38,3 +41,19 @@ def site_folder(
         superlink="coord.example.org:8123",
         **kw,
     )
+
+
+def fake_superlink(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Flower's side of ``coordinator register``, in place of `flwr supernode register`:
+    node ids by key fingerprint; a key it already holds is refused as `flwr` reports it."""
+    held: dict[str, int] = {}
+
+    def fake_flwr(_coord: object, key: Path, name: str) -> tuple[int | None, str]:
+        fp = load_node_public_key(key)[1]
+        if fp in held:
+            return None, "Using SuperLink: fedsilo [code: 23] Public key already in use."
+        held[fp] = 1000 + len(held)
+        return held[fp], ""
+
+    monkeypatch.setattr(coordinator, "_flwr_register", fake_flwr)
+    return held

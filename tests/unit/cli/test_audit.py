@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import cli
-from common.pki import DeployError, load_node_public_key
+from common.pki import DeployError
 from common.privacy.audit import PRIVACY_UNIT
 from common.privacy.identity import (
     FINGERPRINT_KEY_FILE,
@@ -29,7 +29,7 @@ from common.privacy.ledger import (
 )
 from server import deploy as coordinator
 from server.deploy import register_site
-from tests.support.deploy_folders import make_site_data, site_folder
+from tests.support.deploy_folders import fake_superlink, make_site_data, site_folder
 from tests.unit.common.privacy.federation import SITES, Site, run_summary, site_state
 from tests.unit.common.privacy.ledgers import append, append_v1
 
@@ -205,17 +205,7 @@ def test_fingerprint_errors_are_one_line(
 @pytest.fixture
 def flower(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Flower's side: the SuperLink refuses a node key it already holds."""
-    held: dict[str, int] = {}
-
-    def fake_flwr(_coord: object, key: Path, name: str) -> tuple[int | None, str]:
-        fp = load_node_public_key(key)[1]
-        if fp in held:
-            return None, "Using SuperLink: fedsilo [code: 23] Public key already in use."
-        held[fp] = 1000 + len(held)
-        return held[fp], ""
-
-    monkeypatch.setattr(coordinator, "_flwr_register", fake_flwr)
-    return held
+    return fake_superlink(monkeypatch)
 
 
 def test_register_records_the_ledger_key_once(

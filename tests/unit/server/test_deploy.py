@@ -10,11 +10,10 @@ import pytest
 
 from common.pki import (
     DeployError,
-    load_node_public_key,
 )
 from server import deploy as coordinator
 from server.deploy import register_site
-from tests.support.deploy_folders import site_folder
+from tests.support.deploy_folders import fake_superlink, site_folder
 
 # ---- registration -----------------------------------------------------------------
 
@@ -23,16 +22,7 @@ def test_register_is_idempotent_and_refuses_conflicts(
     tmp_path: Path, coord: coordinator.Coordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Flower's side: the SuperLink refuses a key it already holds, as `flwr` reports it.
-    held: dict[str, int] = {}
-
-    def fake_flwr(_coord: object, key: Path, name: str) -> tuple[int | None, str]:
-        fp = load_node_public_key(key)[1]
-        if fp in held:
-            return None, "Using SuperLink: fedsilo [code: 23] Public key already in use."
-        held[fp] = 1000 + len(held)
-        return held[fp], ""
-
-    monkeypatch.setattr(coordinator, "_flwr_register", fake_flwr)
+    fake_superlink(monkeypatch)
     a = site_folder(tmp_path, coord, "site-a").directory / "node.pub"
     b = site_folder(tmp_path, coord, "site-b").directory / "node.pub"
 

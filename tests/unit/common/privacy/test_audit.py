@@ -7,20 +7,20 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-import dp_accounting
 import pytest
 
 from common.privacy.accounting import compute_epsilon, filter_epsilon
 from common.privacy.audit import (
-    PLAN_FIELDS,
     recompute_epsilon,
     recompute_filter_epsilon,
     verify_ledger,
 )
+from common.privacy.budget import PLAN_FIELDS
 from common.privacy.errors import PrivacyError
-from common.privacy.events import FILTER_ORDERS, SubsampledGaussianEvent
+from common.privacy.events import SubsampledGaussianEvent
 from common.privacy.identity import SiteIdentity, load_or_create_identity
 from common.privacy.ledger import Finding, Ledger, read_ledger
+from tests.support.reference import reference_filter_epsilon
 from tests.unit.common.privacy.ledgers import (
     DELTA,
     EVENT,
@@ -511,18 +511,6 @@ def test_a_line_nested_too_deeply_is_a_finding(ledger_path: Path, identity: Site
     assert "parse" in kinds(findings)
 
 
-def _dp_accounting_rdp(history: list[tuple[float, float, int]], delta: float) -> float:
-    accountant = dp_accounting.rdp.RdpAccountant(orders=FILTER_ORDERS)
-    for sigma, q, steps in history:
-        accountant.compose(
-            dp_accounting.SelfComposedDpEvent(
-                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
-                steps,
-            )
-        )
-    return float(accountant.get_epsilon(delta / len(FILTER_ORDERS)))
-
-
 @pytest.mark.parametrize(
     "history",
     [
@@ -545,7 +533,7 @@ def test_the_independent_filter_agrees_with_the_sites_filter(
     sites = filter_epsilon(events, DELTA)
 
     # Assert: Google's RDP accountant, used as the brief says, gives the site's number.
-    assert independent == pytest.approx(_dp_accounting_rdp(history, DELTA), rel=1e-12)
+    assert independent == pytest.approx(reference_filter_epsilon(history, DELTA), rel=1e-12)
     assert independent == pytest.approx(sites, rel=1e-6)
     assert 0 < sites <= 16
 
