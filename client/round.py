@@ -186,10 +186,11 @@ def run_round(
     if settings.state_dir is None:
         raise SiteConfigError(f"a DP site needs '{STATE_DIR_KEY}' for its privacy ledger")
     keys = _keys(settings, settings.state_dir)
+    ledger = Ledger(settings.state_dir / LEDGER_FILE, keys.identity)
     try:
         check_global_weights(global_arrays, settings.max_global_norm)
-    except Refused as refusal:
-        return _refusal(settings, keys, refusal.reason, settings.epsilon), None
+    except Refused as refusal:  # what was spent so far comes from the ledger, as always
+        return _refusal(settings, keys, refusal.reason, settings.epsilon, ledger), None
     data: Batchable | None = None
     if settings.declared_size is None:  # simulation: the partition sizes are public
         data, digest = load_site_data(settings, cfg)
@@ -219,7 +220,6 @@ def run_round(
             sample_rate=q,
             steps=steps * cfg.num_server_rounds,
         )
-    ledger = Ledger(settings.state_dir / LEDGER_FILE, keys.identity)
     # One charge at a time per site: the budget read and the entry are one critical
     # section, so two concurrent runs cannot both spend the last of a budget.
     with _exclusive(settings.state_dir / LOCK_FILE):
@@ -342,21 +342,14 @@ def _charge(
 
 
 def _refusal(
-    settings: SiteSettings,
-    keys: SiteKeys,
-    reason: str,
-    lifetime: float,
-    ledger: Ledger | None = None,
+    settings: SiteSettings, keys: SiteKeys, reason: str, lifetime: float, ledger: Ledger
 ) -> SiteReport:
     """A refused round's report: the reason and what the ledger already shows, public
     numbers only."""
-    spent = 0.0
-    if ledger is not None:
-        entries = ledger.entries()
-        scope = scope_of(settings.disjoint_data_set)
-        spent = SiteBudget.from_ledger(
-            entries, scope=scope, budget=lifetime, delta=settings.delta
-        ).spent()
+    scope = scope_of(settings.disjoint_data_set)
+    spent = SiteBudget.from_ledger(
+        ledger.entries(), scope=scope, budget=lifetime, delta=settings.delta
+    ).spent()
     return SiteReport.of(
         "refused",
         reason,

@@ -303,6 +303,11 @@ def test_weights_beyond_the_public_bound_are_refused_before_the_charge(cfg: RunC
         report, update = _round(1, SiteState(), cfg, arrays=bad)
         assert report.status == "refused" and update is None and why in report.reason
     assert not _ledger(cfg).exists() or read_ledger(_ledger(cfg)) == []
+    # A later refusal still reports what the ledger holds (it reported 0).
+    trained, _ = _round(1, SiteState(), cfg, run_id="run-b")
+    refused, _ = _round(2, SiteState(), cfg, arrays=huge, run_id="run-b")
+    assert refused.status == "refused"
+    assert refused.lifetime_epsilon == pytest.approx(trained.lifetime_epsilon)
 
 
 def test_the_sites_own_budget_wins_over_the_federations(cfg: RunConfig) -> None:
