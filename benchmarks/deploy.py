@@ -52,6 +52,7 @@ def _run_config(rounds: int, sites: int, out: Path) -> dict[str, Any]:
 def deployed(root: Path, names: list[str], data: dict[str, Path], rounds: int) -> dict[str, Any]:
     with deployment.federation(root) as fed:
         sites = {n: fed.site(n, data[n]) for n in names}
+        fed.roster(list(sites.values()))  # `fedsilo roster make`, `site roster` at each
         node_ids = {n: fed.register(sites[n], n) for n in names}
         for n in names:
             fed.start_site(sites[n])
@@ -87,14 +88,22 @@ def in_process(root: Path, names: list[str], data: dict[str, Path], rounds: int)
     import tomllib
 
     from client.app import app as client_app
+    from client.roster import install_roster, make_roster
+    from common.privacy.identity import PUBLIC_KEY_FILE, init_state
     from server.app import app as server_app
     from tests.support.inprocess_grid import InProcessGrid
 
-    # The deployed sites' own node configs, each with a fresh ledger folder.
+    # The deployed sites' own node configs, each with a fresh state folder as `site
+    # init` makes it (keys, marker) and their roster installed in it.
+    states = {n: root / "in-process-sites" / n for n in names}
+    for n, state in states.items():
+        init_state(state, site_id=n)
+    roster = make_roster([f"{n}={state / PUBLIC_KEY_FILE}" for n, state in states.items()])
     node_configs = []
     for n in names:
+        install_roster(states[n], roster)
         config = tomllib.loads((root / n / "node-config.toml").read_text())
-        config["state-dir"] = str(root / "in-process-sites" / n)
+        config["state-dir"] = str(states[n])
         node_configs.append(config)
     out = root / "in-process-run"
     grid = InProcessGrid(
@@ -136,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (round 1 is left out of the ratio)")
+    if args.sites < 3:
+        parser.error("--sites must be at least 3 (a site's default secagg-min-sites)")
     names = [f"site-{chr(ord('a') + i)}" for i in range(args.sites)]
     print(f"cores: {os.cpu_count()}; {args.sites} sites x {deployment.ROWS_PER_SITE} rows")
     app_start, flower_start = process_start()

@@ -1,6 +1,7 @@
-"""``fedsilo coordinator ...`` and ``fedsilo site ...``: thin typer wrappers around
-server/deploy.py (the coordinator) and client/deploy.py (a data site). Errors are ``DeployError`` (a ConfigError),
-which ``fedsilo`` prints as one ``error:`` line with exit code 2."""
+"""``fedsilo coordinator ...``, ``fedsilo site ...`` and ``fedsilo roster ...``: thin
+typer wrappers around server/deploy.py (the coordinator), client/deploy.py (a data
+site) and client/roster.py (the federation's roster). Errors are ``DeployError`` (a
+ConfigError), which ``fedsilo`` prints as one ``error:`` line with exit code 2."""
 
 from __future__ import annotations
 
@@ -16,7 +17,12 @@ coordinator_app = typer.Typer(
     no_args_is_help=True,
 )
 site_app = typer.Typer(
-    help="Data site: keys and node config, local checks, start the SuperNode.",
+    help="Data site: keys and node config, roster, local checks, start the SuperNode.",
+    no_args_is_help=True,
+)
+roster_app = typer.Typer(
+    help="The federation's roster: the sites' identity keys, agreed out of band, that "
+    "secure aggregation authenticates every site with.",
     no_args_is_help=True,
 )
 
@@ -128,12 +134,26 @@ def site_init(
             "every other data set of this site (shown to auditors)"
         ),
     ] = None,
+    secagg_min_sites: Annotated[
+        int,
+        typer.Option(
+            help="the fewest sites of its roster (itself included) this site joins a secure "
+            "sum with; at least 2 (with 2, the other site learns this one's update): keep 3+"
+        ),
+    ] = 3,
+    roster: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            help="install the federation's roster too, as `fedsilo site roster` does (a "
+            "re-init with --force: the site's identity key must already be on it)"
+        ),
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="rewrite an existing site's settings (keys are kept)")
     ] = False,
 ) -> None:
     """The site's node key, ledger key, node config and budget; prints the public key
-    to hand to the coordinator."""
+    to hand to the coordinator and the ledger key to hand to whoever makes the roster."""
     from client.deploy import init_site, init_summary
 
     site = init_site(
@@ -149,9 +169,24 @@ def site_init(
         label_column=label_column,
         data_size=data_size,
         disjoint_data_set=disjoint_data_set,
+        min_secure_sites=secagg_min_sites,
+        roster=roster,
         force=force,
     )
     print(init_summary(site))
+
+
+@site_app.command("roster")
+def site_roster(
+    file: Annotated[Path, typer.Argument(help="the federation's roster (`fedsilo roster make`)")],
+    directory: Annotated[Path, typer.Argument(help="site folder")] = Path("."),
+) -> None:
+    """Check the federation's roster (this site on it under its site-id, with its own
+    identity key) and install it in the site's state folder, replacing any roster
+    there; prints the fingerprint to compare with the other sites out of band."""
+    from client.deploy import install_site_roster, roster_summary
+
+    print(roster_summary(install_site_roster(directory, file)))
 
 
 def _print_report(directory: Path) -> list[str]:
@@ -201,3 +236,40 @@ def site_start(
         raise DeployError(f"not starting: {report.problems[0]}" + _more(report.problems))
     print(shlex.join(cmd), flush=True)
     exec_supernode(cmd, env)
+
+
+@roster_app.command("make")
+def roster_make(
+    out: Annotated[Path, typer.Argument(help="the roster file to write (JSON)")],
+    site: Annotated[
+        list[str],
+        typer.Option(
+            help="NAME=PATH: a site's site-id and its state/identity.pub, as `fedsilo site "
+            "init` wrote it (repeat for every site)"
+        ),
+    ],
+    force: Annotated[bool, typer.Option("--force", help="replace an existing OUT")] = False,
+) -> None:
+    """Write the roster of the federation's sites from their identity keys (received out
+    of band, not through the coordinator); prints its fingerprint and each site's key
+    fingerprint for every site to compare."""
+    from client.roster import describe_roster, make_roster, write_roster
+
+    made = make_roster(site)
+    write_roster(out, made, force=force)
+    print(f"wrote {out}")
+    print("\n".join(describe_roster(made)))
+    print(
+        "every site compares these fingerprints out of band, then installs it: "
+        f"fedsilo site roster {shlex.quote(str(out))} SITE_DIR"
+    )
+
+
+@roster_app.command("show")
+def roster_show(
+    file: Annotated[Path, typer.Argument(help="a roster file")],
+) -> None:
+    """A roster's fingerprint and its sites with their identity key fingerprints."""
+    from client.roster import describe_roster, read_roster
+
+    print("\n".join(describe_roster(read_roster(file))))

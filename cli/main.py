@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cli.audit import audit
-from cli.deploy import coordinator_app, site_app
+from cli.deploy import coordinator_app, roster_app, site_app
 from common.config import ConfigError
 from common.data.dataset import DataValidationError
 from common.outputs import RunOutputError
@@ -228,6 +228,7 @@ def predict(
 
 cli.add_typer(coordinator_app, name="coordinator")
 cli.add_typer(site_app, name="site")
+cli.add_typer(roster_app, name="roster")
 cli.add_typer(audit, name="audit")
 
 

@@ -1,5 +1,5 @@
 """Site tooling for a data site joining a fedsilo federation: ``fedsilo site init``,
-``check`` and ``start``.
+``roster``, ``check`` and ``start``.
 
 What ``site init`` writes into the site folder ``DIR`` (mode 0700):
 
@@ -10,6 +10,7 @@ What ``site init`` writes into the site folder ``DIR`` (mode 0700):
 | ``site.toml`` | where the SuperLink is, and the federation's data set (its label names) for checks |
 | ``node-config.toml`` | the node config the ClientApp reads (``client/settings.py`` ``SiteSettings``): site id, data path, the site's own budget, ledger folder, columns |
 | ``state/identity.key`` (0600), ``identity.pub``, ``fingerprint.key`` (0600), ``site-state.json``, ``ledger.jsonl`` | the signed privacy ledger, its key, the secret that keys its data fingerprints, and the marker without which a deployed site refuses to start a ledger (``common/privacy/identity.py``, ``ledger.py``) |
+| ``state/roster.json`` | the federation's roster (``site roster``, or ``site init --roster``): the sites' identity keys, agreed out of band; without it the site refuses every secure round (``client/roster.py``) |
 
 ``site check`` loads the data file with the loader the ClientApp uses and prints
 only counts; ``site start`` runs the checks, then replaces itself with
@@ -33,12 +34,22 @@ from typing import Any
 import tomli_w
 from cryptography.hazmat.primitives import serialization
 
+from client.roster import (
+    Installed,
+    install_roster,
+    own_entry_problem,
+    read_roster,
+    size_problem,
+)
 from client.settings import (
     DATA_PATH_KEY,
     DATA_SIZE_KEY,
+    DEFAULT_MIN_SECURE_SITES,
     DEFAULT_SITE_DELTA,
     DISJOINT_KEY,
     LABEL_COLUMN_KEY,
+    MIN_SECURE_SITES_KEY,
+    SECAGG_REQUIRED_KEY,
     SITE_DELTA_KEY,
     SITE_EPSILON_KEY,
     SITE_ID_KEY,
@@ -64,8 +75,16 @@ from common.pki import (
 )
 from common.privacy.budget import SiteBudget, delta_problem
 from common.privacy.errors import LedgerError
-from common.privacy.identity import KEY_FILE, PUBLIC_KEY_FILE, init_state, open_state
+from common.privacy.identity import (
+    KEY_FILE,
+    PUBLIC_KEY_FILE,
+    SiteKeys,
+    init_state,
+    load_public_key,
+    open_state,
+)
 from common.privacy.ledger import LEDGER_FILE, read_ledger, scope_of
+from common.secagg.roster import ROSTER_FILE, Roster, RosterError
 
 SITE_FILE = "site.toml"
 NODE_CONFIG_FILE = "node-config.toml"
@@ -97,6 +116,8 @@ def render_node_config(
     label_column: str,
     data_size: int,
     disjoint_data_set: str | None = None,
+    min_secure_sites: int = DEFAULT_MIN_SECURE_SITES,
+    secagg_required: bool = True,
 ) -> dict[str, str | float | int]:
     """The node config, keyed exactly as ``SiteSettings.from_node_config`` reads it,
     and validated by it (so a value the ClientApp would refuse is refused now)."""
@@ -111,6 +132,8 @@ def render_node_config(
         STATE_DIR_KEY: str(state_dir),
         TEXT_COLUMN_KEY: text_column,
         LABEL_COLUMN_KEY: label_column,
+        MIN_SECURE_SITES_KEY: min_secure_sites,
+        SECAGG_REQUIRED_KEY: secagg_required,
     }
     if disjoint_data_set is not None:
         config[DISJOINT_KEY] = disjoint_data_set
@@ -129,7 +152,10 @@ def node_config_toml(config: Mapping[str, Any]) -> str:
     header = (
         "# Node config of this fedsilo site (read by the ClientApp as context.node_config).\n"
         "# epsilon/delta: this site's own lifetime budget (the coordinator cannot change them);\n"
-        "# data-size: the number of examples it declares public.\n"
+        "# data-size: the number of examples it declares public;\n"
+        "# secagg-min-sites: the fewest sites on its roster (itself included) it joins a\n"
+        "# secure sum with (2 lets the other site of a pair learn its update: keep 3+);\n"
+        "# secagg-required: refuse plain rounds, where the update travels in the clear.\n"
     )
     return header + tomli_w.dumps(dict(config))
 
@@ -193,6 +219,8 @@ def init_site(
     label_column: str = "label",
     data_size: int | None = None,
     disjoint_data_set: str | None = None,
+    min_secure_sites: int = DEFAULT_MIN_SECURE_SITES,
+    roster: Path | None = None,
     force: bool = False,
 ) -> Site:
     """Write the site's keys and settings. An existing site is refused unless
@@ -200,7 +228,10 @@ def init_site(
     coordinator, the ledger key signs the site's ledger).
 
     ``data_size`` is the number of examples the site declares public (its sample rate
-    and weight come from it); by default the data file's row count."""
+    and weight come from it); by default the data file's row count. ``roster``, when
+    given, is installed as ``site roster`` would, and checked before anything is
+    written: the site's identity key must already be on it, so only a site whose state
+    folder exists (``--force``) can name one."""
     directory = directory.resolve()
     parse_superlink(superlink)
     if dataset not in BUILTIN_DATASETS:
@@ -230,6 +261,7 @@ def init_site(
         delta=delta,
         text_column=text_column,
         label_column=label_column,
+        min_secure_sites=min_secure_sites,
     )
     if (directory / SITE_FILE).exists() or (directory / NODE_KEY).exists():
         if not force:
@@ -237,6 +269,7 @@ def init_site(
                 f"{directory} already holds a site; use --force to rewrite its settings "
                 "(its keys are kept)"
             )
+    agreed = None if roster is None else _roster_for(roster, state, site_id, min_secure_sites)
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
     if (directory / NODE_KEY).exists():  # --force: the registered key stays
@@ -249,6 +282,8 @@ def init_site(
         init_state(state, site_id=site_id)  # never replaces an existing key or ledger
     except LedgerError as err:
         raise DeployError(str(err)) from None
+    if agreed is not None:
+        install_roster(state, agreed)
     write_public(directory / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM))
     write_public(directory / NODE_CONFIG_FILE, node_config_toml(config))
     write_public(
@@ -259,6 +294,59 @@ def init_site(
     return Site(directory, superlink.strip(), dataset, config)
 
 
+def _roster_for(path: Path, state: Path, site_id: str, min_sites: int) -> Roster:
+    """``path``'s roster, if this site (its state folder's identity key) may install
+    it under ``site_id``; else a DeployError that says why, before anything is written."""
+    agreed = read_roster(path)
+    pub = state / PUBLIC_KEY_FILE
+    if not pub.is_file():
+        raise DeployError(
+            f"--roster {path}: this site has no identity key yet ({pub}); `site init` makes "
+            "it: hand its identity.pub to whoever makes the roster, then install the roster "
+            "with `fedsilo site roster`"
+        )
+    try:
+        identity = load_public_key(pub).public_bytes_raw()
+    except LedgerError as err:
+        raise DeployError(str(err)) from None
+    problem = own_entry_problem(agreed, site_id, identity) or size_problem(agreed, min_sites)
+    if problem:
+        raise DeployError(f"roster {path} not installed: {problem}")
+    return agreed
+
+
+def install_site_roster(directory: Path, path: Path) -> Installed:
+    """``fedsilo site roster FILE DIR``: check the roster (format, this site listed
+    under its site-id with its own identity key, at least its secagg-min-sites sites)
+    and put it in the site's state folder, where the ClientApp reads it."""
+    site = Site.load(directory)
+    try:
+        settings = SiteSettings.from_node_config(site.node_config, RunConfig())
+    except (SiteConfigError, ValueError) as err:
+        raise DeployError(f"{site.node_config_file}: {err}") from None
+    if settings.state_dir is None:
+        raise DeployError(f"{site.node_config_file}: a deployed site needs '{STATE_DIR_KEY}'")
+    agreed = _roster_for(path, settings.state_dir, settings.site_id, settings.min_secure_sites)
+    return install_roster(settings.state_dir, agreed)
+
+
+def roster_summary(installed: Installed) -> str:
+    """What ``site roster`` prints: the fingerprint to compare, and what changed."""
+    new = installed.roster.fingerprint()
+    names = ", ".join(sorted(installed.roster.sites))
+    if installed.previous is None:
+        head = f"installed roster {installed.path}"
+    elif not installed.changed:
+        head = f"roster {installed.path} was already installed: nothing changed"
+    else:
+        head = f"replaced roster {installed.path}\n  old fingerprint {installed.previous}"
+    return (
+        f"{head}\n  fingerprint     {new}\n  {len(installed.roster.sites)} sites: {names}\n"
+        "compare the fingerprint with every other site's, out of band (not through the "
+        "coordinator)"
+    )
+
+
 def init_summary(site: Site) -> str:
     d = site.directory
     pub = (d / NODE_PUB).read_text().strip()
@@ -266,18 +354,39 @@ def init_summary(site: Site) -> str:
     cfg = site.node_config
     ledger_key = open_state(d / STATE_DIR).identity.fingerprint()
     scope = f", disjoint data set {cfg[DISJOINT_KEY]!r}" if DISJOINT_KEY in cfg else ""
+    min_sites = int(cfg.get(MIN_SECURE_SITES_KEY, DEFAULT_MIN_SECURE_SITES))
+    pair = (
+        " (with 2, the other site of a pair learns this site's update from the mean)"
+        if min_sites < 3
+        else ""
+    )
+    roster_file = d / STATE_DIR / ROSTER_FILE
+    try:
+        roster = f"{roster_file}: {Roster.load(roster_file).fingerprint()}"
+        then = f"fedsilo site check {q}     then: fedsilo site start {q}"
+    except RosterError:
+        roster = (
+            "none yet: every secure round is refused until the federation's roster is installed"
+        )
+        then = (
+            f"fedsilo site roster ROSTER.json {q}     (the federation's roster, once "
+            f"agreed)\nthen: fedsilo site check {q}     then: fedsilo site start {q}"
+        )
     return f"""site {cfg[SITE_ID_KEY]} ready in {d}
   node key      {d / NODE_KEY} (0600, stays here)
   ledger key    {d / STATE_DIR / KEY_FILE} (0600, stays here); auditors get {d / STATE_DIR / PUBLIC_KEY_FILE} ({ledger_key})
   node config   {d / NODE_CONFIG_FILE}: data {cfg[DATA_PATH_KEY]}, lifetime epsilon budget {cfg[SITE_EPSILON_KEY]:g}{scope}, delta {cfg[SITE_DELTA_KEY]:g}
   public size   {cfg[DATA_SIZE_KEY]} examples: the coordinator learns this number (sample rate, weight), never the file's count
+  secure sums   with at least {min_sites} sites of its roster, itself included (secagg-min-sites){pair}
+  roster        {roster}
   SuperLink     {site.superlink} (TLS checked against {d / CA_CERT})
 
 hand this public key to the coordinator (file {d / NODE_PUB}):
 {pub}
-and the ledger key {d / STATE_DIR / PUBLIC_KEY_FILE} (fingerprint {ledger_key})
+and the ledger key {d / STATE_DIR / PUBLIC_KEY_FILE} (fingerprint {ledger_key}) to the
+coordinator (auditors) and to whoever makes the federation's roster (`fedsilo roster make`)
 
-next: fedsilo site check {q}     then: fedsilo site start {q}"""
+next: {then}"""
 
 
 @dataclass
@@ -336,7 +445,8 @@ def check_site(directory: Path) -> CheckReport:
         )
         return report
     _check_data(report, settings.data_path, settings, site.dataset)
-    _check_ledger(report, settings.state_dir, settings)
+    keys = _check_ledger(report, settings.state_dir, settings)
+    _check_roster(report, d, settings, keys)
     return report
 
 
@@ -365,21 +475,21 @@ def _check_data(report: CheckReport, data_path: str, settings: SiteSettings, dat
         report.fail(f"{problem}; lower --delta")
 
 
-def _check_ledger(report: CheckReport, state: Path, settings: SiteSettings) -> None:
+def _check_ledger(report: CheckReport, state: Path, settings: SiteSettings) -> SiteKeys | None:
     key_path = state / KEY_FILE
     if not key_path.exists():
         report.fail(f"{key_path}: ledger key missing (run `fedsilo site init --force`)")
-        return
+        return None
     problem = private_mode_problem(key_path)
     if problem:
         report.fail(problem)
-        return
+        return None
     try:
         keys = open_state(state)  # the marker and both secrets, or a refusal by name
         entries = read_ledger(state / LEDGER_FILE, missing_ok=True)
     except LedgerError as err:
         report.fail(str(err))
-        return
+        return None
     # What the ClientApp's budget check composes: every entry charged to this site's
     # budget (all runs, all data), at the site's current delta.
     scope = scope_of(settings.disjoint_data_set)
@@ -390,6 +500,49 @@ def _check_ledger(report: CheckReport, state: Path, settings: SiteSettings) -> N
         f"ledger {state / LEDGER_FILE}: {len(entries)} entries, key "
         f"{keys.identity.fingerprint()[:23]}...; lifetime epsilon spent {budget.spent():.3f} "
         f"of {settings.epsilon:g} ({scope}, adaptive filter)"
+    )
+    return keys
+
+
+def _check_roster(
+    report: CheckReport, directory: Path, settings: SiteSettings, keys: SiteKeys | None
+) -> None:
+    """The roster the ClientApp checks every secure round's peers against: readable,
+    listing this site under its site-id with its own identity key, and at least as
+    many sites as the site's secagg-min-sites."""
+    path = settings.roster_path
+    if path is None:
+        return  # no state folder: reported above
+    fix = (
+        "install the federation's roster with "
+        f"`fedsilo site roster ROSTER.json {shlex.quote(str(directory))}`"
+    )
+    if not path.exists():
+        report.fail(
+            f"no roster at {path}: every secure round will be refused (secure aggregation "
+            f"is on by default); {fix}"
+        )
+        return
+    try:
+        roster = read_roster(path)
+    except DeployError as err:
+        report.fail(f"{err}: every secure round will be refused; {fix}")
+        return
+    if keys is None:
+        return  # the identity key's problem is reported above
+    identity = keys.identity.public_key.public_bytes_raw()
+    problem = own_entry_problem(roster, settings.site_id, identity)
+    if problem:
+        report.fail(f"roster {path}: {problem}: every secure round will be refused; {fix}")
+        return
+    problem = size_problem(roster, settings.min_secure_sites)
+    if problem:
+        report.fail(f"roster {path}: {problem}; {fix}")
+        return
+    report.ok(
+        f"roster {path}: {len(roster.sites)} sites, fingerprint {roster.fingerprint()}; "
+        f"{settings.site_id} listed with its own identity key; secure sums need "
+        f"{settings.min_secure_sites} sites (secagg-min-sites)"
     )
 
 

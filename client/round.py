@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +31,13 @@ import torch
 
 from client import secure
 from client.data import load_site_data
-from client.settings import ALLOW_NO_DP_KEY, STATE_DIR_KEY, SiteConfigError, SiteSettings
+from client.settings import (
+    ALLOW_NO_DP_KEY,
+    SECAGG_REQUIRED_KEY,
+    STATE_DIR_KEY,
+    SiteConfigError,
+    SiteSettings,
+)
 from common.arrays import clip_update, flatten
 from common.config import RunConfig
 from common.data import builtin_label_names
@@ -54,6 +61,7 @@ from common.privacy.ledger import (
     file_digest,
     scope_of,
 )
+from common.secagg.errors import SecAggError
 from common.secure_random import SecureRandom
 from common.training import (
     Batchable,
@@ -65,6 +73,7 @@ from common.training import (
 )
 
 LOCK_FILE = "ledger.lock"
+log = logging.getLogger("fedsilo.site")
 
 
 @dataclass
@@ -362,16 +371,35 @@ def _refusal(
 
 
 def train_round(
-    request: TrainRequest, settings: SiteSettings, state: SiteState, *, run_id: str
+    request: TrainRequest,
+    settings: SiteSettings,
+    state: SiteState,
+    *,
+    run_id: str,
+    pending: secure.Pending | None = None,
 ) -> tuple[TrainReply, secure.Pending | None]:
     """Answer a train message: run the round, then clip the update (plain aggregation)
-    or encode it and join the secure round (the update then waits for the protocol's
-    stages in the returned state, and only public keys leave now)."""
+    or encode and mask it for the secure sum (only the masked input leaves).
+
+    A secure round's train message continues the session ``pending`` the site
+    advertised in, checked against the roster and with its shares dealt and opened
+    before this message: the round's final sites are admitted before anything is
+    charged or trained, so a round the site will not join costs it nothing. A site
+    that requires secure aggregation refuses a plain train message."""
     plan, setup = request.plan, request.setup
-    if setup is not None:  # checked before anything is charged or trained
-        problem = secure.unsafe(setup.params)
-        if problem is not None:
-            return TrainReply(SiteReport.of("refused", problem, settings.site_id)), None
+    if setup is None and settings.secagg_required:
+        # The coordinator may not switch secure aggregation off for this site.
+        reason = f"this site joins only secure rounds ('{SECAGG_REQUIRED_KEY}')"
+        return TrainReply(SiteReport.of("refused", reason, settings.site_id)), None
+    if setup is not None:
+        try:
+            if pending is None:
+                raise SecAggError("this site did not advertise in this secure round")
+            dim = sum(v.numel() for v in request.arrays.values())
+            pending = secure.admit(pending, setup, plan.config, dim)
+        except SecAggError as err:
+            log.warning("round %d: refused the secure round: %s", plan.round, err)
+            return TrainReply(SiteReport.of("refused", str(err)[:200], settings.site_id)), None
     # Noise and sampling must be unpredictable to anyone else: a ChaCha20 stream under
     # a fresh key from the operating system.
     report, update = run_round(
@@ -382,8 +410,10 @@ def train_round(
             return TrainReply(report), None
         update, clipped = clip_update(update, plan.config.update_clip_norm)
         return TrainReply(replace(report, update_clipped=int(clipped)), update), None
-    if update is None:
+    if update is None or pending is None:
         return TrainReply(report), None
     # The weight (examples weighting) is the declared public size, inside the sum too.
-    pending, keys, clipped = secure.join(setup, plan.config, flatten(update), report.num_examples)
-    return TrainReply(replace(report, update_clipped=int(clipped)), keys=keys), pending
+    message, pending, clipped = secure.masked(
+        pending, setup, plan.config, flatten(update), report.num_examples
+    )
+    return TrainReply(replace(report, update_clipped=int(clipped)), masked=message), pending

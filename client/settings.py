@@ -17,6 +17,7 @@ from typing import Any
 from common.config import RunConfig
 from common.data import TextDataset, builtin_label_names, load_site_file
 from common.messages import SITE_NAME
+from common.secagg.roster import ROSTER_FILE
 
 PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
@@ -35,6 +36,12 @@ DATA_SIZE_KEY = "data-size"
 DISJOINT_KEY = "disjoint-data-set"
 # The largest L2 norm of the trainable global weights the site accepts (public).
 MAX_GLOBAL_NORM_KEY = "max-global-norm"
+# The fewest authenticated sites (itself included) this site joins a secure sum with.
+MIN_SECURE_SITES_KEY = "secagg-min-sites"
+DEFAULT_MIN_SECURE_SITES = 3  # with two, each site's sum minus its own is the other's update
+# Whether the site refuses plain rounds (its update in the clear): default on for a
+# deployed site, so the coordinator cannot switch secure aggregation off for it.
+SECAGG_REQUIRED_KEY = "secagg-required"
 DEFAULT_SITE_DELTA = 1e-5
 DEFAULT_MAX_GLOBAL_NORM = 1e4  # the tiny model starts at 22 and trains to about 64
 
@@ -63,10 +70,22 @@ class SiteSettings:
     one_run_budget: bool = False
     disjoint_data_set: str | None = None
     max_global_norm: float = DEFAULT_MAX_GLOBAL_NORM
+    min_secure_sites: int = DEFAULT_MIN_SECURE_SITES
+    secagg_required: bool = False
 
     @property
     def deployed(self) -> bool:
         return self.data_path is not None
+
+    @property
+    def roster_path(self) -> Path | None:
+        """The federation's roster: in a deployed site's state folder (installed out of
+        band, `fedsilo site roster`); for simulated sites, one shared file beside their
+        state folders, which each site enrols in (common/secagg/roster.py)."""
+        if self.state_dir is None:
+            return None
+        folder = self.state_dir if self.deployed else self.state_dir.parent
+        return folder / ROSTER_FILE
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any], config: RunConfig) -> SiteSettings:
@@ -122,7 +141,17 @@ class SiteSettings:
             raise SiteConfigError(
                 f"'{MAX_GLOBAL_NORM_KEY}' must be a positive number, got {max_norm}"
             )
+        min_sites = _positive_int(node, MIN_SECURE_SITES_KEY) or DEFAULT_MIN_SECURE_SITES
+        if min_sites < 2:
+            raise SiteConfigError(f"'{MIN_SECURE_SITES_KEY}' must be at least 2, got {min_sites}")
+        required = node.get(SECAGG_REQUIRED_KEY, data_path is not None)
+        if not isinstance(required, bool):
+            raise SiteConfigError(
+                f"'{SECAGG_REQUIRED_KEY}' must be true or false, got {required!r}"
+            )
         return cls(
+            secagg_required=required,
+            min_secure_sites=min_sites,
             one_run_budget=one_run,
             declared_size=declared,
             disjoint_data_set=disjoint,

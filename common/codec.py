@@ -36,7 +36,7 @@ from common.messages import (
     WireError,
 )
 from common.secagg.errors import SecAggError
-from common.secagg.params import PublicKeys, SecAggParams
+from common.secagg.params import SecAggParams
 
 if TYPE_CHECKING:
     from common.messages import Arrays
@@ -47,7 +47,6 @@ UPDATE_KEY = "update"
 STATUS_KEY = "status"
 METRICS_KEY = "metrics"
 SECAGG_KEY = "secagg"
-KEYS_KEY = "secagg-keys"
 STAGE_KEY = "secagg-stage"
 
 
@@ -79,17 +78,22 @@ def encode_plan(plan: RoundPlan, global_arrays: Arrays) -> RecordDict:
     return RecordDict({GLOBAL_KEY: _arrays_to_record(global_arrays), PLAN_KEY: config})
 
 
-def with_setup(plan_content: RecordDict, setup: SecAggSetup) -> RecordDict:
-    """A site's train message: the shared plan content plus its own secagg setup (the
-    global arrays are converted once per round, not once per site)."""
-    content = RecordDict(dict(plan_content))
-    content[SECAGG_KEY] = ConfigRecord(
+def _setup_record(setup: SecAggSetup) -> ConfigRecord:
+    return ConfigRecord(
         {
             "params": setup.params.to_json(),
             "index": setup.index,
             "rotation-seed": setup.rotation_seed,
+            "members": list(setup.members),
         }
     )
+
+
+def with_setup(plan_content: RecordDict, setup: SecAggSetup) -> RecordDict:
+    """A site's train message: the shared plan content plus its own secagg setup (the
+    global arrays are converted once per round, not once per site)."""
+    content = RecordDict(dict(plan_content))
+    content[SECAGG_KEY] = _setup_record(setup)
     return content
 
 
@@ -100,40 +104,50 @@ def encode_train(request: TrainRequest, base: RecordDict | None = None) -> Recor
     return content if request.setup is None else with_setup(content, request.setup)
 
 
-def _decode_setup(content: RecordDict) -> SecAggSetup | None:
+def _decode_setup(content: RecordDict, what: str = "train message") -> SecAggSetup | None:
     record = content.config_records.get(SECAGG_KEY)
     if record is None:
         return None
     params, index, seed = record.get("params"), record.get("index"), record.get("rotation-seed")
     if not isinstance(params, str):
-        raise WireError("train message has malformed secagg parameters")
+        raise WireError(f"{what} has malformed secagg parameters")
     for name, value in (("index", index), ("rotation-seed", seed)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise WireError(f"train message has a bad secagg {name}")
+            raise WireError(f"{what} has a bad secagg {name}")
     try:
         parsed = SecAggParams.from_json(params)
+        members = _int_list(record.get("members", []), "members")
+        if list(members) != sorted(set(members)) or not set(members) <= set(parsed.participants):
+            raise WireError(f"{what} lists the round's sites out of order or unknown")
     except SecAggError as err:
-        raise WireError(f"train message: {err}") from None
+        raise WireError(f"{what}: {err}") from None
     assert isinstance(index, int) and isinstance(seed, int)
     if index not in parsed.participants:
-        raise WireError(f"train message: secagg index {index} is not a participant")
-    return SecAggSetup(params=parsed, index=index, rotation_seed=seed)
+        raise WireError(f"{what}: secagg index {index} is not a participant")
+    return SecAggSetup(params=parsed, index=index, rotation_seed=seed, members=members)
+
+
+def _decode_plan(content: RecordDict, what: str) -> RoundPlan:
+    if PLAN_KEY not in content.config_records:
+        raise WireError(f"{what} lacks its plan")
+    raw = dict(content.config_records[PLAN_KEY])
+    rnd = raw.pop("round", None)
+    if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 1:
+        raise WireError(f"{what} has a bad round number {rnd!r}")
+    try:
+        config = RunConfig.from_user_config(raw)
+    except ConfigError as err:
+        raise WireError(f"{what} carries a bad plan: {err}") from None
+    return RoundPlan(round=rnd, config=config)
 
 
 def decode_train(content: RecordDict) -> TrainRequest:
     if PLAN_KEY not in content.config_records or GLOBAL_KEY not in content.array_records:
         raise WireError("train message lacks its plan or global arrays")
-    raw = dict(content.config_records[PLAN_KEY])
-    rnd = raw.pop("round", None)
-    if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 1:
-        raise WireError(f"train message has a bad round number {rnd!r}")
-    try:
-        config = RunConfig.from_user_config(raw)
-    except ConfigError as err:
-        raise WireError(f"train message carries a bad plan: {err}") from None
+    plan = _decode_plan(content, "train message")
     setup = _decode_setup(content)
     arrays = _record_to_arrays(content.array_records[GLOBAL_KEY], "global model")
-    return TrainRequest(RoundPlan(round=rnd, config=config), arrays, setup)
+    return TrainRequest(plan, arrays, setup)
 
 
 # ---- site -> coordinator: the reply to a train message ------------------------------
@@ -165,8 +179,8 @@ def encode_reply(reply: TrainReply) -> RecordDict:
     )
     if reply.update is not None:
         content[UPDATE_KEY] = _arrays_to_record(reply.update)
-    if reply.keys is not None:
-        content[KEYS_KEY] = ConfigRecord({"c": reply.keys.c, "s": reply.keys.s})
+    if reply.masked is not None:
+        content[STAGE_KEY] = _stage_record(reply.masked)
     return content
 
 
@@ -221,32 +235,23 @@ def _decode_report(content: RecordDict) -> SiteReport:
 def decode_reply(content: RecordDict) -> TrainReply:
     report = _decode_report(content)
     has_update = UPDATE_KEY in content.array_records
-    has_keys = KEYS_KEY in content.config_records
-    if has_update and has_keys:
-        raise WireError("reply carries both an update and secagg keys")
-    if (has_update or has_keys) != (report.status == "ok"):
+    has_masked = STAGE_KEY in content.config_records
+    if has_update and has_masked:
+        raise WireError("reply carries both an update and a masked input")
+    if (has_update or has_masked) != (report.status == "ok"):
         raise WireError(
             f"reply with status {report.status!r} {'has' if has_update else 'lacks'} an update"
         )
     update = _record_to_arrays(content.array_records[UPDATE_KEY], "update") if has_update else None
-    keys = None
-    if has_keys:
-        rec = content.config_records[KEYS_KEY]
-        c, s_key = rec.get("c"), rec.get("s")
-        if not isinstance(c, bytes) or not isinstance(s_key, bytes):
-            raise WireError("reply has malformed secagg keys")
-        try:
-            keys = PublicKeys(c, s_key)
-        except SecAggError as err:
-            raise WireError(f"reply has bad secagg keys: {err}") from None
-    return TrainReply(report, update, keys)
+    masked = decode_stage(content, expect="masked-input") if has_masked else None
+    return TrainReply(report, update, masked)
 
 
 # ---- secure-aggregation stages, both directions --------------------------------------
 
 
-def encode_stage(message: StageMessage) -> RecordDict:
-    record = ConfigRecord(
+def _stage_record(message: StageMessage) -> ConfigRecord:
+    return ConfigRecord(
         {
             "stage": message.stage,
             "session": message.session,
@@ -255,10 +260,20 @@ def encode_stage(message: StageMessage) -> RecordDict:
             "more": list(message.more),
             "alive": list(message.alive),
             "dropped": list(message.dropped),
+            "signature": message.signature,
             "error": message.error,
         }
     )
-    return RecordDict({STAGE_KEY: record})
+
+
+def encode_stage(message: StageMessage) -> RecordDict:
+    content = RecordDict({STAGE_KEY: _stage_record(message)})
+    if message.plan is not None:
+        config = ConfigRecord({"round": message.plan.round, **message.plan.config.to_user_config()})
+        content[PLAN_KEY] = config
+    if message.setup is not None:
+        content[SECAGG_KEY] = _setup_record(message.setup)
+    return content
 
 
 def is_stage(content: RecordDict) -> bool:
@@ -285,7 +300,7 @@ def decode_stage(content: RecordDict, *, expect: StageName | None = None) -> Sta
     if record is None:
         raise WireError("message is not a secure-aggregation stage message")
     stage, session, error = record.get("stage"), record.get("session"), record.get("error", "")
-    if stage not in STAGES:
+    if stage not in STAGES and not (stage == "masked-input" == expect):
         raise WireError(f"unknown secagg stage {stage!r}")
     if expect is not None and stage != expect:
         raise WireError(f"expected secagg stage {expect!r}, got {stage!r}")
@@ -300,6 +315,15 @@ def decode_stage(content: RecordDict, *, expect: StageName | None = None) -> Sta
         raise WireError("secagg message has a different number of ids and blobs")
     if more and len(more) != len(ids):
         raise WireError("secagg message has a different number of ids and second keys")
+    signature = record.get("signature", b"")
+    if not isinstance(signature, bytes) or len(signature) not in (0, 64):
+        raise WireError("secagg message has a bad signature field (64 bytes or none)")
+    plan = setup = None
+    if stage == "advertise" and not error and PLAN_KEY in content.config_records:
+        plan = _decode_plan(content, "advertise message")
+        setup = _decode_setup(content, "advertise message")
+        if setup is None or setup.params.session != session:
+            raise WireError("advertise message lacks its secagg setup for this session")
     return StageMessage(
         stage=stage,
         session=session,
@@ -308,6 +332,9 @@ def decode_stage(content: RecordDict, *, expect: StageName | None = None) -> Sta
         more=more,
         alive=_int_list(record.get("alive", []), "alive"),
         dropped=_int_list(record.get("dropped", []), "dropped"),
+        signature=signature,
+        plan=plan,
+        setup=setup,
         error=error[:200],
     )
 

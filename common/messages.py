@@ -7,9 +7,14 @@ What crosses the wire, and nothing else:
 - site -> coordinator: ``TrainReply``: a ``SiteReport`` (a status and declared public
   numbers) and the update (only when trained). No loss, no per-example value, no text:
   those are data-dependent and not covered by the DP guarantee.
-- with secure aggregation, the reply carries the site's two public keys instead of the
-  update, and three more exchanges (``StageMessage``) carry public keys, sealed shares,
-  the masked (uniformly random-looking) input and unmasking shares.
+- with secure aggregation, three exchanges (``StageMessage``) come before training,
+  none of which touches data: ``advertise`` (public keys signed by the site's identity
+  key), ``share-keys`` (every advert out; sealed shares and signed dealing entries
+  back) and ``open-shares`` (the shares dealt to the site out; the dealers whose shares
+  failed its checks back). The train message then names the round's final sites, and
+  the reply carries the masked (uniformly random-looking) input instead of the update;
+  two more exchanges carry the signatures on the survivor set (the consistency round)
+  and the unmasking shares.
 
 Flower's record codec (common/codec.py) turns these into records and back, and
 refuses any message that does not have the declared shape with ``WireError``.
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from common.config import RunConfig
-from common.secagg.params import PublicKeys, SecAggParams
+from common.secagg.params import SecAggParams
 
 if TYPE_CHECKING:
     import torch
@@ -114,11 +119,14 @@ REPORT_TEXT_FIELDS = (
 @dataclass(frozen=True)
 class SecAggSetup:
     """What one site needs to join a secure round: the public parameters, its own
-    protocol index and the public seed of the round's rotation."""
+    protocol index and the public seed of the round's rotation; in the train message,
+    also the round's sites (``members``: those whose dealt shares every holder
+    accepted), which the site checks before it trains."""
 
     params: SecAggParams
     index: int
     rotation_seed: int
+    members: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -133,32 +141,53 @@ class TrainRequest:
 @dataclass(frozen=True)
 class TrainReply:
     """A site's answer to a train message: an ok reply carries the update (plain) or the
-    site's public keys (secure), exactly one of them; other replies carry neither."""
+    site's ``masked-input`` message (secure), exactly one of them; other replies carry
+    neither."""
 
     report: SiteReport
     update: Arrays | None = None
-    keys: PublicKeys | None = None
+    masked: StageMessage | None = None
 
     def __post_init__(self) -> None:
-        carries = (self.update is not None) + (self.keys is not None)
+        carries = (self.update is not None) + (self.masked is not None)
         if carries != (1 if self.report.status == "ok" else 0):
-            raise ValueError("an update or keys (one of them) travel exactly when status is 'ok'")
+            raise ValueError(
+                "an update or a masked input (one of them) travels exactly when status is 'ok'"
+            )
 
 
-StageName = Literal["share-keys", "masked-input", "unmask"]
-STAGES: tuple[StageName, ...] = ("share-keys", "masked-input", "unmask")
+StageName = Literal[
+    "advertise", "share-keys", "open-shares", "masked-input", "consistency", "unmask"
+]
+# The stages that travel as messages of their own ("masked-input" rides the train reply).
+STAGES: tuple[StageName, ...] = (
+    "advertise",
+    "share-keys",
+    "open-shares",
+    "consistency",
+    "unmask",
+)
 
 
 @dataclass(frozen=True)
 class StageMessage:
-    """One secure-aggregation exchange after the first (either direction).
+    """One secure-aggregation exchange (either direction).
 
-    share-keys: coordinator -> site: ``ids`` with their ``blobs`` (c keys) and ``more``
-    (s keys); site -> coordinator: ``ids`` with sealed shares in ``blobs``.
-    masked-input: coordinator -> site: sealed shares by sender; site -> coordinator:
-    its own index with its packed masked vector.
-    unmask: coordinator -> site: ``alive`` and ``dropped``; site -> coordinator: ``ids``
-    with one share each in ``blobs``.
+    advertise: coordinator -> site: the round's ``plan`` and the site's ``setup``;
+    site -> coordinator: its own index in ``ids`` and its signed advert in ``blobs``.
+    share-keys: coordinator -> site: every advert (``ids``, ``blobs``); site ->
+    coordinator: ``ids`` the site's holders (itself included), ``blobs`` the sealed
+    shares (empty for itself), ``more`` the signed dealing entries.
+    open-shares: coordinator -> site: sealed shares (``blobs``) and dealing entries
+    (``more``) by dealer (``ids``); site -> coordinator: in ``dropped``, the dealers
+    whose shares failed its checks.
+    masked-input (inside the train reply): its own index with its packed masked
+    vector and, in ``more``, its commitment to its self-mask seed.
+    consistency: coordinator -> site: the survivor set (``alive``, ``dropped``);
+    site -> coordinator: its ``signature`` on it.
+    unmask: coordinator -> site: the survivor set and the survivors' signatures
+    (``ids``, ``blobs``); site -> coordinator: ``ids`` with one share each in ``blobs``,
+    and its ``signature`` on what it reveals.
     ``error`` (site -> coordinator only) says why the site left the round.
     """
 
@@ -169,4 +198,7 @@ class StageMessage:
     more: tuple[bytes, ...] = ()
     alive: tuple[int, ...] = ()
     dropped: tuple[int, ...] = ()
+    signature: bytes = b""
+    plan: RoundPlan | None = None
+    setup: SecAggSetup | None = None
     error: str = ""

@@ -85,7 +85,10 @@ class LedgerHead(_Frozen):
     epsilon: Epsilon
 
 
-NoteStatus = Literal["failed", "refused", "rejected"]
+# failed: no usable reply; refused: the site declined (its own reason); rejected: the
+# coordinator refused what the site sent; left: the site left a secure round after it
+# trained, with its own reason (which the coordinator cannot check)
+NoteStatus = Literal["failed", "refused", "rejected", "left"]
 
 
 class Note(_Frozen):

@@ -57,6 +57,7 @@ class SiteResult:
     report: SiteReport | None
     error: str | None = None  # why the site's update is not in the mean
     contributed: bool = False
+    left: bool = False  # the site left with its own reason (not refused by the coordinator)
 
 
 @dataclass

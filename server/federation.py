@@ -180,9 +180,11 @@ def _account(res: SiteResult, view: DeclaredSite, row: RoundTally) -> None:
     if report.status == "ok" and res.contributed:
         view.rounds_trained += 1
         row.trained += 1
+        if res.error:  # in the sum, but misbehaved after (a secure round names a liar)
+            row.note(name, "rejected", res.error)
     elif report.status == "ok":
         view.rounds_failed += 1
-        row.note(name, "rejected", res.error or "update not used")
+        row.note(name, "left" if res.left else "rejected", res.error or "update not used")
     elif report.status == "refused":
         view.rounds_refused += 1
         row.note(name, "refused", report.reason)

@@ -1,20 +1,26 @@
 """The secure workflow: one round of SecAgg+ driven over the Transport.
 
-Four exchanges with the sampled sites (common/secagg/ has the protocol):
-train + advertise keys, share keys, masked input, unmask. The coordinator never holds
-a site's update in the clear: it routes opaque sealed shares, sums masked vectors,
-removes the masks from the sum and decodes the sum into the mean clipped update. A
-site that fails or misbehaves at a stage is dropped from the round with the reason; if
-too few remain for the protocol to finish, the round aborts and the global model stays
-as it was.
+Six exchanges with the sampled sites (common/secagg/ has the protocol). Three before
+anyone trains, touching no data: advertise signed keys, share keys (each site checks
+every advert against its roster, then deals), open shares (each site checks the shares
+dealt to it; a dealer any holder refuses is left out). Then train + masked input (each
+site checks the round's final sites first), consistency (the survivors sign the
+survivor set) and unmask. The coordinator never holds a site's update in the clear: it
+routes opaque sealed shares, sums masked vectors, removes the masks from the sum and
+decodes the sum into the mean clipped update. A site that fails or misbehaves at a
+stage is dropped from the round with the reason (a site that reveals a share its
+dealer did not deal is named); if too few remain for the protocol to finish, the
+round aborts and the global model stays as it was.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 from common.arrays import unflatten
 from common.messages import (
@@ -28,7 +34,7 @@ from common.quantize import check_sum, decode_sum
 from common.secagg.coordinator import CoordinatorSession
 from common.secagg.encoding import encoding_spec, site_weight
 from common.secagg.errors import SecAggAbort, SecAggError
-from common.secagg.params import PublicKeys, SecAggParams
+from common.secagg.params import Advert, SecAggParams
 from server.aggregation import Arrays, RoundOutcome, SiteResult, Transport
 
 log = logging.getLogger("fedsilo.coordinator")
@@ -63,9 +69,9 @@ class _Round:
         self.upload: dict[int, int] = dict.fromkeys(chosen, 0)
         self.seconds: dict[str, float] = {}
 
-    def drop(self, nid: int, why: str) -> None:
+    def drop(self, nid: int, why: str, *, left: bool = False) -> None:
         report = self.results[nid].report if nid in self.results else None
-        self.results[nid] = SiteResult(nid, report, why)
+        self.results[nid] = SiteResult(nid, report, why, left=left)
 
     def exchange(
         self,
@@ -94,9 +100,24 @@ class _Round:
                 self.drop(nid, f"dropped at {stage}: reply for another session (replay?)")
                 continue
             if message.error:
-                self.drop(nid, f"left at {stage}: {message.error}")
+                self.drop(nid, f"left at {stage}: {message.error}", left=True)
                 continue
             accept(u, message)
+
+
+def name_indices(text: str, names: Mapping[int, str]) -> str:
+    """``text`` with the protocol's ``site N`` and ``sites [N, M]`` (also ``holders``)
+    replaced by the sites' names: a protocol index would read like a site name."""
+
+    def one(index: str) -> str:
+        return names.get(int(index), f"#{index}")
+
+    text = re.sub(
+        r"\b(sites|holders) \[([\d, ]*)\]",
+        lambda m: f"{m[1]} [{', '.join(one(x) for x in m[2].split(', ') if x)}]",
+        text,
+    )
+    return re.sub(r"\bsite (\d+)\b", lambda m: one(m[1]), text)
 
 
 def secure_round(
@@ -118,50 +139,58 @@ def secure_round(
     )
     session = params.session
     coordinator = CoordinatorSession(params)
-
-    # 1. train + advertise keys
-    train = {
-        nid: TrainRequest(plan, weights, SecAggSetup(params, state.index[nid], spec.seed))
-        for nid in chosen
-    }
-    started = time.monotonic()
-    replies = transport.train(train, group=str(plan.round))
-    state.seconds["train"] = time.monotonic() - started
-    keys: dict[int, PublicKeys] = {}
-    for nid in chosen:
-        reply = replies[nid]
-        state.upload[nid] += reply.nbytes
-        if reply.message is None:
-            state.results[nid] = SiteResult(nid, None, reply.error or "no reply")
-            continue
-        report, update, site_keys = reply.message.report, reply.message.update, reply.message.keys
-        state.results[nid] = SiteResult(nid, report)
-        if report.status != "ok":
-            continue
-        if site_keys is None or update is not None:
-            # An update in the clear is never used (nor kept) in a secure round.
-            state.drop(nid, "sent its update in the clear instead of joining secure aggregation")
-            continue
-        keys[state.index[nid]] = site_keys
-
+    log.info(
+        "round %d: secure aggregation among %d sites, degree %d, threshold %d (tolerates %d "
+        "colluding holders)",
+        plan.round,
+        len(chosen),
+        params.degree,
+        params.threshold,
+        params.tolerated,
+    )
     failure = ""
     mean: Arrays | None = None
     alive: tuple[int, ...] = ()
-    if not keys:  # nobody trained: nothing to aggregate, nothing to abort
-        return RoundOutcome(
-            results=[state.results[n] for n in chosen],
-            mean=None,
-            upload_bytes=state.upload,
-            stage_seconds=state.seconds,
-        )
     try:
-        # 2. share keys: each site gets its live holders' public keys
-        routing = coordinator.receive_keys(keys)
-        shares: dict[int, dict[int, bytes]] = {}
+        # 1. advertise: signed keys, before anyone trains
+        adverts: dict[int, Advert] = {}
+
+        def take_advert(u: int, m: StageMessage) -> None:
+            if m.ids != (u,) or len(m.blobs) != 1:
+                state.drop(state.node_of[u], "dropped at advertise: reply is not one advert")
+                return
+            try:
+                adverts[u] = Advert.from_bytes(u, m.blobs[0])
+            except SecAggError as err:
+                state.drop(state.node_of[u], f"dropped at advertise: {err}")
+
+        state.exchange(
+            "advertise",
+            session,
+            {
+                u: StageMessage(
+                    "advertise", session, plan=plan, setup=SecAggSetup(params, u, spec.seed)
+                )
+                for u in state.node_of
+            },
+            take_advert,
+        )
+        routed_adverts = coordinator.receive_adverts(adverts)
+
+        # 2. share keys: every advert to every site; each checks them against its
+        # roster and deals its shares (no data touched)
+        shares: dict[int, tuple[dict[int, bytes], dict[int, bytes]]] = {}
 
         def take_shares(u: int, m: StageMessage) -> None:
-            shares[u] = dict(zip(m.ids, m.blobs, strict=True))
+            if len(m.more) != len(m.ids):
+                state.drop(state.node_of[u], "dropped at share-keys: malformed shares")
+                return
+            shares[u] = (
+                {v: b for v, b in zip(m.ids, m.blobs, strict=True) if v != u},
+                dict(zip(m.ids, m.more, strict=True)),
+            )
 
+        everyone = tuple(routed_adverts)
         state.exchange(
             "share-keys",
             session,
@@ -169,48 +198,116 @@ def secure_round(
                 u: StageMessage(
                     "share-keys",
                     session,
-                    ids=tuple(peers),
-                    blobs=tuple(k.c for k in peers.values()),
-                    more=tuple(k.s for k in peers.values()),
+                    ids=everyone,
+                    blobs=tuple(a.to_bytes() for a in routed_adverts.values()),
                 )
-                for u, peers in routing.items()
+                for u in everyone
             },
             take_shares,
         )
-        # 3. masked input: route the sealed shares, collect masked vectors
+        # 3. open shares: each site checks the shares dealt to it (no data touched)
         routed = coordinator.receive_shares(shares)
-        masked: dict[int, tuple[bytes, bytes]] = {}
+        refused: dict[int, tuple[int, ...]] = {}
 
-        def take_masked(u: int, m: StageMessage) -> None:
-            if m.ids != (u,) or len(m.blobs) != 1 or len(m.more) != 1:
-                state.drop(state.node_of[u], "dropped at masked-input: reply is not one vector")
-                return
-            masked[u] = (m.blobs[0], m.more[0])
+        def take_opened(u: int, m: StageMessage) -> None:
+            refused[u] = m.dropped
 
         state.exchange(
-            "masked-input",
+            "open-shares",
             session,
             {
                 u: StageMessage(
-                    "masked-input", session, ids=tuple(sealed), blobs=tuple(sealed.values())
+                    "open-shares",
+                    session,
+                    ids=tuple(sealed),
+                    blobs=tuple(sealed.values()),
+                    more=tuple(dealt[v] for v in sealed),
                 )
-                for u, sealed in routed.items()
+                for u, (sealed, dealt) in routed.items()
             },
-            take_masked,
+            take_opened,
         )
-        # 4. unmask: b shares of alive sites, s shares of dropped ones
-        requests = coordinator.receive_masked(masked)
-        revealed: dict[int, dict[int, bytes]] = {}
+        members = coordinator.receive_opened(refused)
+
+        # 4. train + masked input: each site admits the round's sites, then trains
+        train = {
+            state.node_of[u]: TrainRequest(
+                plan, weights, SecAggSetup(params, u, spec.seed, members)
+            )
+            for u in members
+        }
+        started = time.monotonic()
+        replies = transport.train(train, group=str(plan.round))
+        state.seconds["train"] = time.monotonic() - started
+        masked: dict[int, tuple[bytes, bytes]] = {}
+        for nid in train:
+            reply = replies[nid]
+            state.upload[nid] += reply.nbytes
+            if reply.message is None:
+                state.results[nid] = SiteResult(nid, None, reply.error or "no reply")
+                continue
+            report, update, y = reply.message.report, reply.message.update, reply.message.masked
+            state.results[nid] = SiteResult(nid, report)
+            if report.status != "ok":
+                continue
+            if y is None or update is not None:
+                # An update in the clear is never used (nor kept) in a secure round.
+                state.drop(
+                    nid, "sent its update in the clear instead of joining secure aggregation"
+                )
+                continue
+            u = state.index[nid]
+            if y.session != session or y.ids != (u,) or len(y.blobs) != 1 or len(y.more) != 1:
+                state.drop(nid, "dropped at masked-input: reply is not one vector")
+                continue
+            masked[u] = (y.blobs[0], y.more[0])
+        if not masked:  # nobody trained: nothing to aggregate, nothing to abort
+            return RoundOutcome(
+                results=[state.results.get(n, SiteResult(n, None, "not asked")) for n in chosen],
+                mean=None,
+                upload_bytes=state.upload,
+                stage_seconds=state.seconds,
+            )
+
+        # 5. consistency: every survivor signs the one survivor set
+        survivors = coordinator.receive_masked(masked)
+        signed: dict[int, bytes] = {}
+
+        def take_signature(u: int, m: StageMessage) -> None:
+            signed[u] = m.signature
+
+        state.exchange(
+            "consistency",
+            session,
+            {
+                u: StageMessage(
+                    "consistency", session, alive=survivors.alive, dropped=survivors.dropped
+                )
+                for u in survivors.alive
+            },
+            take_signature,
+        )
+        signatures = coordinator.receive_signatures(signed)
+
+        # 6. unmask: b shares of alive sites, s shares of dropped ones, signed
+        revealed: dict[int, tuple[dict[int, bytes], bytes]] = {}
 
         def take_revealed(u: int, m: StageMessage) -> None:
-            revealed[u] = dict(zip(m.ids, m.blobs, strict=True))
+            revealed[u] = (dict(zip(m.ids, m.blobs, strict=True)), m.signature)
 
         state.exchange(
             "unmask",
             session,
             {
-                u: StageMessage("unmask", session, alive=r.alive, dropped=r.dropped)
-                for u, r in requests.items()
+                u: StageMessage(
+                    "unmask",
+                    session,
+                    ids=tuple(signatures),
+                    blobs=tuple(signatures.values()),
+                    alive=survivors.alive,
+                    dropped=survivors.dropped,
+                )
+                for u in signatures
             },
             take_revealed,
         )
@@ -239,14 +336,25 @@ def secure_round(
     for u, why in coordinator.rejected.items():
         if u in state.node_of:
             state.drop(state.node_of[u], f"rejected: {why}")
+    # The protocol's texts count sites by protocol index: name them as the notes do.
+    names = {
+        u: res.report.site if res.report is not None else f"node-{nid}"
+        for u, nid in state.node_of.items()
+        for res in [state.results.get(nid, SiteResult(nid, None))]
+    }
+    failure = name_indices(failure, names)
     clipped = 0
     results: list[SiteResult] = []
     for nid in chosen:
-        res = state.results[nid]
+        res = state.results.get(nid, SiteResult(nid, None, failure or "not in the secure sum"))
+        if res.error:
+            res = replace(res, error=name_indices(res.error, names))
         in_sum = state.index[nid] in alive and not failure
         if in_sum and res.report is not None:
             clipped += res.report.update_clipped
-            res = SiteResult(nid, res.report, None, contributed=True)
+            # A site rejected after its masked input (it revealed a share its dealer did
+            # not deal) is still in the sum: it contributed, and it is named.
+            res = SiteResult(nid, res.report, res.error, contributed=True)
         elif res.report is not None and res.report.status == "ok" and res.error is None:
             res = SiteResult(nid, res.report, failure or "not in the secure sum")
         results.append(res)

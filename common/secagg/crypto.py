@@ -11,8 +11,9 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -21,6 +22,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from common.secagg.errors import SecAggError
 
 KEY_BYTES = 32
+SIGNATURE_BYTES = 64  # Ed25519
 NONCE_BYTES = 12
 TAG_BYTES = 16
 MAX_RING_BITS = 64
@@ -80,6 +82,46 @@ def agree(private: bytes, peer_public: bytes, *, info: bytes) -> bytes:
     except ValueError:
         raise SecAggError("peer public key is invalid (low-order point)") from None
     return _hkdf(shared, info)
+
+
+# Encodings of the Ed25519 points of small order (the last byte's sign bit cleared),
+# as libsodium's ge25519_has_small_order lists them: the neutral point, the points of
+# order 2, 4 and 8, and the non-canonical encodings of 0, 1 and -1. Under such a "public
+# key" one signature (R small-order, S = 0) verifies for every message.
+_SMALL_ORDER = {
+    bytes(32),
+    b"\x01" + bytes(31),
+    bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+    bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
+    b"\xec" + b"\xff" * 30 + b"\x7f",
+    b"\xed" + b"\xff" * 30 + b"\x7f",
+    b"\xee" + b"\xff" * 30 + b"\x7f",
+}
+
+
+def weak_identity(identity: bytes) -> bool:
+    """Whether a raw Ed25519 public key is a point of small order: anyone can sign as
+    it, so no roster may list it and no signature under it counts."""
+    return identity[:31] + bytes([identity[31] & 0x7F]) in _SMALL_ORDER
+
+
+def verify(identity: bytes, signature: bytes, message: bytes) -> bool:
+    """Whether ``signature`` is the Ed25519 signature of ``message`` by the raw public
+    key ``identity`` (a site's identity key); anything malformed, and any key of small
+    order, is simply False."""
+    if (
+        not isinstance(identity, bytes)
+        or len(identity) != KEY_BYTES
+        or not isinstance(signature, bytes)
+        or len(signature) != SIGNATURE_BYTES
+        or weak_identity(identity)
+    ):
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(identity).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
 
 
 def seal(key: bytes, plaintext: bytes, *, associated_data: bytes) -> bytes:

@@ -1,6 +1,8 @@
 """The public side of a secure round: its parameters, the neighbour graph, the
-public keys a site advertises, the unmask request, and what both sides derive from
-them (the round's context string, pair keys' info, commitments, the pairwise masks).
+signed adverts of the sites' public keys, the signed dealing record of every share,
+and what both sides derive from them (the round's context string, the graph seed, pair
+keys' info, commitments, share hashes, the messages each signature covers, the
+pairwise masks).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import json
 import math
 import os
 import random
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -36,9 +39,27 @@ def default_degree(num_sites: int) -> int:
     return num_sites - 1 if degree >= num_sites - 1 else degree
 
 
+def active_threshold(holders: int) -> int:
+    """The least threshold safe against an active coordinator: more than 2/3 of a
+    site's holders (Bonawitz et al. 2017), and at least 2."""
+    return max(2 * holders // 3 + 1, 2)
+
+
 def default_threshold(holders: int, fraction: float = 0.5) -> int:
-    """The least safe threshold (a strict majority of holders), raised to ``fraction``."""
-    return max(holders // 2 + 1, math.ceil(fraction * holders), 2)
+    """The active-security threshold, raised to ``fraction`` of the holders."""
+    return min(max(active_threshold(holders), math.ceil(fraction * holders)), holders)
+
+
+def tolerated_colluders(holders: int, threshold: int) -> int:
+    """How many colluding sites among a site's holders the threshold tolerates against
+    an active coordinator. To get both secrets of a site it must make two disjoint
+    groups of honest holders each reveal a different one; with the consistency round
+    each group needs ``threshold`` signatures on its own survivor set and
+    ``threshold`` shares, the colluders counting in both: 2t - c <= holders. So
+    ``2t - holders - 1`` colluders are tolerated; and at most ``t - 2``: with
+    ``t - 1`` colluders the coordinator could keep only them and one victim alive
+    (``t`` sites) and the sum alone would give the victim's update away."""
+    return max(0, min(2 * threshold - holders - 1, threshold - 2))
 
 
 @dataclass(frozen=True)
@@ -51,6 +72,10 @@ class SecAggParams:
     degree: int
     ring_bits: int
     vector_length: int
+    # The neighbour graph's seed (hex): empty in the coordinator's parameters; every
+    # party derives it from the sites' signed adverts (``graph_seed``), so the
+    # coordinator cannot pick a graph that surrounds a site with its own.
+    graph: str = ""
 
     def __post_init__(self) -> None:
         if not self.session or len(self.session) > 200:
@@ -71,12 +96,15 @@ class SecAggParams:
                 f"2..{n - 2}, got {self.degree}"
             )
         holders = self.degree + 1
-        if not holders // 2 + 1 <= self.threshold <= holders or self.threshold < 2:
+        least = active_threshold(holders)
+        if not least <= self.threshold <= holders:
             raise SecAggError(
-                f"threshold {self.threshold} is unsafe for {holders} holders per site: it "
-                f"must be a strict majority (>= {max(holders // 2 + 1, 2)}) and at most "
-                f"{holders}"
+                f"threshold {self.threshold} is unsafe for {holders} holders per site: "
+                f"against an active coordinator it must exceed 2/3 of them (>= {least}) "
+                f"and be at most {holders}"
             )
+        if self.graph and (len(self.graph) != 64 or self.graph.strip("0123456789abcdef")):
+            raise SecAggError("the graph seed must be 64 lowercase hex digits")
         if not 1 <= self.ring_bits <= 64:
             raise SecAggError(f"ring_bits must be in 1..64, got {self.ring_bits}")
         if self.vector_length < 1:
@@ -104,6 +132,17 @@ class SecAggParams:
             vector_length=vector_length,
         )
 
+    @property
+    def tolerated(self) -> int:
+        """Colluding sites among any site's holders that this round tolerates."""
+        return tolerated_colluders(self.degree + 1, self.threshold)
+
+    def with_graph(self, seed: bytes) -> SecAggParams:
+        """These parameters with the neighbour graph fixed by ``seed`` (``graph_seed``)."""
+        if self.graph:
+            raise SecAggError("the neighbour graph is already fixed")
+        return replace(self, graph=seed.hex())
+
     def to_json(self) -> str:
         return json.dumps(
             {
@@ -113,6 +152,7 @@ class SecAggParams:
                 "degree": self.degree,
                 "ring_bits": self.ring_bits,
                 "vector_length": self.vector_length,
+                "graph": self.graph,
             }
         )
 
@@ -124,27 +164,41 @@ class SecAggParams:
             bad = [k for k, v in ints.items() if isinstance(v, bool) or not isinstance(v, int)]
             bad += [] if isinstance(raw["session"], str) else ["session"]
             bad += [] if isinstance(raw["participants"], list) else ["participants"]
+            graph = raw.get("graph", "")
+            bad += [] if isinstance(graph, str) else ["graph"]
             if bad:
                 raise SecAggError(f"secagg parameters are malformed: mistyped {bad}")
-            return cls(session=raw["session"], participants=tuple(raw["participants"]), **ints)
+            return cls(
+                session=raw["session"],
+                participants=tuple(raw["participants"]),
+                graph=graph,
+                **ints,
+            )
         except (ValueError, KeyError, TypeError) as err:
             if isinstance(err, SecAggError):
                 raise
             raise SecAggError(f"secagg parameters are malformed: {err}") from None
 
-    @property
+    @cached_property
     def context(self) -> bytes:
-        return f"{PROTOCOL}|{self.session}".encode()
+        """Binds every key, share and signature to this round and all its public
+        parameters (participants, threshold, degree, ring) and, once it is fixed, to
+        the graph, hence to the set of signed adverts every party saw."""
+        core = hashlib.sha256(replace(self, graph="").to_json().encode()).hexdigest()
+        return f"{PROTOCOL}|{self.session}|{core}|{self.graph}".encode()
 
     def neighbours(self, index: int) -> tuple[int, ...]:
-        """``index``'s neighbours (not itself): a Harary graph on a public permutation."""
+        """``index``'s neighbours (not itself): a Harary graph on a permutation drawn
+        from the graph seed (public once the adverts are in)."""
         if index not in self.participants:
             raise SecAggError(f"site {index} is not a participant of this round")
         n = len(self.participants)
         if self.degree >= n - 1:
             return tuple(p for p in self.participants if p != index)
+        if not self.graph:
+            raise SecAggError("the neighbour graph is not fixed before the adverts are in")
         order = list(self.participants)
-        random.Random(self.session).shuffle(order)  # public: everyone derives the same
+        random.Random(bytes.fromhex(self.graph)).shuffle(order)  # everyone derives the same
         at = order.index(index)
         half = self.degree // 2
         near = {order[(at + d) % n] for d in range(-half, half + 1) if d}
@@ -233,9 +287,99 @@ class PublicKeys:
 
 
 @dataclass(frozen=True)
-class UnmaskRequest:
-    alive: tuple[int, ...]  # their masked inputs are in the sum: reveal b shares
-    dropped: tuple[int, ...]  # shared keys but sent no masked input: reveal s shares
+class Survivors:
+    """Whom the coordinator says it holds masked inputs from (``alive``) and who shared
+    keys but sent none (``dropped``): one set for the whole round, signed by every
+    survivor in the consistency round before anyone reveals a share."""
+
+    alive: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+
+Signer = Callable[[bytes], bytes]  # a site's Ed25519 identity key, signing
+
+
+@dataclass(frozen=True)
+class Advert:
+    """A site's public keys for one round, signed with its identity key (the key the
+    federation's roster lists): an advert the coordinator made up does not verify."""
+
+    index: int
+    identity: bytes  # raw Ed25519 public key
+    keys: PublicKeys
+    signature: bytes
+
+    SIZE = 3 * crypto.KEY_BYTES + crypto.SIGNATURE_BYTES
+
+    @classmethod
+    def make(
+        cls, params: SecAggParams, index: int, identity: bytes, keys: PublicKeys, sign: Signer
+    ) -> Advert:
+        return cls(index, identity, keys, sign(advert_message(params, index, identity, keys)))
+
+    def verifies(self, params: SecAggParams) -> bool:
+        message = advert_message(params, self.index, self.identity, self.keys)
+        return crypto.verify(self.identity, self.signature, message)
+
+    def to_bytes(self) -> bytes:
+        return self.identity + self.keys.c + self.keys.s + self.signature
+
+    @classmethod
+    def from_bytes(cls, index: int, blob: bytes) -> Advert:
+        if not isinstance(blob, bytes) or len(blob) != cls.SIZE:
+            raise SecAggError(f"the advert of site {index} must be {cls.SIZE} bytes")
+        k = crypto.KEY_BYTES
+        return cls(index, blob[:k], PublicKeys(blob[k : 2 * k], blob[2 * k : 3 * k]), blob[3 * k :])
+
+
+def advert_message(params: SecAggParams, index: int, identity: bytes, keys: PublicKeys) -> bytes:
+    """What an advert's signature covers: the round (before the graph is fixed), the
+    site's protocol index, its identity and both public keys."""
+    if params.graph:
+        raise SecAggError("adverts are signed before the neighbour graph is fixed")
+    return params.context + f"|advert|{index}|".encode() + identity + keys.c + keys.s
+
+
+def graph_seed(params: SecAggParams, adverts: Mapping[int, Advert]) -> bytes:
+    """The neighbour graph's seed: a hash of every signed advert of the round. The
+    sites' fresh keys make it unpredictable to the coordinator; its remaining say is
+    which adverts to route (and a colluding site's choice of keys), which
+    docs/secure-aggregation.md counts in the tolerated colluders."""
+    digest = hashlib.sha256(params.context + b"|graph")
+    for u in sorted(adverts):
+        a = adverts[u]
+        digest.update(u.to_bytes(INDEX_BYTES, "big") + a.identity + a.keys.c + a.keys.s)
+    return digest.digest()
+
+
+def share_hash(params: SecAggParams, dealer: int, holder: int, kind: str, share: bytes) -> bytes:
+    """Binds one share: the dealer signs it in its dealing record, the holder checks
+    the share it opened against it, the coordinator the share it is revealed."""
+    return hashlib.sha256(
+        params.context + f"|{kind}-share|{dealer}->{holder}|".encode() + share
+    ).digest()
+
+
+DEAL_BYTES = 2 * crypto.KEY_BYTES + crypto.SIGNATURE_BYTES  # b hash, s hash, signature
+
+
+def deal_message(params: SecAggParams, dealer: int, holder: int, hashes: bytes) -> bytes:
+    """What a dealing entry's signature covers: the hashes of one holder's two shares."""
+    return params.context + f"|deal|{dealer}->{holder}|".encode() + hashes
+
+
+def survivors_message(params: SecAggParams, survivors: Survivors) -> bytes:
+    """What a survivor signs in the consistency round."""
+    alive = ",".join(map(str, survivors.alive))
+    dropped = ",".join(map(str, survivors.dropped))
+    return params.context + f"|survivors|{alive}|{dropped}".encode()
+
+
+def reveal_message(params: SecAggParams, holder: int, shares: Mapping[int, bytes]) -> bytes:
+    """What a holder signs with the shares it reveals: the coordinator can show who
+    revealed what."""
+    body = b"".join(v.to_bytes(INDEX_BYTES, "big") + shares[v] for v in sorted(shares))
+    return params.context + f"|reveal|{holder}|".encode() + body
 
 
 def pack_masked(values: RingArray, params: SecAggParams) -> bytes:

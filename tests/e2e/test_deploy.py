@@ -45,8 +45,9 @@ def test_sites_with_an_unregistered_key_or_the_wrong_ca_are_refused(
     data = deployment.write_sites_data(fed.root, ["refused"])["refused"]
     other_ca = fed.root / "other-coordinator"
     deployment.fedsilo("coordinator", "init", str(other_ca), "--host", "localhost")
-    unregistered = fed.site("unregistered", data)
-    wrong_ca = fed.site("wrong-ca", data, ca=other_ca / "ca.crt")
+    unregistered = fed.site("unregistered", data, min_sites=2)
+    wrong_ca = fed.site("wrong-ca", data, ca=other_ca / "ca.crt", min_sites=2)
+    fed.roster([unregistered, wrong_ca], "roster-refused.json")  # else `site start` refuses
 
     # Execute: both pass their local checks and start a SuperNode.
     procs = [fed.start_site(unregistered), fed.start_site(wrong_ca)]
@@ -65,6 +66,12 @@ def test_a_run_survives_a_stopped_site_and_a_corrupt_one(federation: Federation)
     names = ["site-a", "site-b", "site-c", "site-d"]
     data = deployment.write_sites_data(fed.root, names)
     sites = {n: fed.site(n, data[n]) for n in names}
+    # The sites' operators agree on one roster of their identity keys, out of band; each
+    # installs it, and its check shows the fingerprint they compared.
+    fingerprint = fed.roster(list(sites.values()))
+    check = deployment.fedsilo("site", "check", str(sites["site-a"]))
+    roster_line = next(line for line in check.splitlines() if line.startswith("ok    roster "))
+    assert f"4 sites, fingerprint {fingerprint}; site-a listed with its own" in roster_line
     node_ids = {}
     for n in names:
         out = deployment.fedsilo(
@@ -136,7 +143,17 @@ def test_a_run_survives_a_stopped_site_and_a_corrupt_one(federation: Federation)
         csv.writer(handle).writerow([f"notes of {SECRET}", SECRET])
     deployment.wait("the run's summary", lambda: (out_dir / "summary.json").exists(), 300, every=1)
     marks["run done"] = time.monotonic() - started
-    logs = fed.flwr("log", run_id, "fedsilo", "--show").stdout
+    # summary.json is written just before the final line is printed, and the ServerApp's
+    # output reaches the SuperLink's log a moment later: wait for that line.
+    log_lines = ""
+
+    def final_line_logged() -> bool:
+        nonlocal log_lines
+        log_lines = fed.flwr("log", run_id, "fedsilo", "--show").stdout
+        return "final accuracy" in log_lines
+
+    deployment.wait("the final line in the run's log", final_line_logged, 60, every=2)
+    logs = log_lines
     print("deployment run, seconds from `flwr run`:", {k: round(v) for k, v in marks.items()})
 
     # Assert: per round, which sites trained (their signed ledger heads reached the

@@ -14,7 +14,7 @@ from common.data import load_builtin
 from server.app import app as server_app
 from tests.support.inprocess_grid import InProcessGrid
 from tests.support.runs import SMALL_RUN, fedsilo
-from tests.support.sites import deployed_node
+from tests.support.sites import deployed_node, install_roster
 
 
 @pytest.mark.e2e
@@ -35,6 +35,8 @@ def test_export_and_predict_on_a_real_run(tmp_path: Path) -> None:
                 path, tmp_path / f"state-{i}", site_id=f"site-{i}", epsilon=8.0, data_size=200
             )
         )
+    states = {f"site-{i}": tmp_path / f"state-{i}" for i in range(3)}
+    install_roster(states, into=states.values())  # the federation's roster, at each site
     run = tmp_path / "run"
     grid = InProcessGrid(
         client_app, num_nodes=3, node_configs=nodes, run_config={**SMALL_RUN, "out-dir": str(run)}

@@ -15,7 +15,7 @@ from server.app import app as server_app
 from tests.support.inprocess_grid import InProcessGrid
 from tests.support.reference import reference_epsilon
 from tests.support.runs import SMALL_RUN
-from tests.support.sites import deployed_node
+from tests.support.sites import deployed_node, install_roster
 
 
 def _run(tmp_path: Path, grid: InProcessGrid) -> dict:
@@ -60,15 +60,18 @@ def test_a_site_with_bad_data_fails_sanitized_and_the_round_goes_on(tmp_path: Pa
     # Prepare: site 0 points at a data file whose bad row holds a secret.
     bad = tmp_path / "site.csv"
     bad.write_text("text,label\nSECRET-PATIENT-NOTE,fresh\n,rotten\n")
+    # Four sites: a secure round among n = 4 (threshold 3) completes without one of them.
     nodes = [
         deployed_node(bad, tmp_path / "state", site_id="hospital-a", epsilon=4.0, data_size=100),
-        {"partition-id": 1, "num-partitions": 3},
-        {"partition-id": 2, "num-partitions": 3},
+        *({"partition-id": i, "num-partitions": 4} for i in (1, 2, 3)),
     ]
     out = tmp_path / "run"
+    states = {"hospital-a": tmp_path / "state"}
+    states.update({f"site-{i}": out / "sites" / f"site-{i}" for i in (1, 2, 3)})
+    install_roster(states, into=[tmp_path / "state", out / "sites"])
     grid = InProcessGrid(
         client_app,
-        num_nodes=3,
+        num_nodes=4,
         node_configs=nodes,
         run_config={**SMALL_RUN, "num-server-rounds": 1, "out-dir": str(out)},
     )
@@ -78,9 +81,9 @@ def test_a_site_with_bad_data_fails_sanitized_and_the_round_goes_on(tmp_path: Pa
     text = (out / "summary.json").read_text()
     summary = json.loads(text)
 
-    # Assert: the round used the two good sites; the failure names no data
+    # Assert: the round used the three good sites; the failure names no data
     row = summary["rounds"][0]
-    assert row["trained"] == 2
+    assert row["trained"] == 3
     assert row["notes"] == [
         {
             "site": "hospital-a",
@@ -95,10 +98,10 @@ def test_a_site_with_bad_data_fails_sanitized_and_the_round_goes_on(tmp_path: Pa
 
 def test_no_site_trains_leaves_the_model_unchanged(tmp_path: Path) -> None:
     # Every site's own budget is too small for even one round of this plan.
-    nodes = [{"partition-id": i, "num-partitions": 2, "epsilon": 1e-6} for i in range(2)]
+    nodes = [{"partition-id": i, "num-partitions": 3, "epsilon": 1e-6} for i in range(3)]
     grid = InProcessGrid(
         client_app,
-        num_nodes=2,
+        num_nodes=3,
         node_configs=nodes,
         run_config={**SMALL_RUN, "num-server-rounds": 1, "out-dir": str(tmp_path)},
     )

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from client.deploy import Site, init_site
+from client.roster import make_roster, write_roster
 from common.pki import load_node_public_key
+from common.privacy.identity import PUBLIC_KEY_FILE, init_state
 from server import deploy as coordinator
 from tests.support.runs import ROOT
 
@@ -41,6 +43,37 @@ def site_folder(
         superlink="coord.example.org:8123",
         **kw,
     )
+
+
+def identity_pub(site: Site) -> Path:
+    """A site folder's identity public key (``state/identity.pub``)."""
+    return site.directory / "state" / PUBLIC_KEY_FILE
+
+
+def peer_identity(tmp_path: Path, name: str) -> Path:
+    """Another site's ``identity.pub``, as its ``site init`` would have made it."""
+    state = tmp_path / "peers" / name / "state"
+    init_state(state, site_id=name)
+    return state / PUBLIC_KEY_FILE
+
+
+def roster_file(path: Path, entries: dict[str, Path]) -> Path:
+    """A roster of ``name -> identity.pub`` written to ``path``, as `roster make` does."""
+    write_roster(path, make_roster([f"{n}={p}" for n, p in entries.items()]), force=True)
+    return path
+
+
+def with_roster(tmp_path: Path, site: Site, peers: int = 2) -> Path:
+    """A roster of ``site`` and ``peers`` other sites, installed at ``site`` as
+    `fedsilo site roster` does; its path."""
+    from client.deploy import install_site_roster
+
+    name = str(site.node_config["site-id"])
+    entries = {name: identity_pub(site)}
+    entries |= {f"peer-{i}": peer_identity(tmp_path, f"peer-{i}") for i in range(peers)}
+    path = roster_file(tmp_path / f"roster-{name}.json", entries)
+    install_site_roster(site.directory, path)
+    return path
 
 
 def fake_superlink(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:

@@ -200,7 +200,9 @@ class Federation:
             return set()
         return {str(n["node-id"]) for n in nodes if n["status"] == "online"}
 
-    def site(self, name: str, data: Path, ca: Path | None = None) -> Path:
+    def site(
+        self, name: str, data: Path, ca: Path | None = None, *, min_sites: int | None = None
+    ) -> Path:
         directory = self.root / name
         fedsilo(
             "site",
@@ -214,8 +216,28 @@ class Federation:
             str(ca or self.coord / "ca.crt"),
             "--superlink",
             f"127.0.0.1:{self.port}",
+            *(["--secagg-min-sites", str(min_sites)] if min_sites is not None else []),
         )
         return directory
+
+    def roster(self, sites: list[Path], name: str = "roster.json") -> str:
+        """One roster of ``sites`` (site folders named by their site-id) from their
+        ``state/identity.pub``, made and installed at each with the real commands
+        (`fedsilo roster make`, `fedsilo site roster`), as the sites' operators do out of
+        band; its fingerprint, checked to be what every site installed."""
+        path = self.root / name
+        made = fedsilo(
+            "roster",
+            "make",
+            str(path),
+            *(f"--site={d.name}={d / 'state' / 'identity.pub'}" for d in sites),
+        )
+        fingerprint = made.split("roster fingerprint ")[1].split()[0]
+        for directory in sites:
+            out = fedsilo("site", "roster", str(path), str(directory))
+            if f"fingerprint     {fingerprint}" not in out:
+                raise AssertionError(out)
+        return fingerprint
 
     def register(self, directory: Path, name: str) -> str:
         """Register a site's node key; its node id."""

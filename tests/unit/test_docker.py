@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from client.deploy import init_site
+from client.deploy import check_site, init_site, install_site_roster
+from client.roster import make_roster, write_roster
+from client.settings import SiteSettings
+from common.config import RunConfig
 from server.deploy import init_coordinator
 from tests.support.deploy_folders import BIN, DOCKER, ROOT, make_site_data
 
@@ -52,14 +55,22 @@ def _deploy_folder(tmp_path: Path) -> Path:
     deploy = tmp_path / "deploy"
     (deploy / "data").mkdir(parents=True)
     init_coordinator(deploy / "coordinator", ["fleet-proxy", "superlink", "localhost"])
-    for name in ("site-a", "site-b"):
+    names = ("site-a", "site-b")
+    for name in names:
         init_site(
             deploy / name,
             site_id=name,
             data=make_site_data(deploy / "data" / f"{name}.csv"),
             ca=deploy / "coordinator" / "ca.crt",
             superlink="fleet-proxy:9092",
+            min_secure_sites=2,
         )
+    roster = deploy / "roster.json"
+    write_roster(
+        roster, make_roster([f"{n}={deploy / n / 'state' / 'identity.pub'}" for n in names])
+    )
+    for name in names:
+        install_site_roster(deploy / name, roster)
     return deploy
 
 
@@ -71,6 +82,31 @@ def test_every_file_the_compose_file_references_exists(tmp_path: Path) -> None:
     missing = [str(p) for p in files if not p.exists()]
     assert missing == []
     assert len(files) >= 12  # 2 builds x 2, proxy config, 2 x (data, state), 5 secrets
+
+
+def test_a_site_containers_node_config_reads_its_roster_and_minimum(tmp_path: Path) -> None:
+    # Prepare: the deploy folder as docker/README.md makes it (rosters installed on the
+    # host); the node config compose passes to site-a, with the defaults.
+    from flwr.common.config import parse_config_args
+
+    deploy = _deploy_folder(tmp_path)
+    compose = yaml.safe_load((DOCKER / "compose.yml").read_text())
+    flag = next(
+        a for a in compose["services"]["site-a"]["command"] if a.startswith("--node-config=")
+    )
+    text = _interpolate(flag.removeprefix("--node-config="), {"SITE_A_DATA_SIZE": "20"})
+
+    # Execute: what flower-supernode and then the ClientApp make of it.
+    settings = SiteSettings.from_node_config(parse_config_args([text]), RunConfig())
+
+    # Assert: two sites at least (this file has two), the roster in the state volume,
+    # which `site roster` filled on the host; the host's own check passes.
+    assert settings.min_secure_sites == 2
+    assert settings.roster_path == Path("/app/state/roster.json")
+    state = next(v for v in compose["services"]["site-a"]["volumes"] if ":/app/state" in v)
+    host_state = Path(_interpolate(state, {"FEDSILO_DEPLOY": str(deploy)}).split(":")[0])
+    assert (host_state / "roster.json").is_file()
+    assert check_site(deploy / "site-a").problems == []
 
 
 def test_dockerfiles_copy_only_what_exists() -> None:

@@ -133,51 +133,46 @@ def test_fedsilo_help_loads_no_torch() -> None:
     assert loaded["heavy"] == []
 
 
-def test_a_secure_aggregation_stage_at_a_site_loads_no_torch() -> None:
-    # Prepare (in the child): the node state a site keeps after training, as a deployed
-    # site's next process finds it; then the real ClientApp answers the share-keys stage.
+def test_a_secure_aggregation_stage_at_a_site_loads_no_torch(tmp_path: Path) -> None:
+    # Prepare (in the child): a simulated site in a fresh process, as a deployed site's
+    # process for each message is; the real ClientApp answers the advertise stage (the
+    # first of a secure round: identity, roster, signed keys).
     loaded = _loaded_after(
         f"""
         import json, sys
-        import numpy as np
         from flwr.app import Message, MessageType
 
-        from client import secure
-        from client.app import _save_pending, app
+        from client.app import app
         from common.codec import decode_stage, encode_stage
-        from common.messages import StageMessage
-        from common.quantize import pack
+        from common.config import RunConfig
+        from common.messages import RoundPlan, SecAggSetup, StageMessage
         from common.secagg.params import SecAggParams
-        from common.secagg.site import SiteSession
         from tests.support.inprocess_grid import NODE_ID_OFFSET, InProcessGrid
 
         params = SecAggParams.create(range(1, 4), ring_bits=12, vector_length=8, session="s1")
-        sessions = {{u: SiteSession.start(params, u) for u in params.participants}}
-        grid = InProcessGrid(app, num_nodes=1)
-        node = NODE_ID_OFFSET
-        own, keys = sessions[1][0], {{u: k for u, (_, k) in sessions.items()}}
-        _save_pending(grid.context(node), secure.Pending(own, pack(np.zeros(8, np.uint64), 12)))
-        stage = StageMessage(
-            "share-keys", "s1", ids=tuple(keys), blobs=tuple(k.c for k in keys.values()),
-            more=tuple(k.s for k in keys.values()),
+        plan = RoundPlan(1, RunConfig(sites_dir={str(tmp_path)!r}))
+        grid = InProcessGrid(
+            app, num_nodes=1, node_configs=[{{"partition-id": 0, "num-partitions": 3}}]
         )
+        stage = StageMessage("advertise", "s1", plan=plan, setup=SecAggSetup(params, 1, 7))
         message = Message(
-            content=encode_stage(stage), dst_node_id=node,
-            message_type=MessageType.TRAIN, group_id="1/share-keys",
+            content=encode_stage(stage), dst_node_id=NODE_ID_OFFSET,
+            message_type=MessageType.TRAIN, group_id="1/advertise",
         )
 
         # Execute
         ids = grid.push_messages([message])
-        reply = decode_stage(grid.pull_messages(ids)[0].content, expect="share-keys")
+        reply = decode_stage(grid.pull_messages(ids)[0].content, expect="advertise")
 
         print(json.dumps({{
             "error": reply.error,
-            "sealed_for": sorted(reply.ids),
+            "advertised": list(reply.ids),
             "heavy": [m for m in {HEAVY!r} if m in sys.modules],
         }}))
         """
     )
 
-    # Assert: the stage was answered (shares sealed for the two peers), without torch.
-    assert loaded["error"] == "" and loaded["sealed_for"] == [2, 3]
+    # Assert: the stage was answered (one signed advert, the site enrolled), without torch.
+    assert loaded["error"] == "" and loaded["advertised"] == [1]
+    assert (tmp_path / "roster.json").is_file()
     assert loaded["heavy"] == []

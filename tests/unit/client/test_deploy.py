@@ -27,7 +27,7 @@ from common.pki import (
 )
 from server import deploy as coordinator
 from server.deploy import superlink_command
-from tests.support.deploy_folders import BIN, make_site_data, site_folder
+from tests.support.deploy_folders import BIN, make_site_data, site_folder, with_roster
 
 # ---- site init ---------------------------------------------------------------------
 
@@ -171,6 +171,7 @@ def test_every_flag_we_pass_exists_in_this_flower(
 
 def test_site_check_prints_counts_only(tmp_path: Path, coord: coordinator.Coordinator) -> None:
     site = site_folder(tmp_path, coord)
+    with_roster(tmp_path, site)
 
     report = check_site(site.directory)
 
@@ -178,6 +179,7 @@ def test_site_check_prints_counts_only(tmp_path: Path, coord: coordinator.Coordi
     text = "\n".join(report.lines)
     assert "20 rows, 0 rejected (rotten: 7, fresh: 13)" in text
     assert "0 entries" in text
+    assert "ok    roster " in text
     assert "SECRET" not in text
 
 

@@ -11,18 +11,31 @@ from typing import Any
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from client import secure
 from client.round import SiteState, run_round, train_round
 from client.settings import SiteConfigError, SiteSettings
 from common.config import RunConfig
-from common.messages import RoundPlan, SecAggSetup, SiteReport, TrainReply, TrainRequest
+from common.messages import (
+    RoundPlan,
+    SecAggSetup,
+    SiteReport,
+    StageMessage,
+    TrainReply,
+    TrainRequest,
+)
 from common.model import build_model, model_spec
 from common.privacy.audit import verify_ledger
 from common.privacy.errors import LedgerError, PrivacyError
 from common.privacy.identity import MARKER_FILE, init_state, load_public_key
 from common.privacy.ledger import LEDGER_FILE, read_ledger
+from common.secagg.coordinator import CoordinatorSession
 from common.secagg.encoding import encoding_spec
-from common.secagg.params import SecAggParams
+from common.secagg.errors import SecAggError
+from common.secagg.params import Advert, SecAggParams
+from common.secagg.roster import Roster, enrol
+from common.secagg.site import SiteSession
 from common.secure_random import SecureRandom
 from tests.support.reference import reference_epsilon, reference_filter_epsilon
 
@@ -381,26 +394,96 @@ def test_a_deployed_site_keeps_dp_and_its_own_budget_whatever_the_plan(
         SiteSettings.from_node_config({"data-path": str(data)}, cfg)
 
 
+def _ready_to_train(
+    settings: SiteSettings, params: SecAggParams, index: int
+) -> tuple[secure.Pending, tuple[int, ...]]:
+    """The stages before training, with this site at ``index`` and peers holding
+    identity keys of their own on the same (simulated) roster: advertise, share keys,
+    open shares. Returns the site's state and the round's sites."""
+    assert settings.state_dir is not None and settings.roster_path is not None
+    keys = init_state(settings.state_dir, site_id=settings.site_id)
+    identity = keys.identity.public_key.public_bytes_raw()
+    enrol(settings.roster_path, settings.site_id, identity)
+    reply, pending = secure.advertise(
+        SecAggSetup(params, index, 7),
+        identity=identity,
+        sign=keys.identity.sign,
+        state_dir=settings.state_dir,
+        roster=settings.roster_path,
+        min_sites=settings.min_secure_sites,
+    )
+    adverts = {index: Advert.from_bytes(index, reply.blobs[0])}
+    peers, signers = {}, {}
+    for u in params.participants:
+        if u != index:
+            signers[u] = Ed25519PrivateKey.generate()
+            public = signers[u].public_key().public_bytes_raw()
+            enrol(settings.roster_path, f"peer-{u}", public)
+            peers[u], adverts[u] = SiteSession.start(params, u, public, signers[u].sign)
+    co = CoordinatorSession(params)
+    routed = co.receive_adverts(adverts)
+    roster = Roster.load(settings.roster_path)
+    everyone = StageMessage(
+        "share-keys",
+        params.session,
+        ids=tuple(routed),
+        blobs=tuple(a.to_bytes() for a in routed.values()),
+    )
+    shares = {}
+    answer, kept = secure.step(pending, everyone)
+    assert kept is not None
+    pending = kept
+    shares[index] = (
+        {v: b for v, b in zip(answer.ids, answer.blobs, strict=True) if v != index},
+        dict(zip(answer.ids, answer.more, strict=True)),
+    )
+    for u, peer in peers.items():
+        peer.check_adverts(routed, roster, min_sites=2)
+        sealed, dealt = peer.share_keys(signers[u].sign)
+        shares[u] = (sealed, dealt)
+    opened = {}
+    for u, (sealed, dealt) in co.receive_shares(shares).items():
+        if u == index:
+            msg = StageMessage(
+                "open-shares",
+                params.session,
+                ids=tuple(sealed),
+                blobs=tuple(sealed.values()),
+                more=tuple(dealt[v] for v in sealed),
+            )
+            answer, kept = secure.step(pending, msg)
+            assert kept is not None
+            pending = kept
+            opened[u] = answer.dropped
+        else:
+            opened[u] = peers[u].open_shares(sealed, dealt)
+    return pending, co.receive_opened(opened)
+
+
 def test_reports_carry_the_declared_size_with_or_without_secure_aggregation(
     cfg: RunConfig,
 ) -> None:
     settings = SiteSettings.from_node_config({**NODE, "epsilon": 20.0}, cfg)
     arrays = _arrays(cfg)
     dim = sum(v.numel() for v in arrays.values())
-    spec = encoding_spec(cfg, num_sites=2, seed=7, dim=dim)
+    spec = encoding_spec(cfg, num_sites=3, seed=7, dim=dim)
     params = SecAggParams.create(
-        range(1, 3), ring_bits=spec.ring_bits, vector_length=spec.encoded_length, session="s"
+        range(1, 4), ring_bits=spec.ring_bits, vector_length=spec.encoded_length, session="s"
     )
 
     def answer(rnd: int, run_id: str, secure: bool) -> TrainReply:
-        setup = SecAggSetup(params, 1, 7) if secure else None
+        pending, setup = None, None
+        if secure:
+            pending, members = _ready_to_train(settings, params, 1)
+            setup = SecAggSetup(params, 1, 7, members)
         request = TrainRequest(RoundPlan(rnd, cfg), arrays, setup)
-        return train_round(request, settings, SiteState(), run_id=run_id)[0]
+        return train_round(request, settings, SiteState(), run_id=run_id, pending=pending)[0]
 
     plain = answer(1, "a", secure=False)
-    secure = answer(1, "b", secure=True)
-    assert plain.report.status == secure.report.status == "ok"
-    assert plain.report.num_examples == secure.report.num_examples > 0
+    secure_reply = answer(1, "b", secure=True)
+    assert plain.report.status == secure_reply.report.status == "ok"
+    assert plain.report.num_examples == secure_reply.report.num_examples > 0
+    assert secure_reply.masked is not None and secure_reply.update is None
 
 
 def test_a_secure_round_with_a_sparse_neighbour_graph_is_refused_before_training(
@@ -419,10 +502,50 @@ def test_a_secure_round_with_a_sparse_neighbour_graph_is_refused_before_training
         degree=2,
         session="s",
     )
-    request = TrainRequest(RoundPlan(1, cfg), arrays, SecAggSetup(sparse, 1, 7))
 
+    # The site refuses to advertise ...
+    with pytest.raises(SecAggError, match="degree 2, below the safe 14 for 20 sites"):
+        _ready_to_train(settings, sparse, 1)
+    # ... and a train message for a round it did not advertise in is refused untrained.
+    request = TrainRequest(RoundPlan(1, cfg), arrays, SecAggSetup(sparse, 1, 7))
     reply, pending = train_round(request, settings, SiteState(), run_id="run-a")
 
     assert reply.report.status == "refused" and pending is None
-    assert "degree 2, below the safe 14 for 20 sites" in reply.report.reason
+    assert "did not advertise in this secure round" in reply.report.reason
+    assert not _ledger(cfg).exists()  # nothing charged, nothing trained
+
+
+def test_a_secure_round_whose_encoding_differs_from_the_plan_is_refused_before_training(
+    cfg: RunConfig,
+) -> None:
+    # Review finding: the encoding was compared with the plan only after training.
+    settings = SiteSettings.from_node_config({**NODE, "epsilon": 20.0}, cfg)
+    arrays = _arrays(cfg)
+    dim = sum(v.numel() for v in arrays.values())
+    spec = encoding_spec(cfg, num_sites=3, seed=7, dim=dim)
+    params = SecAggParams.create(
+        range(1, 4), ring_bits=spec.ring_bits, vector_length=spec.encoded_length + 1, session="s"
+    )
+    pending, members = _ready_to_train(settings, params, 1)
+    request = TrainRequest(RoundPlan(1, cfg), arrays, SecAggSetup(params, 1, 7, members))
+
+    reply, kept = train_round(request, settings, SiteState(), run_id="run-a", pending=pending)
+
+    assert reply.report.status == "refused" and kept is None
+    assert "do not match this plan's encoding" in reply.report.reason
+    assert not _ledger(cfg).exists()  # nothing charged, nothing trained
+
+
+def test_a_site_that_requires_secure_aggregation_refuses_a_plain_round(cfg: RunConfig) -> None:
+    # Review finding: the coordinator could switch secure aggregation off and read a
+    # site's update in the clear. A deployed site requires it unless it opts out.
+    settings = SiteSettings.from_node_config(
+        {**NODE, "epsilon": 20.0, "secagg-required": True}, cfg
+    )
+    request = TrainRequest(RoundPlan(1, cfg), _arrays(cfg))
+
+    reply, pending = train_round(request, settings, SiteState(), run_id="run-a")
+
+    assert reply.report.status == "refused" and reply.update is None and pending is None
+    assert "joins only secure rounds" in reply.report.reason
     assert not _ledger(cfg).exists()  # nothing charged, nothing trained

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from common.codec import (
-    KEYS_KEY,
     METRICS_KEY,
     PLAN_KEY,
     STAGE_KEY,
@@ -33,7 +33,7 @@ from common.messages import (
     TrainReply,
     WireError,
 )
-from common.secagg.params import SecAggParams
+from common.secagg.params import Advert, SecAggParams
 from common.secagg.site import SiteSession
 
 ARRAYS = {"a": torch.ones(2, 3), "b": torch.zeros(4)}
@@ -59,7 +59,7 @@ def report(status: str = "ok", **kw: object) -> SiteReport:
 
 
 def unpack(reply: TrainReply) -> tuple[SiteReport, dict[str, torch.Tensor] | None, object]:
-    return reply.report, reply.update, reply.keys
+    return reply.report, reply.update, reply.masked
 
 
 def test_plan_round_trip() -> None:
@@ -165,12 +165,14 @@ def test_a_dp_reply_with_nan_metrics_is_rejected() -> None:
 # ---- secure aggregation messages ---------------------------------------------------
 
 PARAMS = SecAggParams.create(range(1, 4), ring_bits=12, vector_length=10, session="s1")
-KEYS = SiteSession.start(PARAMS, 2)[1]
+IDENTITY = Ed25519PrivateKey.generate()
+ADVERT = SiteSession.start(PARAMS, 2, IDENTITY.public_key().public_bytes_raw(), IDENTITY.sign)[1]
+MASKED = StageMessage("masked-input", "s1", ids=(2,), blobs=(b"y" * 10,), more=(b"c" * 32,))
 
 
-def test_plan_carries_the_secagg_setup() -> None:
+def test_plan_carries_the_secagg_setup_and_the_rounds_sites() -> None:
     # Prepare
-    setup = SecAggSetup(PARAMS, 2, rotation_seed=77)
+    setup = SecAggSetup(PARAMS, 2, rotation_seed=77, members=(1, 2))
 
     # Execute
     content = with_setup(encode_plan(RoundPlan(1, RunConfig()), ARRAYS), setup)
@@ -200,27 +202,57 @@ def test_setup_naming_a_non_participant_is_rejected() -> None:
         decode_train(content)
 
 
-def test_reply_with_keys_round_trips_and_excludes_an_update() -> None:
+@pytest.mark.parametrize("members", [[2, 1], [1, 9], [1, 1]])
+def test_setup_with_a_bad_list_of_the_rounds_sites_is_rejected(members: list[int]) -> None:
+    content = with_setup(encode_plan(RoundPlan(1, RunConfig()), ARRAYS), SecAggSetup(PARAMS, 2, 7))
+    content.config_records["secagg"]["members"] = members
+    with pytest.raises(WireError, match="out of order or unknown"):
+        decode_train(content)
+
+
+def test_advertise_message_carries_plan_and_setup_and_an_advert_travels_intact() -> None:
+    # Prepare
+    plan = RoundPlan(2, RunConfig(epsilon=3.0))
+    message = StageMessage("advertise", "s1", plan=plan, setup=SecAggSetup(PARAMS, 3, 9))
+    reply = StageMessage("advertise", "s1", ids=(2,), blobs=(ADVERT.to_bytes(),))
+
     # Execute
-    got, update, keys = unpack(
-        decode_reply(encode_reply(TrainReply(report(num_examples=0), keys=KEYS)))
+    got = decode_stage(encode_stage(message), expect="advertise")
+    back = decode_stage(encode_stage(reply), expect="advertise")
+
+    # Assert
+    assert got == message
+    assert Advert.from_bytes(2, back.blobs[0]) == ADVERT and ADVERT.verifies(PARAMS)
+    other = StageMessage("advertise", "s2", plan=plan, setup=SecAggSetup(PARAMS, 3, 9))
+    with pytest.raises(WireError, match="lacks its secagg setup for this session"):
+        decode_stage(encode_stage(other))
+
+
+def test_reply_with_a_masked_input_round_trips_and_excludes_an_update() -> None:
+    # Execute
+    got, update, masked = unpack(
+        decode_reply(encode_reply(TrainReply(report(num_examples=0), masked=MASKED)))
     )
 
     # Assert
-    assert update is None and keys == KEYS and got.num_examples == 0
+    assert update is None and masked == MASKED and got.num_examples == 0
     both = encode_reply(TrainReply(report(), ARRAYS))
-    both[KEYS_KEY] = ConfigRecord({"c": KEYS.c, "s": KEYS.s})
+    both[STAGE_KEY] = encode_stage(MASKED)[STAGE_KEY]
     with pytest.raises(WireError, match="both"):
         decode_reply(both)
     with pytest.raises(ValueError):
-        TrainReply(report(), ARRAYS, KEYS)
+        TrainReply(report(), ARRAYS, MASKED)
 
 
-def test_reply_with_a_bad_key_is_rejected() -> None:
-    content = encode_reply(TrainReply(report(), keys=KEYS))
-    content.config_records[KEYS_KEY]["c"] = bytes(32)  # a low-order point
-    with pytest.raises(WireError, match="low-order"):
-        decode_reply(content)
+def test_a_masked_input_travels_only_inside_a_train_reply() -> None:
+    with pytest.raises(WireError, match="unknown secagg stage 'masked-input'"):
+        decode_stage(encode_stage(MASKED))
+
+
+def test_reply_with_a_bad_signature_field_is_rejected() -> None:
+    content = encode_stage(StageMessage("consistency", "s1", signature=b"x" * 63))
+    with pytest.raises(WireError, match="bad signature field"):
+        decode_stage(content)
 
 
 def test_stage_message_round_trip_and_size() -> None:

@@ -1,4 +1,4 @@
-"""The values both sides agree on: a reply carries an update or keys exactly when it is
+"""The values both sides agree on: a reply carries an update or a masked input exactly when it is
 ok, a report's unset numbers are zeros, and a no-DP report's NaNs become nulls in the
 summary."""
 
@@ -13,12 +13,8 @@ from flwr.app import MetricRecord
 from common.codec import METRICS_KEY, STATUS_KEY, encode_reply
 from common.config import RunConfig
 from common.messages import SiteReport, TrainReply
-from common.secagg.params import SecAggParams
-from common.secagg.site import SiteSession
 from server.federation import DeclaredSite
-from tests.unit.common.test_codec import ARRAYS, report
-
-KEYS = SiteSession.start(SecAggParams.create(range(1, 4), ring_bits=12, vector_length=10), 2)[1]
+from tests.unit.common.test_codec import ARRAYS, MASKED, report
 
 
 def test_an_inconsistent_reply_cannot_be_made() -> None:
@@ -30,7 +26,7 @@ def test_an_inconsistent_reply_cannot_be_made() -> None:
     content = encode_reply(TrainReply(report(), ARRAYS))
     assert isinstance(content.metric_records[METRICS_KEY], MetricRecord)
     with pytest.raises(ValueError):
-        TrainReply(report(), ARRAYS, KEYS)
+        TrainReply(report(), ARRAYS, MASKED)
     assert TrainReply(report("failed")).update is None
 
 

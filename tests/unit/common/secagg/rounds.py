@@ -4,12 +4,14 @@ messages; the protocol, parameter and site tests share it."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from functools import reduce
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import settings
 from scipy.stats import chisquare
 
@@ -24,6 +26,7 @@ from common.secagg.params import (
     SecAggParams,
     pack_masked,
 )
+from common.secagg.roster import Roster
 from common.secagg.site import SiteSession
 from tests.support.reference import add_mod
 
@@ -32,15 +35,40 @@ FAST = settings(max_examples=25, deadline=None)
 # Message stages of one round. A site that "drops" at a site->coordinator stage sends
 # nothing at that stage (and, never routed to again, nothing later). A tamper hook
 # may be applied to the messages of any stage, in either direction.
-KEYS = "keys"  # stage 1, site -> coordinator: PublicKeys
-KEYS_ROUTED = "keys_routed"  # coordinator -> site: its holders' PublicKeys
-SHARES = "shares"  # stage 2, site -> coordinator: sealed shares per receiver
-SHARES_ROUTED = "shares_routed"  # coordinator -> site: sealed shares per sender
-MASKED = "masked"  # stage 3, site -> coordinator: packed masked input
-REQUESTS = "requests"  # coordinator -> site: UnmaskRequest
-UNMASK = "unmask"  # stage 4, site -> coordinator: shares per peer
+KEYS = "keys"  # stage 1, site -> coordinator: its signed Advert
+KEYS_ROUTED = "keys_routed"  # coordinator -> site: every accepted Advert, by index
+SHARES = "shares"  # stage 2, site -> coordinator: (sealed shares, dealing entries) by receiver
+SHARES_ROUTED = "shares_routed"  # coordinator -> site: (sealed shares, entries) by sender
+OPENED = "opened"  # stage 3, site -> coordinator: the dealers whose shares it refused
+MEMBERS = "members"  # coordinator -> site: the round's sites (before training)
+MASKED = "masked"  # stage 5, site -> coordinator: (packed masked input, commitment)
+REQUESTS = "requests"  # coordinator -> site: the Survivors to sign
+SIGNATURES = "signatures"  # stage 4, site -> coordinator: its signature on the Survivors
+SIGNED = "signed"  # coordinator -> site: (Survivors, signatures by signer)
+UNMASK = "unmask"  # stage 5, site -> coordinator: (shares per peer, signature)
 
 Hook = Callable[[dict[int, Any]], dict[int, Any]]
+
+
+# ---- identities --------------------------------------------------------------------------
+
+
+def identity_keys(sites: Collection[int], seed: int = 0) -> dict[int, Ed25519PrivateKey]:
+    """One Ed25519 identity key per site (deterministic: tests compare rounds)."""
+    return {
+        u: Ed25519PrivateKey.from_private_bytes(
+            hashlib.sha256(f"test identity {seed} {u}".encode()).digest()
+        )
+        for u in sites
+    }
+
+
+def public(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes_raw()
+
+
+def roster_of(keys: Mapping[int, Ed25519PrivateKey]) -> Roster:
+    return Roster({f"site-{u}": public(k) for u, k in keys.items()})
 
 
 # ---- a reusable round driver ------------------------------------------------------------
@@ -52,6 +80,8 @@ class Outcome:
 
     params: SecAggParams
     inputs: dict[int, RingArray]
+    identities: dict[int, Ed25519PrivateKey]
+    roster: Roster
     sessions: dict[int, SiteSession] = field(default_factory=dict)
     coordinator: CoordinatorSession | None = None
     messages: dict[str, dict[int, Any]] = field(default_factory=dict)  # after tampering
@@ -64,6 +94,14 @@ class Outcome:
     def co(self) -> CoordinatorSession:
         assert self.coordinator is not None
         return self.coordinator
+
+    @property
+    def graph_params(self) -> SecAggParams:
+        """The round's parameters with the graph the adverts fixed."""
+        return self.co.params if self.coordinator is not None else self.params
+
+    def sign(self, u: int) -> Callable[[bytes], bytes]:
+        return self.identities[u].sign
 
     def plain_sum(self, sites: Collection[int]) -> RingArray:
         """The modular sum of the inputs of ``sites``, computed in the clear."""
@@ -98,18 +136,28 @@ def run_round(
     tamper: Mapping[str, Hook] | None = None,
     until: str | None = None,
     site_errors: str = "raise",
+    roster: Roster | None = None,
+    min_sites: int = 2,
 ) -> Outcome:
     """One honest round, but for the sites in ``drop[stage]`` (they do not answer that
-    stage: KEYS, SHARES, MASKED or UNMASK) and the hooks in ``tamper[stage]`` (applied to
-    the messages of that stage, keyed by sender for site->coordinator stages and by
-    receiver for coordinator->site ones). Returns the total and ``alive``, or the first
+    stage: KEYS, SHARES, OPENED, MASKED, SIGNATURES or UNMASK) and the hooks in
+    ``tamper[stage]`` (applied to the messages of that stage, keyed by sender for
+    site->coordinator stages and by receiver for coordinator->site ones). Every site
+    holds ``roster`` (default: all participants' identity keys) and requires
+    ``min_sites`` authenticated sites. Returns the total and ``alive``, or the first
     SecAggError raised by a site or the coordinator. With ``site_errors="drop"`` a site
     that raises is recorded in ``site_errors`` and just does not answer that stage (what
     a deployment sees). With ``until``, the round stops once that stage's messages are
     sent (the sessions wait for the next stage)."""
     drops = {stage: set(sites) for stage, sites in (drop or {}).items()}
     hooks = dict(tamper or {})
-    out = Outcome(params, dict(inputs) if inputs is not None else random_inputs(params))
+    identities = identity_keys(params.participants)
+    out = Outcome(
+        params,
+        dict(inputs) if inputs is not None else random_inputs(params),
+        identities,
+        roster if roster is not None else roster_of(identities),
+    )
 
     def send(stage: str, messages: dict[int, Any]) -> dict[int, Any]:
         kept = {u: m for u, m in messages.items() if u not in drops.get(stage, set())}
@@ -131,27 +179,74 @@ def run_round(
                 out.site_errors[u] = err
         return replies
 
-    def masked_input(u: int, sealed: Any) -> tuple[bytes, bytes]:
+    def share(u: int, adverts: Any) -> Any:
         session = out.sessions[u]
-        return pack_masked(session.masked_input(sealed, out.inputs[u]), params), session.commitment
+        session.check_adverts(adverts, out.roster, min_sites=min_sites)
+        return session.share_keys(out.sign(u))
+
+    def open_shares(u: int, routed: Any) -> tuple[int, ...]:
+        sealed, dealt = routed
+        return out.sessions[u].open_shares(sealed, dealt)
+
+    def masked_input(u: int, members: Any) -> tuple[bytes, bytes]:
+        session = out.sessions[u]
+        session.admit(members)  # before training, at a real site
+        masked = session.masked_input(out.inputs[u])
+        return pack_masked(masked, session.params), session.commitment
 
     try:
-        keys = {}
+        adverts = {}
         for u in params.participants:
-            out.sessions[u], keys[u] = SiteSession.start(params, u)
+            out.sessions[u], adverts[u] = SiteSession.start(
+                params, u, public(identities[u]), out.sign(u)
+            )
         out.coordinator = co = CoordinatorSession(params)
-        routed = send(KEYS_ROUTED, co.receive_keys(send(KEYS, keys)))
-        shares = answer(routed, lambda u, m: out.sessions[u].share_keys(m))
+        all_adverts = co.receive_adverts(send(KEYS, adverts))
+        routed = send(KEYS_ROUTED, {u: dict(all_adverts) for u in all_adverts})
+        shares = answer(routed, share)
         routed = send(SHARES_ROUTED, co.receive_shares(send(SHARES, shares)))
+        opened = answer(routed, open_shares)
+        members = co.receive_opened(send(OPENED, opened))
+        routed = send(MEMBERS, dict.fromkeys(members, members))
         masked = answer(routed, masked_input)
-        requests = send(REQUESTS, co.receive_masked(send(MASKED, masked)))
-        replies = answer(requests, lambda u, m: out.sessions[u].unmask(m))
+        survivors = co.receive_masked(send(MASKED, masked))
+        requests = send(REQUESTS, dict.fromkeys(survivors.alive, survivors))
+        sigs = answer(requests, lambda u, m: out.sessions[u].consistency(m, out.sign(u)))
+        signatures = co.receive_signatures(send(SIGNATURES, sigs))
+        signed = send(SIGNED, {u: (survivors, dict(signatures)) for u in signatures})
+        replies = answer(signed, lambda u, m: out.sessions[u].unmask(m[0], m[1], out.sign(u)))
         out.total, out.alive = co.receive_unmask(send(UNMASK, replies))
     except SecAggError as err:
         out.error = err
     except _Stop:
         pass
     return out
+
+
+def assert_left_out(out: Outcome, dealer: int, holders: Collection[int]) -> None:
+    """``dealer``'s shares were refused by ``holders`` (and only they), so the
+    coordinator left it out of the round's sites before anyone trained: it is named with
+    them, no member masked with it or counts it in the survivor set, it was never
+    admitted (so never masked) nor counted alive, no holder kept its shares and none
+    revealed one."""
+    co = out.co
+    assert f"holders {sorted(holders)} refused the shares it dealt them" in co.rejected[dealer]
+    assert "left out before training" in co.rejected[dealer]
+    assert co.reports[dealer] == sorted(holders)
+    members = tuple(sorted(co.members))
+    assert dealer not in members
+    assert out.messages[MEMBERS] == dict.fromkeys(members, members)
+    for u in members:
+        assert dealer not in out.sessions[u].members
+    assert out.sessions[dealer].stage == "opened"  # never admitted: it did not mask
+    assert dealer not in co.alive
+    for u in holders:
+        assert dealer in out.messages[OPENED][u]
+        assert dealer not in out.sessions[u].received
+    if co.survivors is not None:
+        assert dealer not in co.survivors.alive + co.survivors.dropped
+    for shares, _ in out.messages.get(UNMASK, {}).values():
+        assert dealer not in shares
 
 
 def make_params(n: int, *, k: int = 16, length: int = 64, **kwargs: Any) -> SecAggParams:

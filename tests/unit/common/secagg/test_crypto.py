@@ -1,5 +1,6 @@
 """SecAgg+ primitives: key agreement both ways, authenticated sealing that refuses any
-tampering, and a mask PRG that matches the RFC 8439 ChaCha20 keystream and is uniform."""
+tampering, identity signatures that verify only as signed, and a mask PRG that matches
+the RFC 8439 ChaCha20 keystream and is uniform."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import time
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.secagg.crypto import (
     KEY_BYTES,
+    SIGNATURE_BYTES,
     KeyPair,
     agree,
     expand_mask,
@@ -19,6 +22,8 @@ from common.secagg.crypto import (
     open_sealed,
     public_from_private,
     seal,
+    verify,
+    weak_identity,
 )
 from common.secagg.errors import SecAggError
 
@@ -255,6 +260,59 @@ def test_seal_and_open_refuse_wrong_key_length(size: int) -> None:
         open_sealed(bytes(size), sealed, associated_data=AD)
 
 
+# ---- identity signatures ----------------------------------------------------------------
+
+
+def _identity() -> tuple[Ed25519PrivateKey, bytes]:
+    key = Ed25519PrivateKey.generate()
+    return key, key.public_key().public_bytes_raw()
+
+
+def test_verify_accepts_the_signers_signature_on_the_signed_message() -> None:
+    # Prepare
+    key, identity = _identity()
+    signature = key.sign(AD)
+
+    # Execute / Assert
+    assert len(signature) == SIGNATURE_BYTES
+    assert verify(identity, signature, AD)
+
+
+@pytest.mark.parametrize("change", ["message", "signature", "other signer"])
+def test_verify_refuses_anything_else(change: str) -> None:
+    # Prepare
+    key, identity = _identity()
+    signature = key.sign(AD)
+    _, other_identity = _identity()
+
+    # Execute
+    ok = {
+        "message": lambda: verify(identity, signature, flip_bit(AD, 0)),
+        "signature": lambda: verify(identity, flip_bit(signature, 5), AD),
+        "other signer": lambda: verify(other_identity, signature, AD),
+    }[change]()
+
+    # Assert
+    assert ok is False
+
+
+@pytest.mark.parametrize(
+    ("identity", "signature"),
+    [
+        (bytes(31), bytes(64)),
+        (bytes(33), bytes(64)),
+        (bytes(32), bytes(63)),
+        ("not bytes", bytes(64)),
+        (bytes(32), bytearray(64)),
+    ],
+)
+def test_verify_says_false_to_malformed_keys_and_signatures(
+    identity: object, signature: object
+) -> None:
+    # Execute / Assert: no exception escapes; a malformed signature simply fails.
+    assert verify(identity, signature, AD) is False  # type: ignore[arg-type]
+
+
 # ---- seeds and masks ------------------------------------------------------------------
 
 
@@ -387,3 +445,29 @@ def test_expand_mask_refuses_bad_ring_bits(ring_bits: object) -> None:
     # Execute / Assert
     with pytest.raises(SecAggError, match=r"ring_bits must be an int in 1\.\.64"):
         expand_mask(bytes(32), 10, ring_bits)  # type: ignore[arg-type]
+
+
+# Ed25519 points of small order, as raw public keys (libsodium's list; the sign bit of
+# the last byte is ignored when compared).
+SMALL_ORDER_KEYS = [
+    b"\x01" + bytes(31),  # the neutral point
+    bytes(32),  # order 4
+    b"\xec" + b"\xff" * 30 + b"\x7f",  # -1: order 2
+    bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa"),  # 8
+]
+
+
+def test_a_signature_under_the_neutral_point_verifies_for_anything_in_openssl() -> None:
+    # The attack the check below stops: R = the neutral point, S = 0 is a valid
+    # signature of every message under the neutral point as a public key.
+    key = SMALL_ORDER_KEYS[0]
+    Ed25519PublicKey.from_public_bytes(key).verify(key + bytes(32), b"any message")
+    assert not verify(key, key + bytes(32), b"any message")
+
+
+@pytest.mark.parametrize("key", SMALL_ORDER_KEYS)
+def test_keys_of_small_order_are_weak_and_never_verify(key: bytes) -> None:
+    assert weak_identity(key)
+    assert not verify(key, key + bytes(32), b"m")
+    genuine = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    assert not weak_identity(genuine)

@@ -1,12 +1,13 @@
 """SecAgg+ rounds end to end through both state machines: the unmasked total is the
 modular sum of the alive sites' inputs (complete and sparse graphs, real encodings,
-dropouts at every stage), a masked input looks uniform to the coordinator, a site never
-reveals both secrets of a peer, and tampered, replayed and malformed messages are
-refused."""
+dropouts at every stage), a masked input looks uniform to the coordinator, a site signs
+one survivor set and answers one unmask request, never revealing both secrets of a
+peer, and tampered, replayed and malformed messages are refused: a share that fails its
+holder's checks gets its dealer left out before any site trains. The attacks of an
+active coordinator (issue 13) are in test_active_coordinator.py."""
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Collection
 from typing import Any
@@ -20,31 +21,37 @@ from common.quantize import (
     encode,
     error_bound,
 )
-from common.secagg import shamir
-from common.secagg.coordinator import CoordinatorSession
+from common.secagg import crypto, shamir
 from common.secagg.errors import SecAggAbort, SecAggError
 from common.secagg.params import (
     SEALED_BYTES,
+    Advert,
     PublicKeys,
-    SecAggParams,
-    UnmaskRequest,
+    Survivors,
     default_degree,
+    reveal_message,
 )
 from common.secagg.site import SiteSession
 from tests.unit.common.secagg.rounds import (
     KEYS,
     KEYS_ROUTED,
     MASKED,
+    MEMBERS,
+    OPENED,
     REQUESTS,
     SHARES,
     SHARES_ROUTED,
+    SIGNATURES,
+    SIGNED,
     UNMASK,
-    Hook,
     Outcome,
+    assert_left_out,
     chi_square_top_bits,
     flip,
+    identity_keys,
     lagrange_at_zero,
     make_params,
+    public,
     random_inputs,
     run_round,
     unpack_masked,
@@ -77,19 +84,24 @@ def test_sparse_graph_total_is_the_modular_sum() -> None:
     # Assert
     assert params.degree == default_degree(30) < 29
     assert out.alive == params.participants
+    assert out.co.params.graph  # fixed by the adverts, the same at every site
+    assert {s.params.graph for s in out.sessions.values()} == {out.co.params.graph}
     out.assert_correct()
 
 
 @pytest.mark.parametrize("n", [3, 5, 12])
 def test_real_encodings_decode_to_the_mean_of_clipped_deltas(n: int) -> None:
-    # Prepare: real float deltas, some beyond the clip norm; one site drops before its
-    # masked input, one after it (that one stays in the sum).
+    # Prepare: real float deltas, some beyond the clip norm; as many sites drop as the
+    # threshold allows (n - t: 0 of 3, 1 of 5, 3 of 12): one before its masked input
+    # and, where a second may go, one after it (that one stays in the sum).
     rng = np.random.default_rng(n)
     spec = EncodingSpec(clip_norm=1.0, bits=8, num_sites=n, seed=41 + n, dim=300)
     deltas = {u: rng.normal(0.0, 0.1 * u, spec.dim) for u in range(1, n + 1)}
     encoded = {u: encode(d, spec, np.random.default_rng(100 + u)) for u, d in deltas.items()}
     params = make_params(n, k=spec.ring_bits, length=spec.encoded_length)
-    gone_before, gone_after = {n}, {n - 1} if n > 3 else set()
+    spare = n - params.threshold
+    gone_before = {n} if spare >= 1 else set()
+    gone_after = {n - 1} if spare >= 2 else set()
 
     # Execute
     out = run_round(
@@ -120,11 +132,11 @@ def test_real_encodings_decode_to_the_mean_of_clipped_deltas(n: int) -> None:
 # ---- 2. dropouts --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("gone", [{5}, {1, 3}])
+@pytest.mark.parametrize("gone", [{7}, {1, 3}])
 def test_sites_dropping_after_masked_input_stay_in_the_sum(gone: set[int]) -> None:
-    # Prepare: n = 5, t = 3: up to n - t = 2 sites may skip the unmask reply.
-    params = make_params(5)
-    assert params.threshold == 3
+    # Prepare: n = 7, t = 5: up to n - t = 2 sites may skip the unmask reply.
+    params = make_params(7)
+    assert params.threshold == 5
 
     # Execute
     out = run_round(params, drop={UNMASK: gone})
@@ -137,8 +149,8 @@ def test_sites_dropping_after_masked_input_stay_in_the_sum(gone: set[int]) -> No
 
 @pytest.mark.parametrize("gone", [{2}, {1, 5}])
 def test_sites_dropping_before_masked_input_are_excluded_and_unmasked(gone: set[int]) -> None:
-    # Prepare
-    params = make_params(5)
+    # Prepare: n = 7, t = 5.
+    params = make_params(7)
 
     # Execute
     out = run_round(params, drop={MASKED: gone})
@@ -151,16 +163,31 @@ def test_sites_dropping_before_masked_input_are_excluded_and_unmasked(gone: set[
     assert not np.array_equal(out.total, out.plain_sum(params.participants))
 
 
-def test_dropouts_at_every_stage_together() -> None:
-    # Prepare: n = 7, t = 4.
+def test_a_site_skipping_the_consistency_round_stays_in_the_sum() -> None:
+    # Prepare: n = 7, t = 5; site 3 sends its masked input but no signature (so it is
+    # not asked to unmask); the other six reveal.
     params = make_params(7)
-    assert params.threshold == 4
 
     # Execute
-    out = run_round(params, drop={SHARES: {7}, MASKED: {1}, UNMASK: {4}})
+    out = run_round(params, drop={SIGNATURES: {3}})
 
     # Assert
-    assert out.alive == (2, 3, 4, 5, 6)
+    assert out.alive == params.participants
+    assert 3 not in out.messages[SIGNED]
+    out.assert_correct()
+
+
+def test_dropouts_at_every_stage_together() -> None:
+    # Prepare: n = 10 (complete graph), t = 7: n - t = 3 sites may go, one at each of
+    # three stages: 8 sites stay alive and 7 of them answer the unmask request.
+    params = make_params(10)
+    assert (params.degree, params.threshold) == (9, 7)
+
+    # Execute
+    out = run_round(params, drop={SHARES: {10}, MASKED: {1}, UNMASK: {4}})
+
+    # Assert
+    assert out.alive == (2, 3, 4, 5, 6, 7, 8, 9)
     out.assert_correct()
 
 
@@ -169,16 +196,19 @@ def test_dropouts_at_every_stage_together() -> None:
     [
         (KEYS, "after advertise keys"),
         (SHARES, "after share keys"),
+        (OPENED, "after opening shares, 3 sites remain, threshold is 4"),
         (MASKED, "after masked input"),
-        (UNMASK, "only 2 shares of site 1's self-mask seed"),
+        (SIGNATURES, "after consistency, 3 sites remain, threshold is 4"),
+        (UNMASK, "only 3 verified shares of site 1's self-mask seed, need 4"),
     ],
 )
 def test_too_many_dropouts_abort_at_that_stage(stage: str, raised_by: str) -> None:
-    # Prepare: n = 5, t = 3; three sites vanish, leaving 2 < t holders.
+    # Prepare: n = 5, t = 4; two sites vanish, leaving 3 < t holders.
     params = make_params(5)
+    assert params.threshold == 4
 
     # Execute
-    out = run_round(params, drop={stage: {3, 4, 5}})
+    out = run_round(params, drop={stage: {4, 5}})
 
     # Assert
     assert isinstance(out.error, SecAggAbort)
@@ -186,35 +216,54 @@ def test_too_many_dropouts_abort_at_that_stage(stage: str, raised_by: str) -> No
     assert out.total is None
 
 
-def test_sparse_graph_with_dropouts_at_every_stage() -> None:
-    # Prepare: n = 30, degree 16, t = 9; a few sites vanish at each stage.
-    params = make_params(30, k=24, length=32)
-    assert params.degree < 29
+def test_a_site_not_reporting_its_opened_shares_is_left_out_before_training() -> None:
+    # Prepare: n = 5, t = 4; site 5 opens its shares but its report never arrives.
+    params = make_params(5)
 
     # Execute
-    out = run_round(
-        params, drop={KEYS: {30}, SHARES: {2, 17}, MASKED: {5, 11, 23}, UNMASK: {1, 8, 19}}
-    )
+    out = run_round(params, drop={OPENED: {5}})
+
+    # Assert: it is not one of the round's sites, so no site masks with it, it is not
+    # counted as dropped, and no holder reveals a share of its secrets.
+    assert set(out.messages[MEMBERS]) == {1, 2, 3, 4}
+    assert set(out.messages[MEMBERS].values()) == {(1, 2, 3, 4)}
+    assert 5 not in out.messages[MASKED]
+    assert out.co.survivors == Survivors(alive=(1, 2, 3, 4), dropped=())
+    assert all(5 not in shares for shares, _ in out.messages[UNMASK].values())
+    assert out.sessions[5].stage == "opened"
+    assert out.alive == (1, 2, 3, 4)
+    out.assert_correct()
+
+
+def test_sparse_graph_with_dropouts_at_every_stage() -> None:
+    # Prepare: n = 30, degree 16, t = 12: each site's secrets survive the loss of any 5
+    # of its 17 holders. The graph depends on the round's fresh keys, so the dropouts
+    # are chosen to be safe for any graph: 5 sites in all, one or two per stage.
+    params = make_params(30, k=24, length=32)
+    assert (params.degree, params.threshold) == (16, 12)
+
+    # Execute
+    out = run_round(params, drop={KEYS: {30}, SHARES: {17}, MASKED: {5, 23}, UNMASK: {8}})
 
     # Assert
-    assert set(out.alive) == set(range(1, 31)) - {30, 2, 17, 5, 11, 23}
-    assert {1, 8, 19} <= set(out.alive)
+    assert set(out.alive) == set(range(1, 31)) - {30, 17, 5, 23}
+    assert 8 in out.alive
     out.assert_correct()
 
 
 def test_sparse_graph_aborts_when_one_site_loses_its_holders() -> None:
-    # Prepare: every neighbour of site 1 but t - 2 skips the masked input, so site 1's
-    # secrets have t - 1 live holders (itself included) although most sites are alive.
-    params = make_params(30, k=24, length=8)
+    # Prepare: pause before the coordinator reads the masked inputs (the graph is fixed
+    # by then); every neighbour of site 1 but t - 2 sent none, so site 1's secrets have
+    # t - 1 live holders (itself included) although most sites are alive.
+    out = run_round(make_params(30, k=24, length=8), until=MASKED)
+    params = out.co.params
     gone = set(params.neighbours(1)[: params.degree - (params.threshold - 2)])
+    masked = {u: m for u, m in out.messages[MASKED].items() if u not in gone}
 
-    # Execute
-    out = run_round(params, drop={MASKED: gone})
-
-    # Assert
-    assert isinstance(out.error, SecAggAbort)
-    assert "after masked input" in str(out.error)
-    assert f"{params.threshold - 1} live holders" in str(out.error)
+    # Execute / Assert
+    with pytest.raises(SecAggAbort, match="after masked input") as caught:
+        out.co.receive_masked(masked)
+    assert f"site 1 has {params.threshold - 1} live holders" in str(caught.value)
 
 
 # ---- 3. privacy of the masked input -----------------------------------------------------
@@ -274,78 +323,98 @@ def test_masked_input_hides_the_input() -> None:
 # ---- 4. safety rules ----------------------------------------------------------------------
 
 
-def paused_at_unmask(n: int = 5, **drop: Collection[int]) -> Outcome:
-    """A round whose sites have sent their masked inputs and await the unmask request."""
-    out = run_round(make_params(n), drop={MASKED: drop.get("masked", ())}, until=REQUESTS)
+def paused_at(stage: str, n: int = 5, masked: Collection[int] = ()) -> Outcome:
+    """A round paused once ``stage``'s messages are sent: at REQUESTS the sites have sent
+    their masked inputs and await the survivor set to sign; at SIGNED they have signed
+    it and await the unmask request."""
+    out = run_round(make_params(n), drop={MASKED: masked}, until=stage)
     assert out.error is None
     return out
 
 
 def test_a_site_answers_only_one_unmask_request() -> None:
     # Prepare
-    out = paused_at_unmask()
-    request = out.messages[REQUESTS][1]
-    out.sessions[1].unmask(request)
+    out = paused_at(SIGNED)
+    survivors, signatures = out.messages[SIGNED][1]
+    out.sessions[1].unmask(survivors, signatures, out.sign(1))
 
     # Execute / Assert
     with pytest.raises(SecAggError, match="unmask is not allowed at stage 'done'"):
-        out.sessions[1].unmask(request)
+        out.sessions[1].unmask(survivors, signatures, out.sign(1))
 
 
-def test_unmask_request_naming_a_site_alive_and_dropped_is_refused() -> None:
+def test_a_site_signs_only_one_survivor_set() -> None:
     # Prepare
-    out = paused_at_unmask()
+    out = paused_at(REQUESTS)
+    out.sessions[1].consistency(out.messages[REQUESTS][1], out.sign(1))
 
     # Execute / Assert
-    with pytest.raises(SecAggError, match=r"both alive and dropped: \[3\]"):
-        out.sessions[1].unmask(UnmaskRequest(alive=(1, 2, 3, 4, 5), dropped=(3,)))
-    assert out.sessions[1].stage == "masked"  # refused without revealing anything
+    with pytest.raises(SecAggError, match="sign the survivor set is not allowed at stage 'signed'"):
+        out.sessions[1].consistency(Survivors(alive=(1, 2, 3, 4), dropped=(5,)), out.sign(1))
 
 
-def test_unmask_request_not_counting_the_site_as_alive_is_refused() -> None:
+def test_an_unmask_request_for_a_set_the_site_did_not_sign_is_refused() -> None:
     # Prepare
-    out = paused_at_unmask()
+    out = paused_at(SIGNED)
+    _, signatures = out.messages[SIGNED][1]
 
     # Execute / Assert
-    with pytest.raises(SecAggError, match="does not count this site as alive"):
-        out.sessions[1].unmask(UnmaskRequest(alive=(2, 3, 4, 5), dropped=(1,)))
+    with pytest.raises(SecAggError, match="not the one this site signed"):
+        out.sessions[1].unmask(Survivors(alive=(1, 2, 3, 4), dropped=(5,)), signatures, out.sign(1))
+    assert out.sessions[1].stage == "signed"  # refused without revealing anything
 
 
-def test_unmask_request_naming_unknown_sites_is_refused() -> None:
+@pytest.mark.parametrize(
+    ("alive", "dropped", "error", "message"),
+    [
+        ((1, 2, 3, 4, 5), (3,), SecAggError, r"both alive and dropped: \[3\]"),
+        ((2, 3, 4, 5), (1,), SecAggError, "does not count this site as alive"),
+        ((1, 2, 3, 4, 5), (9,), SecAggError, r"it names \[9\] and leaves out \[\]"),
+        ((1, 2, 3, 4), (), SecAggError, r"it names \[\] and leaves out \[5\]"),
+        ((1, 2, 3, 4), (6,), SecAggError, r"it names \[6\] and leaves out \[5\]"),
+        ((2, 1, 3, 4, 5), (), SecAggError, "once each, in order"),
+        ((1, 2, 2, 3, 4, 5), (), SecAggError, "once each, in order"),
+        (
+            (1, 2, 3),
+            (4, 5),
+            SecAggAbort,
+            r"only 3 masked inputs; this site requires at least 4 \(threshold 4, its own "
+            r"minimum 2\)",
+        ),
+    ],
+)
+def test_a_bad_survivor_set_is_refused_before_signing(
+    alive: tuple[int, ...], dropped: tuple[int, ...], error: type[SecAggError], message: str
+) -> None:
     # Prepare
-    out = paused_at_unmask()
+    out = paused_at(REQUESTS)
 
     # Execute / Assert
-    with pytest.raises(SecAggError, match=r"unknown sites: \[9\]"):
-        out.sessions[1].unmask(UnmaskRequest(alive=(1, 2, 3, 4, 5), dropped=(9,)))
-
-
-def test_unmask_request_with_fewer_than_t_alive_aborts() -> None:
-    # Prepare
-    out = paused_at_unmask()
-
-    # Execute / Assert
-    with pytest.raises(SecAggAbort, match="only 2 masked inputs, threshold is 3"):
-        out.sessions[1].unmask(UnmaskRequest(alive=(1, 2), dropped=(3, 4, 5)))
+    with pytest.raises(error, match=message):
+        out.sessions[1].consistency(Survivors(alive=alive, dropped=dropped), out.sign(1))
+    assert out.sessions[1].stage == "masked"  # refused without signing anything
 
 
 def test_unmask_reveals_the_b_share_of_alive_and_the_s_share_of_dropped_peers() -> None:
     # Prepare: site 2 shared its keys but sent no masked input.
-    out = paused_at_unmask(masked={2})
-    requests = out.messages[REQUESTS]
-    assert set(requests) == {1, 3, 4, 5}
+    out = paused_at(SIGNED, masked={2})
+    signed = out.messages[SIGNED]
+    assert set(signed) == {1, 3, 4, 5}
+    params = out.co.params
 
     # Execute
-    replies = {u: out.sessions[u].unmask(requests[u]) for u in requests}
+    replies = {u: out.sessions[u].unmask(s, sigs, out.sign(u)) for u, (s, sigs) in signed.items()}
 
-    # Assert: one share per peer, of 66 bytes; all together they rebuild b of every alive
-    # site and the s key of the dropped one, and nothing else.
-    t = out.params.threshold
-    for holder, reply in replies.items():
-        assert set(reply) == set(out.params.holders(holder))
+    # Assert: one share per peer, of 66 bytes, signed by the holder; all together they
+    # rebuild b of every alive site and the s key of the dropped one, and nothing else.
+    t = params.threshold
+    for holder, (reply, signature) in replies.items():
+        assert set(reply) == set(params.holders(holder))
         assert all(len(share) == shamir.SHARE_BYTES for share in reply.values())
-    for v in out.params.participants:
-        shares = {holder: reply[v] for holder, reply in replies.items()}
+        message = reveal_message(params, holder, reply)
+        assert crypto.verify(public(out.identities[holder]), signature, message)
+    for v in params.participants:
+        shares = {holder: reply[v] for holder, (reply, _) in replies.items()}
         secret = shamir.combine(shares, threshold=t)
         if v == 2:
             assert secret == out.sessions[v].s_private
@@ -355,59 +424,87 @@ def test_unmask_reveals_the_b_share_of_alive_and_the_s_share_of_dropped_peers() 
             assert secret != out.sessions[v].s_private
 
 
-@pytest.mark.parametrize("told_dropped", [{4}, {3, 4}, {2, 3, 4}, {1, 2, 3, 4}])
-def test_a_lying_coordinator_rebuilds_at_most_one_secret_of_a_site(told_dropped: set[int]) -> None:
-    # Prepare: site 5 sent its masked input; the coordinator tells some holders it is
-    # alive (revealing b_5 shares) and the others that it dropped (revealing s_5 shares).
-    out = paused_at_unmask()
-    everyone = out.params.participants
-    t = out.params.threshold
-    requests = {
-        u: UnmaskRequest(alive=tuple(v for v in everyone if v != 5), dropped=(5,))
-        if u in told_dropped
-        else UnmaskRequest(alive=everyone, dropped=())
-        for u in everyone
-    }
-
-    # Execute
-    replies = {u: out.sessions[u].unmask(r) for u, r in requests.items()}
-
-    # Assert: a strict-majority threshold leaves it short of t shares of one of them.
-    b_shares = {u: replies[u][5] for u in everyone if u not in told_dropped}
-    s_shares = {u: replies[u][5] for u in told_dropped}
-    assert len(b_shares) < t or len(s_shares) < t
-    if len(b_shares) >= t:
-        assert shamir.combine(b_shares, threshold=t) == out.sessions[5].b_seed
-    if len(s_shares) >= t:
-        assert shamir.combine(s_shares, threshold=t) == out.sessions[5].s_private
-
-
-def test_site_refuses_masked_input_before_share_keys() -> None:
+def test_site_refuses_to_share_or_mask_before_checking_the_adverts() -> None:
     # Prepare
     params = make_params(3)
-    site, _ = SiteSession.start(params, 1)
+    key = identity_keys([1])[1]
+    site, _ = SiteSession.start(params, 1, public(key), key.sign)
 
     # Execute / Assert
+    with pytest.raises(SecAggError, match="share keys is not allowed at stage 'advertised'"):
+        site.share_keys(key.sign)
+    with pytest.raises(SecAggError, match="open shares is not allowed at stage 'advertised'"):
+        site.open_shares({}, {})
+    with pytest.raises(SecAggError, match="admit the round's sites is not allowed at stage"):
+        site.admit((1, 2, 3))
     with pytest.raises(SecAggError, match="masked input is not allowed at stage 'advertised'"):
-        site.masked_input({}, np.zeros(params.vector_length, dtype=np.uint64))
+        site.masked_input(np.zeros(params.vector_length, dtype=np.uint64))
+    assert site.b_seed == b"" and not site.received and site.stage == "advertised"
 
 
-def test_site_refuses_unmask_before_masked_input() -> None:
+def test_site_refuses_to_mask_before_admitting_the_rounds_sites() -> None:
+    # Prepare: the shares are routed; no final set of the round's sites yet.
+    out = run_round(make_params(3), until=SHARES_ROUTED)
+    site = out.sessions[1]
+    zeros = np.zeros(out.params.vector_length, dtype=np.uint64)
+
+    # Execute / Assert: before opening its shares, and after, until it admits the set.
+    with pytest.raises(
+        SecAggError, match="admit the round's sites is not allowed at stage 'shared'"
+    ):
+        site.admit((1, 2, 3))
+    with pytest.raises(SecAggError, match="masked input is not allowed at stage 'shared'"):
+        site.masked_input(zeros)
+    assert site.open_shares(*out.messages[SHARES_ROUTED][1]) == ()
+    with pytest.raises(SecAggError, match="masked input is not allowed at stage 'opened'"):
+        site.masked_input(zeros)
+    with pytest.raises(SecAggError, match="open shares is not allowed at stage 'opened'"):
+        site.open_shares(*out.messages[SHARES_ROUTED][1])
+    site.admit((1, 2, 3))
+    with pytest.raises(SecAggError, match="admit the round's sites is not allowed at stage"):
+        site.admit((1, 2, 3))
+    site.masked_input(zeros)
+    assert site.stage == "masked"
+
+
+def test_site_refuses_to_sign_or_unmask_before_masked_input() -> None:
+    # Prepare: the round's sites are admitted, no masked input sent yet.
+    out = run_round(make_params(3), until=SHARES_ROUTED)
+    survivors = Survivors(alive=(1, 2, 3), dropped=())
+    site = out.sessions[1]
+
+    # Execute / Assert
+    for step in ("shared", "opened", "admitted"):
+        if step == "opened":
+            site.open_shares(*out.messages[SHARES_ROUTED][1])
+        elif step == "admitted":
+            site.admit((1, 2, 3))
+        with pytest.raises(
+            SecAggError, match=f"sign the survivor set is not allowed at stage '{step}'"
+        ):
+            site.consistency(survivors, out.sign(1))
+        with pytest.raises(SecAggError, match=f"unmask is not allowed at stage '{step}'"):
+            site.unmask(survivors, {}, out.sign(1))
+
+
+def test_site_refuses_to_unmask_before_signing_the_survivor_set() -> None:
+    # Prepare
+    out = paused_at(REQUESTS)
+
+    # Execute / Assert
+    with pytest.raises(SecAggError, match="unmask is not allowed at stage 'masked'"):
+        out.sessions[1].unmask(out.messages[REQUESTS][1], {}, out.sign(1))
+
+
+def test_site_refuses_to_check_adverts_or_share_keys_twice() -> None:
     # Prepare
     out = run_round(make_params(3), until=SHARES_ROUTED)
 
     # Execute / Assert
-    with pytest.raises(SecAggError, match="unmask is not allowed at stage 'shared'"):
-        out.sessions[1].unmask(UnmaskRequest(alive=(1, 2, 3), dropped=()))
-
-
-def test_site_refuses_to_share_keys_twice() -> None:
-    # Prepare
-    out = run_round(make_params(3), until=SHARES_ROUTED)
-
-    # Execute / Assert
+    with pytest.raises(SecAggError, match="check adverts is not allowed at stage 'shared'"):
+        out.sessions[1].check_adverts(out.messages[KEYS_ROUTED][1], out.roster, min_sites=2)
     with pytest.raises(SecAggError, match="share keys is not allowed at stage 'shared'"):
-        out.sessions[1].share_keys(out.messages[KEYS_ROUTED][1])
+        out.sessions[1].share_keys(out.sign(1))
 
 
 def test_coordinator_refuses_masked_inputs_before_shares() -> None:
@@ -419,7 +516,18 @@ def test_coordinator_refuses_masked_inputs_before_shares() -> None:
         out.co.receive_masked({})
 
 
-@pytest.mark.parametrize("call", ["keys_again", "unmask_early"])
+def test_coordinator_refuses_masked_inputs_before_the_rounds_sites_are_fixed() -> None:
+    # Prepare: the shares are routed; the holders' reports are not in yet.
+    out = run_round(make_params(3), until=SHARES_ROUTED)
+
+    # Execute / Assert
+    with pytest.raises(SecAggError, match="coordinator expected stage 'open', got 'masked'"):
+        out.co.receive_masked(out.messages[SHARES_ROUTED])
+    with pytest.raises(SecAggError, match="coordinator expected stage 'open', got 'share'"):
+        out.co.receive_shares({})
+
+
+@pytest.mark.parametrize("call", ["keys_again", "signatures_early", "unmask_early"])
 def test_coordinator_enforces_stage_order(call: str) -> None:
     # Prepare
     out = run_round(make_params(3), until=KEYS_ROUTED)
@@ -427,7 +535,9 @@ def test_coordinator_enforces_stage_order(call: str) -> None:
     # Execute / Assert
     with pytest.raises(SecAggError, match="coordinator expected stage 'share'"):
         if call == "keys_again":
-            out.co.receive_keys(out.messages[KEYS])
+            out.co.receive_adverts(out.messages[KEYS])
+        elif call == "signatures_early":
+            out.co.receive_signatures({})
         else:
             out.co.receive_unmask({})
 
@@ -435,54 +545,125 @@ def test_coordinator_enforces_stage_order(call: str) -> None:
 # ---- 5. tampering and replays ---------------------------------------------------------
 
 
-def tamper_one(stage_messages: dict[int, Any], receiver: int, sender: int, new: bytes) -> None:
-    stage_messages[receiver] = {**stage_messages[receiver], sender: new}
+def tamper_routed(routed: dict[int, Any], receiver: int, sender: int, sealed: Any) -> None:
+    """Replace the sealed shares ``sender`` dealt to ``receiver`` (SHARES_ROUTED)."""
+    blobs, dealt = routed[receiver]
+    routed[receiver] = ({**blobs, sender: sealed}, dealt)
+
+
+def tamper_dealt(replies: dict[int, Any], sender: int, receiver: int, sealed: Any) -> None:
+    """Replace the sealed shares ``sender`` deals to ``receiver`` (SHARES)."""
+    blobs, dealt = replies[sender]
+    replies[sender] = ({**blobs, receiver: sealed}, dealt)
 
 
 @pytest.mark.parametrize("index", [0, 11, 12, 50, SEALED_BYTES - 1])
 def test_flipped_bit_in_a_routed_share_is_refused_naming_the_sender(index: int) -> None:
     # Prepare
-    def hook(routed: dict[int, Any]) -> dict[int, Any]:
-        tamper_one(routed, 3, 1, flip(routed[3][1], index))
-        return routed
+    out = run_round(make_params(5), until=SHARES_ROUTED)
+    site = out.sessions[3]
+    sealed, dealt = out.messages[SHARES_ROUTED][3]
 
     # Execute
-    out = run_round(make_params(5), tamper={SHARES_ROUTED: hook})
+    refused = site.open_shares({**sealed, 1: flip(sealed[1], index)}, dealt)
 
-    # Assert
-    assert isinstance(out.error, SecAggError)
-    assert "sealed shares from site 1: ciphertext failed authentication" in str(out.error)
-    assert out.sessions[3].stage == "shared"
+    # Assert: the holder names the dealer instead of raising, keeps none of its shares,
+    # and will not take part in a round that keeps it.
+    assert refused == (1,)
+    assert set(site.received) == {2, 3, 4, 5}
+    assert site.stage == "opened"
+    with pytest.raises(SecAggError, match=r"refused or never received: \[1\]"):
+        site.admit((1, 2, 3, 4, 5))
+    assert site.stage == "opened"
 
 
-def test_a_site_refusing_a_tampered_share_drops_out_and_the_round_completes() -> None:
-    # Prepare: site 3 refuses site 1's tampered share and so sends no masked input.
+def test_a_share_tampered_in_transit_leaves_its_dealer_out_and_the_round_completes() -> None:
+    # Prepare: site 1's share for site 3 is damaged on the way. (Site 3 used to raise
+    # and drop out only after every site had trained.)
     def hook(routed: dict[int, Any]) -> dict[int, Any]:
-        tamper_one(routed, 3, 1, flip(routed[3][1], 20))
+        tamper_routed(routed, 3, 1, flip(routed[3][0][1], 20))
         return routed
 
     # Execute
     out = run_round(make_params(5), tamper={SHARES_ROUTED: hook}, site_errors="drop")
 
-    # Assert
-    assert set(out.site_errors) == {3}
-    assert "sealed shares from site 1" in str(out.site_errors[3])
-    assert out.alive == (1, 2, 4, 5)
+    # Assert: site 3 reported site 1; the coordinator left site 1 out before training,
+    # and the other four (4 = t holders each) sum exactly.
+    assert not out.site_errors
+    assert out.messages[OPENED] == {1: (), 2: (), 3: (1,), 4: (), 5: ()}
+    assert set(out.co.rejected) == {1}
+    assert_left_out(out, 1, {3})
+    assert out.alive == (2, 3, 4, 5)
     out.assert_correct()
+
+
+def test_a_refused_routed_message_leaves_no_shares_behind() -> None:
+    # Prepare
+    out = run_round(make_params(5), until=SHARES_ROUTED)
+    site = out.sessions[3]
+    sealed, dealt = out.messages[SHARES_ROUTED][3]
+
+    # Execute / Assert: a message with shares from a site that holds none of site 3's
+    # is refused whole, and nothing of it is kept (not even the valid shares in it).
+    with pytest.raises(SecAggError, match=r"not advertised holders: \[9\]"):
+        site.open_shares({**sealed, 9: sealed[1]}, dealt)
+    assert set(site.received) == {3} and site.stage == "shared"
+
+    # Execute / Assert: site 5's share is damaged: refused, and only it is left out.
+    assert site.open_shares({**sealed, 5: flip(sealed[5], 20)}, dealt) == (5,)
+    assert set(site.received) == {1, 2, 3, 4}
+    with pytest.raises(SecAggError, match=r"refused or never received: \[5\]"):
+        site.admit((1, 2, 3, 4, 5))
+    assert site.stage == "opened"
+    site.admit((1, 2, 3, 4))
+    assert site.members == (1, 2, 3, 4) and site.stage == "admitted"
 
 
 def test_share_routed_to_the_wrong_site_is_refused() -> None:
     # Prepare: site 1's share for site 2 is handed to site 3 as site 1's share for it.
     def hook(routed: dict[int, Any]) -> dict[int, Any]:
-        tamper_one(routed, 3, 1, routed[2][1])
+        tamper_routed(routed, 3, 1, routed[2][0][1])
+        return routed
+
+    # Execute
+    out = run_round(make_params(5), tamper={SHARES_ROUTED: hook})
+
+    # Assert: it does not open at site 3 (bound to the pair); site 1 is left out.
+    assert out.messages[OPENED][3] == (1,)
+    assert_left_out(out, 1, {3})
+    assert out.alive == (2, 3, 4, 5)
+    out.assert_correct()
+
+
+@pytest.mark.parametrize(
+    "change", ["missing", "another holder's", "signature broken", "short", "not bytes"]
+)
+def test_a_routed_share_without_its_dealing_entry_is_refused(change: str) -> None:
+    # Prepare: the coordinator routes site 1's sealed share to site 3 without the
+    # dealing entry that binds it: none, the one site 1 dealt site 2, one whose hashes
+    # match but whose signature does not verify, a truncated one, or not bytes.
+    def hook(routed: dict[int, Any]) -> dict[int, Any]:
+        blobs, dealt = routed[3]
+        entry = dealt[1]
+        entries = {u: e for u, e in dealt.items() if u != 1}
+        if change != "missing":
+            entries[1] = {
+                "another holder's": routed[2][1][1],
+                "signature broken": flip(entry, len(entry) - 1),
+                "short": entry[:-1],
+                "not bytes": bytearray(entry),
+            }[change]
+        routed[3] = (blobs, entries)
         return routed
 
     # Execute
     out = run_round(make_params(5), tamper={SHARES_ROUTED: hook})
 
     # Assert
-    assert isinstance(out.error, SecAggError)
-    assert "sealed shares from site 1: ciphertext failed authentication" in str(out.error)
+    assert out.messages[OPENED][3] == (1,)
+    assert_left_out(out, 1, {3})
+    assert out.alive == (2, 3, 4, 5)
+    out.assert_correct()
 
 
 def test_shares_from_another_round_are_refused() -> None:
@@ -490,37 +671,51 @@ def test_shares_from_another_round_are_refused() -> None:
     first = run_round(make_params(3), until=SHARES_ROUTED)
     second = run_round(make_params(3), until=SHARES_ROUTED)
     assert first.params.session != second.params.session
+    sealed, dealt = first.messages[SHARES_ROUTED][2]
 
-    # Execute / Assert
-    with pytest.raises(SecAggError, match="sealed shares from site 1: ciphertext failed"):
-        second.sessions[2].masked_input(first.messages[SHARES_ROUTED][2], second.inputs[2])
+    # Execute
+    refused = second.sessions[2].open_shares(sealed, dealt)
+
+    # Assert
+    assert refused == (1, 3)
+    assert set(second.sessions[2].received) == {2}
 
 
 def test_shares_replayed_into_a_session_reusing_the_same_keys_are_refused() -> None:
-    # Prepare: even if every site re-used its round-1 key pairs in round 2, the round-1
-    # ciphertexts do not open: keys and associated data are bound to the session.
+    # Prepare: even if every site re-used its round-1 key pairs in round 2 (advertised
+    # afresh, under its identity), the round-1 ciphertexts do not open: keys and
+    # associated data are bound to the session and the graph.
     first = run_round(make_params(3), until=SHARES_ROUTED)
     params = make_params(3)
-    sessions = {
-        u: SiteSession(params, u, "advertised", s.c_private, s.s_private)
-        for u, s in first.sessions.items()
-    }
-    routed = CoordinatorSession(params).receive_keys(first.messages[KEYS])
+    sessions, adverts = {}, {}
+    for u, old in first.sessions.items():
+        sessions[u] = SiteSession(
+            params, u, "advertised", old.c_private, old.s_private, old.identity
+        )
+        keys = PublicKeys(
+            crypto.public_from_private(old.c_private), crypto.public_from_private(old.s_private)
+        )
+        adverts[u] = Advert.make(params, u, old.identity, keys, first.sign(u))
     for u, site in sessions.items():
-        site.share_keys(routed[u])
+        site.check_adverts(adverts, first.roster, min_sites=3)
+        site.share_keys(first.sign(u))
+    sealed, dealt = first.messages[SHARES_ROUTED][2]
 
-    # Execute / Assert
-    with pytest.raises(SecAggError, match="sealed shares from site 1: ciphertext failed"):
-        sessions[2].masked_input(first.messages[SHARES_ROUTED][2], first.inputs[2])
+    # Execute
+    refused = sessions[2].open_shares(sealed, dealt)
+
+    # Assert
+    assert refused == (1, 3)
+    assert set(sessions[2].received) == {2}
 
 
 @pytest.mark.parametrize("change", ["short", "long", "not bytes"])
 def test_sealed_share_of_the_wrong_length_drops_the_sender(change: str) -> None:
     # Prepare
     def hook(replies: dict[int, Any]) -> dict[int, Any]:
-        blob = replies[2][4]
+        blob = replies[2][0][4]
         bad = {"short": blob[:-1], "long": blob + b"\0", "not bytes": bytearray(blob)}[change]
-        tamper_one(replies, 2, 4, bad)
+        tamper_dealt(replies, 2, 4, bad)
         return replies
 
     # Execute
@@ -536,7 +731,8 @@ def test_sealed_share_of_the_wrong_length_drops_the_sender(change: str) -> None:
 def test_shares_addressed_to_the_wrong_sites_drop_the_sender() -> None:
     # Prepare
     def hook(replies: dict[int, Any]) -> dict[int, Any]:
-        replies[2] = {v: blob for v, blob in replies[2].items() if v != 4}
+        blobs, dealt = replies[2]
+        replies[2] = ({v: blob for v, blob in blobs.items() if v != 4}, dealt)
         return replies
 
     # Execute
@@ -544,6 +740,22 @@ def test_shares_addressed_to_the_wrong_sites_drop_the_sender() -> None:
 
     # Assert
     assert out.co.rejected[2] == "shares addressed to the wrong set of sites"
+    assert out.alive == (1, 3, 4, 5)
+    out.assert_correct()
+
+
+def test_a_dealing_entry_that_does_not_verify_drops_the_dealer() -> None:
+    # Prepare: site 2's entry for site 4 is altered in transit (its signature breaks).
+    def hook(replies: dict[int, Any]) -> dict[int, Any]:
+        blobs, dealt = replies[2]
+        replies[2] = (blobs, {**dealt, 4: flip(dealt[4], 0)})
+        return replies
+
+    # Execute
+    out = run_round(make_params(5), tamper={SHARES: hook})
+
+    # Assert
+    assert out.co.rejected == {2: "a dealing entry whose signature does not verify"}
     assert out.alive == (1, 3, 4, 5)
     out.assert_correct()
 
@@ -575,17 +787,30 @@ def test_malformed_masked_input_drops_the_sender(change: str) -> None:
     out.assert_correct()
 
 
-def test_masked_input_from_a_site_that_did_not_share_is_ignored() -> None:
-    # Prepare: site 2 skipped the share stage but sends a masked input anyway.
+@pytest.mark.parametrize("why", ["did not share", "was left out"])
+def test_masked_input_from_a_site_that_is_not_in_the_round_is_ignored(why: str) -> None:
+    # Prepare: site 2 skipped the share stage, or its share to site 3 was refused (so
+    # it is not one of the round's sites), but a masked input arrives in its name.
+    def refuse(routed: dict[int, Any]) -> dict[int, Any]:
+        tamper_routed(routed, 3, 2, flip(routed[3][0][2], 20))
+        return routed
+
     def hook(replies: dict[int, Any]) -> dict[int, Any]:
         replies[2] = replies[1]
         return replies
 
     # Execute
-    out = run_round(make_params(5), drop={SHARES: {2}}, tamper={MASKED: hook})
+    if why == "did not share":
+        out = run_round(make_params(5), drop={SHARES: {2}}, tamper={MASKED: hook})
+    else:
+        out = run_round(make_params(5), tamper={SHARES_ROUTED: refuse, MASKED: hook})
 
     # Assert
-    assert out.co.rejected[2] == "masked input from a site that did not share keys"
+    assert 2 in out.messages[MASKED] and 2 not in out.co.alive
+    if why == "did not share":
+        assert out.co.rejected[2] == "masked input from a site that is not in the round"
+    else:
+        assert_left_out(out, 2, {3})
     assert out.alive == (1, 3, 4, 5)
     out.assert_correct()
 
@@ -593,7 +818,8 @@ def test_masked_input_from_a_site_that_did_not_share_is_ignored() -> None:
 def test_keys_from_a_non_participant_are_rejected() -> None:
     # Prepare
     params = make_params(5)
-    _, intruder = SiteSession.start(make_params(10), 9)
+    key = identity_keys([9])[9]
+    _, intruder = SiteSession.start(make_params(10), 9, public(key), key.sign)
 
     def hook(replies: dict[int, Any]) -> dict[int, Any]:
         return {**replies, 9: intruder}
@@ -602,30 +828,54 @@ def test_keys_from_a_non_participant_are_rejected() -> None:
     out = run_round(params, tamper={KEYS: hook})
 
     # Assert
-    assert out.co.rejected == {9: "keys from a site that is not a participant"}
+    assert out.co.rejected == {9: "an advert from a site that is not this participant"}
     assert out.alive == params.participants
     out.assert_correct()
 
 
-@pytest.mark.parametrize("reuse", ["both", "c", "s", "c as s"])
-def test_duplicated_public_keys_are_rejected(reuse: str) -> None:
-    # Prepare: site 4 advertises (part of) site 2's keys.
+def test_an_advert_whose_signature_does_not_verify_is_rejected() -> None:
+    # Prepare: site 3's advert arrives with other keys under its original signature.
     def hook(replies: dict[int, Any]) -> dict[int, Any]:
-        two, four = replies[2], replies[4]
-        replies[4] = {
-            "both": two,
-            "c": PublicKeys(two.c, four.s),
-            "s": PublicKeys(four.c, two.s),
-            "c as s": PublicKeys(four.c, two.c),
-        }[reuse]
+        a = replies[3]
+        keys = PublicKeys(crypto.generate_keypair().public, crypto.generate_keypair().public)
+        replies[3] = Advert(a.index, a.identity, keys, a.signature)
         return replies
 
     # Execute
     out = run_round(make_params(5), tamper={KEYS: hook})
 
     # Assert
-    assert out.co.rejected == {4: "public key already advertised by site 2"}
-    assert 4 not in out.co.keys
+    assert out.co.rejected == {3: "an advert whose signature does not verify"}
+    assert out.alive == (1, 2, 4, 5)
+    out.assert_correct()
+
+
+@pytest.mark.parametrize("reuse", ["both", "c", "s", "c as s", "identity"])
+def test_duplicated_public_keys_are_rejected(reuse: str) -> None:
+    # Prepare: site 4 signs an advert of (part of) site 2's keys, or site 2's identity
+    # key signs an advert for index 4 too.
+    params = make_params(5)
+    keys = identity_keys(params.participants)
+
+    def hook(replies: dict[int, Any]) -> dict[int, Any]:
+        two, four = replies[2].keys, replies[4].keys
+        signer = keys[2] if reuse == "identity" else keys[4]
+        chosen = {
+            "both": two,
+            "c": PublicKeys(two.c, four.s),
+            "s": PublicKeys(four.c, two.s),
+            "c as s": PublicKeys(four.c, two.c),
+            "identity": four,
+        }[reuse]
+        replies[4] = Advert.make(params, 4, public(signer), chosen, signer.sign)
+        return replies
+
+    # Execute
+    out = run_round(params, tamper={KEYS: hook})
+
+    # Assert
+    assert out.co.rejected == {4: "a key already advertised by site 2"}
+    assert 4 not in out.co.adverts
     assert out.alive == (1, 2, 3, 5)
     out.assert_correct()
 
@@ -637,7 +887,8 @@ LOW_ORDER_POINT = bytes(32)  # X25519's zero point: agree() refuses it
 def test_a_low_order_public_key_is_refused_where_its_sender_is_known(which: str) -> None:
     # Prepare: a site advertising a low-order point would make every peer's key
     # agreement fail; the key is refused when parsed, so the sender is dropped alone.
-    genuine = SiteSession.start(make_params(5), 5)[1]
+    key = identity_keys([5])[5]
+    genuine = SiteSession.start(make_params(5), 5, public(key), key.sign)[1].keys
     c, s_key = (LOW_ORDER_POINT, genuine.s) if which == "c" else (genuine.c, LOW_ORDER_POINT)
 
     # Execute / Assert
@@ -662,39 +913,48 @@ def test_malformed_public_keys_are_refused(c: bytes, s: bytes, message: str) -> 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ("drop own", "did not return this site's own public keys"),
-        ("swap own", "did not return this site's own public keys"),
-        ("duplicate peer", "advertised a public key already in use"),
-        ("non-neighbour", r"keys from sites that are not neighbours: \[99\]"),
+        ("drop own", "did not return this site's own advert"),
+        ("swap own", "did not return this site's own advert"),
+        ("relabelled peer", "the advert routed as site 3 is site 2's"),
+        ("duplicate keys", "site 3 advertised a public key already in use"),
+        ("non-participant", r"adverts of non-participants: \[99\]"),
     ],
 )
-def test_site_checks_the_routed_public_keys(change: str, message: str) -> None:
-    # Prepare
+def test_site_checks_the_routed_adverts(change: str, message: str) -> None:
+    # Prepare: a coordinator routes site 1 a doctored set of adverts ("duplicate keys":
+    # site 3, say colluding, signed an advert of site 2's public keys).
+    params = make_params(5)
+    three = identity_keys(params.participants)[3]
+
     def hook(routed: dict[int, Any]) -> dict[int, Any]:
         mine = dict(routed[1])
         if change == "drop own":
             del mine[1]
         elif change == "swap own":
             mine[1] = mine[2]
-        elif change == "duplicate peer":
+        elif change == "relabelled peer":
             mine[3] = mine[2]
+        elif change == "duplicate keys":
+            mine[3] = Advert.make(params, 3, public(three), mine[2].keys, three.sign)
         else:
             mine[99] = mine[2]
         routed[1] = mine
         return routed
 
     # Execute
-    out = run_round(make_params(5), tamper={KEYS_ROUTED: hook})
+    out = run_round(params, tamper={KEYS_ROUTED: hook})
 
-    # Assert
+    # Assert: refused before site 1 drew a seed or sealed anything.
     assert isinstance(out.error, SecAggError)
     assert re.search(message, str(out.error))
+    assert out.sessions[1].stage == "advertised"
+    assert out.sessions[1].b_seed == b""
 
 
 def test_site_aborts_when_fewer_than_t_holders_advertised() -> None:
-    # Prepare: the coordinator routes only two holders' keys to site 1 (t = 3).
+    # Prepare: the coordinator routes only two holders' adverts to site 1 (t = 4).
     def hook(routed: dict[int, Any]) -> dict[int, Any]:
-        routed[1] = {v: pk for v, pk in routed[1].items() if v in (1, 2)}
+        routed[1] = {v: a for v, a in routed[1].items() if v in (1, 2)}
         return routed
 
     # Execute
@@ -702,104 +962,176 @@ def test_site_aborts_when_fewer_than_t_holders_advertised() -> None:
 
     # Assert
     assert isinstance(out.error, SecAggAbort)
-    assert "only 2 of 5 holders advertised keys, threshold is 3" in str(out.error)
+    assert "only 2 of 5 holders advertised keys, threshold is 4" in str(out.error)
 
 
 @pytest.mark.parametrize("target", [1, 2], ids=["b share of alive", "s share of dropped"])
-def test_tampered_unmask_share_with_more_than_t_shares_aborts(target: int) -> None:
-    # Prepare: n = 5, t = 3; site 2 dropped before its masked input, so its s key is
-    # rebuilt; every survivor answers, so each secret has 4 > t shares.
+def test_an_unmask_share_altered_in_transit_is_rejected_and_the_round_completes(
+    target: int,
+) -> None:
+    # Prepare: n = 7, t = 5; site 2 dropped before its masked input, so its s key is
+    # rebuilt. The coordinator (or the network) alters one share holder 4 revealed; it
+    # cannot re-sign the reply. (Before the holders signed their reveals and the dealers
+    # their shares, this aborted the round with "shares are inconsistent"; now the
+    # altered reply is set aside and the other five holders still suffice.)
     def hook(replies: dict[int, Any]) -> dict[int, Any]:
-        tamper_one(replies, 4, target, flip(replies[4][target], -1))
+        shares, signature = replies[4]
+        replies[4] = ({**shares, target: flip(shares[target], -1)}, signature)
         return replies
 
     # Execute
-    out = run_round(make_params(5), drop={MASKED: {2}}, tamper={UNMASK: hook})
+    out = run_round(make_params(7), drop={MASKED: {2}}, tamper={UNMASK: hook})
 
     # Assert
-    assert isinstance(out.error, SecAggAbort)
-    assert "shares are inconsistent" in str(out.error)
-    assert out.total is None
+    assert out.co.rejected == {4: "unmask shares whose signature does not verify"}
+    assert out.alive == (1, 3, 4, 5, 6, 7)
+    out.assert_correct()
 
 
 def test_unmask_shares_for_the_wrong_sites_drop_that_reply() -> None:
     # Prepare: site 4 answers with an extra share for a site it does not hold (99).
     def hook(replies: dict[int, Any]) -> dict[int, Any]:
-        replies[4] = {**replies[4], 99: bytes(shamir.SHARE_BYTES)}
+        shares, signature = replies[4]
+        replies[4] = ({**shares, 99: bytes(shamir.SHARE_BYTES)}, signature)
         return replies
 
     # Execute
     out = run_round(make_params(5), tamper={UNMASK: hook})
 
-    # Assert: its reply is ignored; the others still hold enough shares.
-    assert out.co.rejected[4] == "unmask shares for the wrong sites or of the wrong size"
+    # Assert: its reply is ignored; the others (4 = t) still hold enough shares.
+    assert out.co.rejected == {4: "unmask shares for the wrong sites or of the wrong size"}
+    out.assert_correct()
+
+
+def test_unmask_shares_from_a_site_that_did_not_sign_are_ignored() -> None:
+    # Prepare: n = 7; site 6 did not sign the survivor set, yet an unmask reply arrives
+    # in its name.
+    def hook(replies: dict[int, Any]) -> dict[int, Any]:
+        return {**replies, 6: replies[1]}
+
+    # Execute
+    out = run_round(make_params(7), drop={SIGNATURES: {6}}, tamper={UNMASK: hook})
+
+    # Assert
+    assert out.co.rejected == {6: "unmask shares from a site that was not asked"}
     out.assert_correct()
 
 
 TEN_SITES = EncodingSpec(clip_norm=1.0, bits=8, num_sites=10, seed=2024, dim=1000)
 
 
-def ten_site_round_with_exactly_t_replies(**tamper: Hook) -> Outcome:
-    """A realistic 10-site round (t = 6) where only sites 1..6 answer the unmask request:
-    every secret is rebuilt from exactly t shares."""
+def ten_site_round(**drop: Collection[int]) -> Outcome:
+    """A realistic 10-site round (complete graph, t = 7) in which only sites 1..7 answer
+    the unmask request: every secret is rebuilt from exactly t shares. ``drop`` adds
+    dropouts at other stages (by stage name)."""
     spec = TEN_SITES
     rng = np.random.default_rng(7)
     encoded = [
         encode(rng.normal(0.0, 0.05, spec.dim), spec, rng).values for _ in range(spec.num_sites)
     ]
     params = make_params(10, k=spec.ring_bits, length=spec.encoded_length)
-    assert params.threshold == 6
+    assert params.threshold == 7
     inputs = dict(zip(params.participants, encoded, strict=True))
-    return run_round(params, inputs, drop={UNMASK: {7, 8, 9, 10}}, tamper=tamper)
-
-
-def test_tampered_b_share_with_exactly_t_shares_is_caught_by_the_commitment() -> None:
-    # Prepare: holder 6's coefficient among holders 1..6 is -1, so flipping the lowest
-    # bit of its share of site 1's self-mask seed moves the rebuilt seed by +-1: still a
-    # valid 32-byte seed, and Shamir has no extra share to check it against; the site's
-    # commitment to its seed (sent with its masked input) is what catches it.
-    assert lagrange_at_zero(range(1, 7), 6) == shamir.PRIME - 1
-
-    def hook(replies: dict[int, Any]) -> dict[int, Any]:
-        tamper_one(replies, 6, 1, flip(replies[6][1], -1))
-        return replies
-
-    # Execute
-    out = ten_site_round_with_exactly_t_replies(unmask=hook)
-
-    # Assert
-    assert isinstance(out.error, SecAggAbort)
-    assert "site 1's rebuilt self-mask seed does not match its commitment" in str(out.error)
+    gone = {stage: set(sites) for stage, sites in drop.items()}
+    gone[UNMASK] = {8, 9, 10} - gone.get(MASKED, set())
+    return run_round(params, inputs, drop=gone)
 
 
 def test_untampered_round_with_exactly_t_shares_decodes() -> None:
     # Execute
-    out = ten_site_round_with_exactly_t_replies()
+    out = ten_site_round()
 
     # Assert
     out.assert_correct()
+    assert len(out.messages[UNMASK]) == 7
     assert out.total is not None
     mean, weight = decode_sum(out.total, TEN_SITES, len(out.alive))
     assert weight == 10
     assert mean.shape == (TEN_SITES.dim,)
 
 
-def test_tampered_s_share_with_exactly_t_shares_aborts() -> None:
-    # Prepare: site 10 drops before its masked input, sites 7..9 after it: site 10's key
-    # is rebuilt from the t = 6 shares of holders 1..6, one of them tampered.
-    spec = TEN_SITES
-    params = make_params(10, k=spec.ring_bits, length=spec.encoded_length)
+class CheatingDealer:
+    """Makes site ``dealer`` deal one bad share: its ``secret`` ("b" or "s") share for
+    ``holder`` moved by one (its lowest bit flipped), hashed and signed as it is dealt,
+    so the holder and the coordinator accept it; only the rebuilt secret can show it."""
 
-    def hook(replies: dict[int, Any]) -> dict[int, Any]:
-        tamper_one(replies, 6, 10, flip(replies[6][10], -1))
-        return replies
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, dealer: int, secret: str, holder: int):
+        real_split, real_share_keys = shamir.split, SiteSession.share_keys
+        state = {"dealing": False, "calls": 0}
+        which = 1 if secret == "b" else 2  # share_keys splits b first, then s
+
+        def split(value: bytes, *, threshold: int, holders: Any) -> dict[int, bytes]:
+            shares = real_split(value, threshold=threshold, holders=holders)
+            if state["dealing"]:
+                state["calls"] += 1
+                if state["calls"] == which:
+                    shares[holder] = flip(shares[holder], -1)
+            return shares
+
+        def share_keys(site: SiteSession, sign: Any) -> tuple[dict[int, bytes], dict[int, bytes]]:
+            state["dealing"], state["calls"] = site.index == dealer, 0
+            try:
+                return real_share_keys(site, sign)
+            finally:
+                state["dealing"] = False
+
+        monkeypatch.setattr(shamir, "split", split)
+        monkeypatch.setattr(SiteSession, "share_keys", share_keys)
+
+
+def test_a_bad_b_share_dealt_among_exactly_t_is_caught_by_the_commitment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: holder 7's coefficient among holders 1..7 is 1, so moving the share site 1
+    # dealt it moves the rebuilt seed by +-1: still a valid 32-byte seed, and Shamir has
+    # no extra share to check it against. Site 1 signed the bad share's hash, so holder
+    # 7 and the coordinator accept it; the site's commitment to its seed (sent with its
+    # masked input) is what catches it, and it blames the dealer.
+    assert lagrange_at_zero(range(1, 8), 7) == 1
+    CheatingDealer(monkeypatch, dealer=1, secret="b", holder=7)
 
     # Execute
-    out = run_round(params, drop={MASKED: {10}, UNMASK: {7, 8, 9}}, tamper={UNMASK: hook})
+    out = ten_site_round()
+
+    # Assert
+    assert isinstance(out.error, SecAggAbort)
+    assert "site 1 dealt shares that do not rebuild the self-mask seed it committed to" in str(
+        out.error
+    )
+    assert not out.co.rejected  # no holder is blamed for the dealer's share
+
+
+def test_a_bad_b_share_dealt_among_more_than_t_makes_the_shares_inconsistent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: as above, but all 10 holders answer: the extra shares show it.
+    CheatingDealer(monkeypatch, dealer=1, secret="b", holder=7)
+
+    # Execute
+    out = run_round(make_params(10))
+
+    # Assert
+    assert isinstance(out.error, SecAggAbort)
+    assert "site 1's self-mask seed: shares are inconsistent" in str(out.error)
+    assert str(out.error).endswith("; its dealer cheated")
+    assert not out.co.rejected
+
+
+def test_a_bad_s_share_dealt_among_exactly_t_is_caught_by_the_public_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: site 10 drops before its masked input, sites 8 and 9 after it: site 10's
+    # key is rebuilt from the t = 7 shares of holders 1..7, one of them dealt bad.
+    CheatingDealer(monkeypatch, dealer=10, secret="s", holder=7)
+
+    # Execute
+    out = ten_site_round(masked={10})
 
     # Assert: the rebuilt key is checked against the advertised public key.
     assert isinstance(out.error, SecAggAbort)
-    assert "dropped site 10's rebuilt key does not match its public key" in str(out.error)
+    assert "dropped site 10 dealt shares that do not rebuild the key it advertised" in str(
+        out.error
+    )
 
 
 def test_decode_sum_refuses_uniform_garbage_totals_at_ten_sites() -> None:
@@ -825,36 +1157,3 @@ def test_decode_sum_refuses_uniform_garbage_totals_at_ten_sites() -> None:
     # Assert: the weight check alone catches all but 1 in 4096.
     assert len(refused) == len(garbage)
     assert all("impossible" in msg or "beyond" in msg for msg in refused)
-
-
-def _ring_order(params: SecAggParams) -> list[int]:
-    """The public permutation the neighbour graph is laid out on (params.neighbours)."""
-    order = list(params.participants)
-    random.Random(params.session).shuffle(order)
-    return order
-
-
-def test_dropouts_that_cut_the_neighbour_graph_abort_before_any_share_is_revealed() -> None:
-    # Attack (issue 13): with degree 2, two dropouts (an active coordinator causes them by
-    # ignoring replies) cut the ring into two arcs whose masks cancel on their own; with
-    # one colluder in an arc of two, the victim's update was recovered.
-    params = make_params(8, degree=2)
-    order = _ring_order(params)
-
-    out = run_round(params, drop={MASKED: {order[0], order[4]}})
-
-    assert isinstance(out.error, SecAggAbort)
-    assert "falls into 2 pieces" in str(out.error)
-    assert UNMASK not in out.messages  # no site revealed anything
-
-
-def test_a_site_refuses_an_unmask_request_whose_alive_sites_fall_apart() -> None:
-    # The coordinator is the party guarded against: each site checks too.
-    params = make_params(8, degree=2)
-    order = _ring_order(params)
-    out = run_round(params, drop={MASKED: {order[0], order[4]}}, until=MASKED)
-    alive = tuple(sorted(set(order) - {order[0], order[4]}))
-    request = UnmaskRequest(alive=alive, dropped=(order[0], order[4]))
-
-    with pytest.raises(SecAggAbort, match="falls into 2 pieces"):
-        out.sessions[order[1]].unmask(request)
