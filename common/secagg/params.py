@@ -15,7 +15,7 @@ import os
 import random
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -197,12 +197,18 @@ class SecAggParams:
             return tuple(p for p in self.participants if p != index)
         if not self.graph:
             raise SecAggError("the neighbour graph is not fixed before the adverts are in")
-        order = list(self.participants)
-        random.Random(bytes.fromhex(self.graph)).shuffle(order)  # everyone derives the same
-        at = order.index(index)
+        order, position = self._ring
+        at = position[index]
         half = self.degree // 2
         near = {order[(at + d) % n] for d in range(-half, half + 1) if d}
         return tuple(sorted(near))
+
+    @cached_property
+    def _ring(self) -> tuple[list[int], dict[int, int]]:
+        """The permutation the graph is laid out on, and each site's place in it."""
+        order = list(self.participants)
+        random.Random(bytes.fromhex(self.graph)).shuffle(order)  # everyone derives the same
+        return order, {u: i for i, u in enumerate(order)}
 
     def holders(self, index: int) -> tuple[int, ...]:
         """Who holds shares of ``index``'s secrets: its neighbours and itself."""
@@ -278,12 +284,18 @@ class PublicKeys:
             raise SecAggError("the two public keys of a site must differ")
         # A low-order point would make every peer's key agreement fail: refuse it here,
         # where the sender is known, rather than let it abort the round later.
-        probe = crypto.generate_keypair().private
+        probe = _probe_key()
         for name, key in (("c", self.c), ("s", self.s)):
             try:
                 crypto.agree(probe, key, info=b"fedsilo-secagg key check")
             except SecAggError:
                 raise SecAggError(f"{name} public key is invalid (low-order point)") from None
+
+
+@lru_cache(maxsize=1)
+def _probe_key() -> bytes:
+    """A private key of this process's own, to test that a peer's key agrees at all."""
+    return crypto.generate_keypair().private
 
 
 @dataclass(frozen=True)
@@ -325,10 +337,17 @@ class Advert:
         return self.identity + self.keys.c + self.keys.s + self.signature
 
     @classmethod
-    def from_bytes(cls, index: int, blob: bytes) -> Advert:
+    def from_bytes(cls, index: int, blob: bytes, *, checked: bool = False) -> Advert:
+        """An advert from the wire (its keys are checked), or from the site's own saved
+        state with ``checked`` (they were checked on arrival: not again each stage)."""
         if not isinstance(blob, bytes) or len(blob) != cls.SIZE:
             raise SecAggError(f"the advert of site {index} must be {cls.SIZE} bytes")
         k = crypto.KEY_BYTES
+        if checked:
+            keys = object.__new__(PublicKeys)  # skips the agreement probe of __post_init__
+            object.__setattr__(keys, "c", blob[k : 2 * k])
+            object.__setattr__(keys, "s", blob[2 * k : 3 * k])
+            return cls(index, blob[:k], keys, blob[3 * k :])
         return cls(index, blob[:k], PublicKeys(blob[k : 2 * k], blob[2 * k : 3 * k]), blob[3 * k :])
 
 

@@ -418,7 +418,8 @@ class SiteSession:
                 identity=_unb64(raw["identity"]),
                 b_seed=_unb64(raw["b"]),
                 adverts={
-                    int(v): Advert.from_bytes(int(v), _unb64(a)) for v, a in raw["adverts"].items()
+                    int(v): Advert.from_bytes(int(v), _unb64(a), checked=True)
+                    for v, a in raw["adverts"].items()
                 },
                 received={int(v): (_unb64(b), _unb64(s)) for v, (b, s) in raw["received"].items()},
                 told=None
