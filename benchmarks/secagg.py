@@ -9,9 +9,11 @@ site, iid split of Rotten Tomatoes, DP on, the tiny model):
   decoding; the central evaluation and checkpoint are left out, they are the same in
   both modes). Round 1 is left out: it pays for Ray actors starting and for each
   site's one-off noise calibration;
-* the protocol's own share of the secure round: the wall time of the three exchanges
-  after training and of unmasking, from the round's ``stage_seconds`` (less sensitive
-  to other load on the machine than the ratio of two runs made minutes apart);
+* the protocol's own share of the secure round: the wall time of every exchange but
+  the training one (advertise, share keys, open shares before it; consistency and
+  unmask after it) and of unmasking, from the round's ``stage_seconds`` (less
+  sensitive to other load on the machine than the ratio of two runs made minutes
+  apart); the masking itself rides the training exchange;
 * the same ratio for Flower's own SecAgg+ on the same site workload
   (benchmarks/flower_secaggplus.py: the anchor);
 * P8: fedsilo's plain round / Flower's plain round on the same site workload (what
@@ -68,7 +70,8 @@ def _fedsilo(num_sites: int, rounds: int, secure: bool, out: Path, bits: int) ->
     return {
         "round_seconds": statistics.median(r.aggregate_seconds for r in later),
         "bytes_per_site": statistics.mean(uploads),
-        # Wall time of the exchanges after training (share keys, masked input, unmask)
+        # Wall time of the exchanges other than training (advertise, share keys, open
+        # shares, consistency, unmask)
         # and of unmasking: what the protocol adds to a round, robust to a busy machine.
         "protocol_seconds": statistics.median(protocol),
     }
