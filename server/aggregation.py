@@ -58,6 +58,7 @@ class SiteResult:
     error: str | None = None  # why the site's update is not in the mean
     contributed: bool = False
     left: bool = False  # the site left with its own reason (not refused by the coordinator)
+    round_failed: bool = False  # it did its part, but the round failed as a whole
 
 
 @dataclass
@@ -70,6 +71,7 @@ class RoundOutcome:
     upload_bytes: dict[int, int] = field(default_factory=dict)  # per node
     clipped: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time per exchange
+    cheaters: tuple[int, ...] = ()  # nodes proven to have cheated (secure aggregation)
 
 
 def _check_update(update: Arrays, reference: Arrays) -> str | None:

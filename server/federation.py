@@ -184,7 +184,8 @@ def _account(res: SiteResult, view: DeclaredSite, row: RoundTally) -> None:
             row.note(name, "rejected", res.error)
     elif report.status == "ok":
         view.rounds_failed += 1
-        row.note(name, "left" if res.left else "rejected", res.error or "update not used")
+        status: NoteStatus = "left" if res.left else "failed" if res.round_failed else "rejected"
+        row.note(name, status, res.error or "update not used")
     elif report.status == "refused":
         view.rounds_refused += 1
         row.note(name, "refused", report.reason)
@@ -211,6 +212,7 @@ def run_federation(
     sampler = random.Random(cfg.seed)
     sites: dict[str, DeclaredSite] = {}
     known_names: dict[int, str] = {}
+    banned: dict[int, int] = {}  # node -> the round it was proven to cheat in
     rows: list[RoundRecord] = []
     reporter.start(cfg, num_params=sum(v.numel() for v in weights.values()))
 
@@ -219,6 +221,8 @@ def run_federation(
         # Deployed sites connect when they start: give them one round timeout to reach
         # min-sites before the first round, rather than failing it at once.
         available = _wait_for_sites(transport, cfg.min_sites, cfg.round_timeout if rnd == 1 else 0)
+        # A site proven to cheat in secure aggregation is not asked again this run.
+        available = [n for n in available if n not in banned]
         k = max(1, math.ceil(cfg.fraction_train * len(available)))
         chosen = sorted(sampler.sample(available, min(k, len(available))))
         row = RoundTally(round=rnd, sites_asked=len(chosen))
@@ -241,6 +245,14 @@ def run_federation(
             _account(
                 res, sites.setdefault(names[res.node_id], DeclaredSite(names[res.node_id])), row
             )
+        for nid in outcome.cheaters:
+            banned.setdefault(nid, rnd)
+        for nid, when in sorted(banned.items()):
+            if when == rnd:
+                continue  # this round's notes say what it did
+            name = known_names.get(nid, f"node-{nid}")
+            why = f"proven to cheat in secure aggregation in round {when}: not asked this run"
+            row.note(name, "rejected", why)
         if outcome.failure:
             row.fail(outcome.failure)
         if outcome.mean is not None:

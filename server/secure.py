@@ -100,7 +100,8 @@ class _Round:
                 self.drop(nid, f"dropped at {stage}: reply for another session (replay?)")
                 continue
             if message.error:
-                self.drop(nid, f"left at {stage}: {message.error}", left=True)
+                # The site's own words (it may be lying): quoted as its claim.
+                self.drop(nid, f"left at {stage}, saying: {message.error}", left=True)
                 continue
             accept(u, message)
 
@@ -356,7 +357,9 @@ def secure_round(
             # not deal) is still in the sum: it contributed, and it is named.
             res = SiteResult(nid, res.report, res.error, contributed=True)
         elif res.report is not None and res.report.status == "ok" and res.error is None:
-            res = SiteResult(nid, res.report, failure or "not in the secure sum")
+            res = SiteResult(
+                nid, res.report, failure or "not in the secure sum", round_failed=bool(failure)
+            )
         results.append(res)
     if failure:
         log.warning("round %d: %s", plan.round, failure)
@@ -367,4 +370,5 @@ def secure_round(
         upload_bytes=state.upload,
         clipped=clipped,
         stage_seconds=state.seconds,
+        cheaters=tuple(state.node_of[u] for u in sorted(coordinator.cheaters)),
     )

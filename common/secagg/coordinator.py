@@ -59,6 +59,9 @@ class CoordinatorSession:
     commitments: dict[int, bytes] = field(default_factory=dict)  # of alive sites' b seeds
     total: RingArray | None = None
     rejected: dict[int, str] = field(default_factory=dict)
+    # Sites proven to have cheated: every share of theirs matched their own signed
+    # entries, yet the shares do not rebuild what they committed to or advertised.
+    cheaters: set[int] = field(default_factory=set)
     stage: str = "advertise"
 
     def _expect(self, stage: str, nxt: str) -> None:
@@ -150,27 +153,48 @@ class CoordinatorSession:
 
     def receive_opened(self, replies: Mapping[int, Iterable[int]]) -> tuple[int, ...]:
         """Stage 3 -> 4, before anyone trains: each holder names the dealers whose shares
-        failed its checks. The round's sites are those that dealt, opened their shares
-        and were refused by no holder; a refused dealer is left out now (its holders
-        cannot vouch for its secrets), named with who refused it. Only the holder knows
-        whether the dealer or the coordinator's routing was at fault."""
+        failed its checks. A refusal is a conflict between a holder and a dealer that
+        nobody can settle (only the holder sees the shares; the routing may have been
+        tampered with), so both may be at fault. A site in two or more conflicts is left
+        out; a conflict between two sites in no other one leaves both out. One malicious
+        site thus removes itself and at most one honest site, never a round. Sites that
+        did not reply are out too; the rest are the round's sites."""
         self._expect("open", "masked")
         opened: set[int] = set()
+        conflicts: set[tuple[int, int]] = set()  # (holder, dealer)
         for w, refused in sorted(replies.items()):
             if w not in self.shared:
                 self._reject(w, "opened shares it was never sent")
                 continue
             opened.add(w)
             for v in set(refused):
-                if v in self.shared and w in self.params.holders(v):
-                    self.reports.setdefault(v, []).append(w)
-        for v, by in sorted(self.reports.items()):
+                if v in self.shared and v != w and w in self.params.holders(v):
+                    conflicts.add((w, v))
+        count: dict[int, int] = {}
+        for w, v in sorted(conflicts):
+            count[w] = count.get(w, 0) + 1
+            count[v] = count.get(v, 0) + 1
+            self.reports.setdefault(v, []).append(w)
+        out = {u for u, k in count.items() if k >= 2}
+        for u in sorted(out):
+            others = sorted({x for pair in conflicts if u in pair for x in pair} - {u})
             self._reject(
-                v,
-                f"holders {sorted(by)} refused the shares it dealt them (they do not match its "
-                "signed dealing record): left out before training",
+                u,
+                f"in conflict over dealt shares with sites {others} (refused theirs or was "
+                "refused by them; which side is at fault cannot be checked): left out "
+                "before training",
             )
-        self.members = opened - set(self.reports)
+        for w, v in sorted(conflicts):
+            if w not in out and v not in out:
+                out |= {w, v}
+                why = (
+                    f"holder {w} refused the shares dealer {v} dealt it (they do not match "
+                    f"{v}'s signed entry, or were tampered with on the way; which cannot be "
+                    "checked): both left out before training"
+                )
+                self._reject(w, why)
+                self._reject(v, why)
+        self.members = opened - out
         self._require(self.members, self.members, "opening shares")
         return tuple(sorted(self.members))
 
@@ -203,6 +227,12 @@ class CoordinatorSession:
             raise SecAggAbort(
                 f"after masked input the alive sites' neighbour graph falls into {pieces} "
                 "pieces: unmasking would reveal each piece's sum"
+            )
+        if self.params.separable(self.alive, self.params.tolerated):
+            raise SecAggAbort(
+                f"after masked input, {self.params.tolerated} colluding alive sites (the "
+                "number this round tolerates) could cut the alive sites' neighbour graph: "
+                "unmasking could reveal the sum of part of them"
             )
         self.survivors = Survivors(
             alive=tuple(sorted(self.alive)), dropped=tuple(sorted(self.members - self.alive))
@@ -272,7 +302,13 @@ class CoordinatorSession:
                 shares.setdefault(v, {})[holder] = share
         return shares
 
-    def _rebuild(self, shares: Mapping[int, bytes], what: str) -> bytes:
+    def _cheated(self, site: int, what: str) -> None:
+        """``site`` is proven to have cheated: every share of its secret matched its own
+        signed dealing entries, so the shares it dealt are its own doing."""
+        self.cheaters.add(site)
+        self._reject(site, f"cheated: it {what} (its signed dealing entries prove it)")
+
+    def _rebuild(self, shares: Mapping[int, bytes], what: str, dealer: int) -> bytes:
         t = self.params.threshold
         if len(shares) < t:
             named = sorted(u for u, why in self.rejected.items() if "revealed a share" in why)
@@ -283,6 +319,9 @@ class CoordinatorSession:
         except SecAggError as err:
             # Every share matched its dealer's signed entry: the dealer dealt them off
             # one polynomial.
+            self._cheated(
+                dealer, "dealt shares that match its signed entries but lie on no one polynomial"
+            )
             raise SecAggAbort(f"{what}: {err}; its dealer cheated") from None
 
     def receive_unmask(
@@ -298,16 +337,18 @@ class CoordinatorSession:
         bits, n = self.params.ring_bits, self.params.vector_length
         total = self.total.copy()
         for u in sorted(self.alive):
-            seed = self._rebuild(shares.get(u, {}), f"site {u}'s self-mask seed")
+            seed = self._rebuild(shares.get(u, {}), f"site {u}'s self-mask seed", u)
             if commitment(self.params, u, seed) != self.commitments[u]:
+                self._cheated(u, "dealt shares of a self-mask seed it did not commit to")
                 raise SecAggAbort(
                     f"site {u} dealt shares that do not rebuild the self-mask seed it "
                     f"committed to: site {u} cheated"
                 )
             total = total - crypto.expand_mask(seed, n, bits)
         for v in sorted(dropped):
-            secret = self._rebuild(shares.get(v, {}), f"dropped site {v}'s key")
+            secret = self._rebuild(shares.get(v, {}), f"dropped site {v}'s key", v)
             if crypto.public_from_private(secret) != self.adverts[v].keys.s:
+                self._cheated(v, "dealt shares of a key it did not advertise")
                 raise SecAggAbort(
                     f"dropped site {v} dealt shares that do not rebuild the key it advertised"
                 )

@@ -214,6 +214,42 @@ class SecAggParams:
         """Who holds shares of ``index``'s secrets: its neighbours and itself."""
         return tuple(sorted((*self.neighbours(index), index)))
 
+    def separable(self, alive: Collection[int], removed: int) -> bool:
+        """Whether removing at most ``removed`` of the ``alive`` sites can split the
+        others into two groups with no edge between them. Colluders are such removable
+        sites: the coordinator knows their pairwise masks, so two honest groups joined
+        only through colluders unmask on their own (a sum over part of the sites).
+
+        The graph is complete (never separable) or a Harary ring, where an edge spans
+        at most ``half`` ring positions: the alive sites split iff two disjoint runs of
+        ``half`` consecutive positions hold at most ``removed`` alive sites together
+        and alive sites remain on both sides between them."""
+        n = len(self.participants)
+        if self.degree >= n - 1:
+            return False
+        order, _ = self._ring
+        half = self.degree // 2
+        live = set(alive)
+        flags = [1 if order[i] in live else 0 for i in range(n)]
+        prefix = [0]
+        for f in flags + flags:
+            prefix.append(prefix[-1] + f)
+
+        def count(start: int, length: int) -> int:  # alive in positions start..start+length-1
+            start %= n
+            return prefix[start + length] - prefix[start]
+
+        window = [count(i, half) for i in range(n)]
+        for a in range(n):
+            for gap in range(1, n - 2 * half):  # the second run starts ``half + gap`` later
+                b = a + half + gap
+                other = n - 2 * half - gap  # positions between the second run and the first
+                if other < 1 or window[a] + window[b % n] > removed:
+                    continue
+                if count(a + half, gap) and count(b + half, other):
+                    return True
+        return False
+
     def pieces(self, alive: Collection[int]) -> int:
         """How many connected pieces the neighbour graph falls into among ``alive``:
         more than one, and each piece's masks cancel on their own, so unmasking would

@@ -59,7 +59,8 @@ def check_survivors(
     """The checks every site makes on a survivor set before signing it: it splits the
     round's sites (``members``) into alive and dropped, counts this site alive, holds
     at least ``t`` and the site's own minimum of alive sites (the sum the coordinator
-    learns is over them), and their neighbour graph is in one piece."""
+    learns is over them), and their neighbour graph stays in one piece even without
+    the colluders the round tolerates."""
     alive, dropped = set(survivors.alive), set(survivors.dropped)
     if list(survivors.alive) != sorted(alive) or list(survivors.dropped) != sorted(dropped):
         raise SecAggError("the survivor set must list sites once each, in order")
@@ -83,6 +84,14 @@ def check_survivors(
         raise SecAggAbort(
             f"the alive sites' neighbour graph falls into {pieces} pieces: revealing "
             "shares would unmask each piece on its own"
+        )
+    # Colluders' pairwise masks are known to the coordinator: honest groups joined only
+    # through colluders would unmask on their own, a sum over part of the sites.
+    if params.separable(alive, params.tolerated):
+        raise SecAggAbort(
+            f"{params.tolerated} colluding alive sites (the number this round tolerates) "
+            "could cut the alive sites' neighbour graph: revealing shares could unmask the "
+            "sum of part of them"
         )
 
 

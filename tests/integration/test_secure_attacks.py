@@ -4,8 +4,10 @@ advert), and a malicious site lies about a share it reveals."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -152,3 +154,49 @@ def test_a_lying_share_is_named_and_the_round_completes(tmp_path: Path) -> None:
     rejected = [n for n in row["notes"] if n["status"] == "rejected"]
     assert [n["site"] for n in rejected] == ["site-3"]
     assert "did not deal it" in rejected[0]["reason"]
+
+
+def _cheating_client(cheat: int):  # type: ignore[no-untyped-def]
+    """The real ClientApp, except that node ``cheat``, once it has dealt the shares of
+    its self-mask seed, masks with (and commits to) another seed: its dealt shares all
+    match its signed entries, but rebuild a seed it did not commit to."""
+
+    def app(message: Message, context: Context) -> Message:
+        reply = client_app(message, context)
+        dealt = message.metadata.group_id.endswith("/share-keys")
+        record = context.state.config_records.get(SECAGG_STATE_KEY)
+        if context.node_id == cheat and dealt and record is not None:
+            session = json.loads(str(record["session"]))
+            session["b"] = base64.b64encode(os.urandom(32)).decode()
+            record["session"] = json.dumps(session)
+        return reply
+
+    return app
+
+
+def test_a_site_proven_to_cheat_is_named_and_not_asked_again(tmp_path: Path) -> None:
+    # A malicious site can still fail one round after the others trained (shares that
+    # match their hashes but not its commitment: only verifiable secret sharing would
+    # catch that before training). It is proven to have cheated, named, and left out of
+    # every later round of the run, so it costs the others one round, not every round.
+    out = tmp_path / "run"
+    cheat = NODE_ID_OFFSET + 2
+    grid = InProcessGrid(
+        _cheating_client(cheat),
+        num_nodes=SITES,
+        node_configs=_nodes(),
+        run_config={**RUN, "num-server-rounds": 2, "out-dir": str(out)},
+    )
+
+    server_app(grid, grid.server_context())
+
+    first, second = _summary(out)["rounds"]
+    assert first["status"] == "failed"
+    assert "site-2" in first["reason"] and "cheated" in first["reason"]
+    notes = {n["site"]: n for n in first["notes"]}
+    assert notes["site-2"]["status"] == "rejected" and "cheated" in notes["site-2"]["reason"]
+    assert all(n["status"] == "failed" for s, n in notes.items() if s != "site-2")
+    assert second["status"] == "ok" and second["trained"] == SITES - 1
+    assert "site-2" not in second["trained_sites"]
+    assert {"site": "site-2", "status": "rejected"}.items() <= second["notes"][0].items()
+    assert "proven to cheat in secure aggregation in round 1" in second["notes"][0]["reason"]

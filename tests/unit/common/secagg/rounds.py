@@ -224,27 +224,35 @@ def run_round(
 
 
 def assert_left_out(out: Outcome, dealer: int, holders: Collection[int]) -> None:
-    """``dealer``'s shares were refused by ``holders`` (and only they), so the
-    coordinator left it out of the round's sites before anyone trained: it is named with
-    them, no member masked with it or counts it in the survivor set, it was never
-    admitted (so never masked) nor counted alive, no holder kept its shares and none
-    revealed one."""
+    """``dealer``'s shares were refused by ``holders`` (and only they). Each refusal is
+    a conflict nobody can settle: a dealer refused by two or more holders is left out
+    alone; a single refusal leaves out both the dealer and that holder. Either way
+    before anyone trained: the parties left out are named, no member masked with them
+    or counts them in the survivor set, they were never admitted (so never masked) nor
+    counted alive, no holder kept the dealer's shares and none revealed one."""
     co = out.co
-    assert f"holders {sorted(holders)} refused the shares it dealt them" in co.rejected[dealer]
-    assert "left out before training" in co.rejected[dealer]
-    assert co.reports[dealer] == sorted(holders)
+    holders = sorted(holders)
+    left = {dealer} if len(holders) >= 2 else {dealer, *holders}
+    if len(holders) >= 2:
+        assert f"in conflict over dealt shares with sites {holders}" in co.rejected[dealer]
+    else:
+        why = f"holder {holders[0]} refused the shares dealer {dealer} dealt it"
+        assert why in co.rejected[dealer] and why in co.rejected[holders[0]]
+    assert all("left out before training" in co.rejected[u] for u in left)
+    assert co.reports[dealer] == holders
     members = tuple(sorted(co.members))
-    assert dealer not in members
+    assert not left & set(members)
     assert out.messages[MEMBERS] == dict.fromkeys(members, members)
     for u in members:
-        assert dealer not in out.sessions[u].members
-    assert out.sessions[dealer].stage == "opened"  # never admitted: it did not mask
-    assert dealer not in co.alive
+        assert not left & set(out.sessions[u].members)
+    for u in left:
+        assert out.sessions[u].stage == "opened"  # never admitted: it did not mask
+        assert u not in co.alive
     for u in holders:
         assert dealer in out.messages[OPENED][u]
         assert dealer not in out.sessions[u].received
     if co.survivors is not None:
-        assert dealer not in co.survivors.alive + co.survivors.dropped
+        assert not left & set(co.survivors.alive + co.survivors.dropped)
     for shares, _ in out.messages.get(UNMASK, {}).values():
         assert dealer not in shares
 

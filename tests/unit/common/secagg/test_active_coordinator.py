@@ -15,16 +15,21 @@ c. a partition by dropouts at a low degree: a survivor set whose alive sites fal
 d. a lying share: a holder that reveals a share its dealer did not deal is named (and
    only it) and the round completes whenever enough verified shares remain; a dealer
    whose signed dealing record does not match the share it sealed is reported by the
-   holder and left out by the coordinator before any site trains, so the round
-   completes without it (a coordinator damaging an honest dealer's share gets that
-   dealer left out, and nothing else);
+   holder before any site trains. Nobody can settle such a refusal, so it is a
+   conflict: a site in two or more is left out alone, the two sites of a lone conflict
+   are both left out, and the round completes without them (a coordinator damaging an
+   honest dealer's share gets that dealer and its holder left out, and nothing else);
 d'. the round's sites: a site trains only for a final set of sites that is well formed,
    includes it, holds only dealers whose shares it accepted, meets its own minimum and
    leaves every site t holders; and it signs no survivor set below that minimum;
 e. a forged consistency round: without ``t`` genuine signatures on the set it signed, a
    site reveals nothing;
 f. the graph is not the coordinator's to choose: it is seeded by the sites' signed
-   fresh keys.
+   fresh keys;
+g. colluders bridging a cut: a survivor set whose honest sites the tolerated colluders
+   could cut apart is signed by no site, and the coordinator's own rules abort first;
+h. refusals as conflicts (review A1): one malicious site refusing honest dealers'
+   shares removes itself and at most one honest site, never a round.
 """
 
 from __future__ import annotations
@@ -467,6 +472,13 @@ def test_over_the_cap_the_victim_and_t_minus_1_colluders_alone_give_its_input_aw
     forged = Survivors(alive=alive, dropped=dropped)
     sessions = fresh(out)
 
+    if n == 8:
+        # On the ring the victim refuses such a set anyway: one colluder (the tolerated
+        # number) in the middle of three alive sites could cut them apart.
+        with pytest.raises(SecAggAbort, match="could cut the alive sites' neighbour graph"):
+            sessions[victim].consistency(forged, out.sign(victim))
+        return
+
     # Execute: the victim (and the colluders) sign; with t signatures the victim
     # reveals its b share; the coordinator unmasks the sum of the alive inputs.
     signatures = {u: sessions[u].consistency(forged, out.sign(u)) for u in alive}
@@ -715,7 +727,7 @@ def test_a_dealt_share_not_matching_its_signed_entry_leaves_the_dealer_out_befor
     # the share it sealed (so a later, honest reveal would look like a lie by holder 3),
     # or the coordinator alters the entry in transit. Holder 3 checks the share it
     # opened against the entry and names the dealer; only it can tell (it cannot tell
-    # which of the two cheated).
+    # which of the two cheated), and nobody can tell whether it told the truth.
     def alter(routed: dict[int, Any]) -> dict[int, Any]:
         blobs, entries = routed[3]
         routed[3] = (blobs, {**entries, 2: flip(entries[2], 0)})
@@ -725,20 +737,21 @@ def test_a_dealt_share_not_matching_its_signed_entry_leaves_the_dealer_out_befor
         deal_unlike_signed(monkeypatch, dealer=2, holders={3})
     trained = record_training(monkeypatch)
 
-    # Execute
+    # Execute (n = 7, t = 5)
     tamper = {SHARES_ROUTED: alter} if who == "the coordinator" else {}
-    out = run_round(make_params(5), tamper=tamper, site_errors="drop")
+    out = run_round(make_params(7), tamper=tamper, site_errors="drop")
 
     # Assert: the coordinator took the entry (it verifies, or was altered past its
-    # check); holder 3 refused it without raising; site 2 was left out before any site
-    # trained, and the other four (4 = t holders each) sum exactly.
+    # check); holder 3 refused it without raising; site 2 and site 3, in one conflict
+    # nobody can settle, were both left out before any site trained, and the other
+    # five (5 = t holders each) sum exactly.
     assert 2 in out.co.shared
     assert not out.site_errors
-    assert out.messages[OPENED] == {1: (), 2: (), 3: (2,), 4: (), 5: ()}
-    assert set(out.co.rejected) == {2}
+    assert out.messages[OPENED] == {1: (), 2: (), 3: (2,), 4: (), 5: (), 6: (), 7: ()}
+    assert set(out.co.rejected) == {2, 3}
     assert_left_out(out, 2, {3})
-    assert trained == dict.fromkeys((1, 3, 4, 5), (1, 3, 4, 5))
-    assert out.alive == (1, 3, 4, 5)
+    assert trained == dict.fromkeys((1, 4, 5, 6, 7), (1, 4, 5, 6, 7))
+    assert out.alive == (1, 4, 5, 6, 7)
     out.assert_correct()
 
 
@@ -775,14 +788,15 @@ def test_one_dealer_sealing_shares_unlike_its_signed_entries_cannot_abort_the_ro
     out.assert_correct()
 
 
-def test_a_coordinator_tampering_a_routed_share_only_denies_the_honest_dealer(
+def test_a_coordinator_tampering_a_routed_share_only_denies_the_dealer_and_its_holder(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Attack: the coordinator damages honest site 1's sealed share for site 3. Holder 3
-    # cannot tell the coordinator from the dealer, so site 1 is left out: a denial of
-    # service the coordinator can always do (it can drop any site's messages), but
-    # site 1 does not train or send a masked input, no site masks with it, and none of
-    # its secrets' shares is revealed.
+    # Attack: the coordinator damages honest site 1's sealed share for honest site 3.
+    # Holder 3 cannot tell the coordinator from the dealer, and the coordinator cannot
+    # tell whether holder 3 lied, so both are left out: a denial of service the
+    # coordinator can always do (it can drop any site's messages), but neither trains
+    # or sends a masked input, no site masks with them, and none of site 1's secrets'
+    # shares is revealed.
     trained = record_training(monkeypatch)
 
     def hook(routed: dict[int, Any]) -> dict[int, Any]:
@@ -790,15 +804,17 @@ def test_a_coordinator_tampering_a_routed_share_only_denies_the_honest_dealer(
         routed[3] = ({**blobs, 1: flip(blobs[1], 30)}, entries)
         return routed
 
-    # Execute
-    out = run_round(make_params(5), tamper={SHARES_ROUTED: hook})
+    # Execute (n = 7, t = 5)
+    out = run_round(make_params(7), tamper={SHARES_ROUTED: hook})
 
     # Assert
     assert_left_out(out, 1, {3})
-    assert 1 not in trained and 1 not in out.messages[MASKED]
-    assert out.sessions[1].b_seed and out.sessions[1].stage == "opened"
+    assert set(out.co.rejected) == {1, 3}
+    for u in (1, 3):
+        assert u not in trained and u not in out.messages[MASKED]
+        assert out.sessions[u].b_seed and out.sessions[u].stage == "opened"
     assert all(1 not in shares for shares, _ in out.messages[UNMASK].values())
-    assert out.alive == (2, 3, 4, 5)
+    assert out.alive == (2, 4, 5, 6, 7)
     out.assert_correct()
 
 
@@ -991,3 +1007,220 @@ def test_adverts_routed_as_another_sites_are_refused() -> None:
     assert isinstance(out.error, SecAggError)
     assert "site 2's advert (site-3) does not verify under its key" in str(out.error)
     assert out.sessions[1].stage == "advertised"
+
+
+# ---- g. colluders bridging a cut (second review) -------------------------------------
+
+
+def _bridged_round(k_len: int) -> tuple[Any, dict[int, SiteSession], Any, set[int]]:
+    """50 sites (degree 18, t = 13, 6 colluders tolerated), every session real. On the
+    public ring: an honest arc K of ``k_len`` sites, then on each side 3 colluders and
+    6 sites whose masked inputs the coordinator ignores. The alive graph is in one
+    piece only through the colluders, whose pairwise masks the coordinator knows: K's
+    masks would cancel on their own, giving the coordinator K's sum."""
+    from common.secagg.coordinator import CoordinatorSession
+    from common.secagg.params import pack_masked
+
+    params = make_params(50, k=16, length=64)
+    ids = identity_keys(params.participants)
+    roster = roster_of(ids)
+    inputs = random_inputs(params, seed=1)
+    sessions, adverts = {}, {}
+    for u in params.participants:
+        sessions[u], adverts[u] = SiteSession.start(params, u, public(ids[u]), ids[u].sign)
+    co = CoordinatorSession(params)
+    routed = co.receive_adverts(adverts)
+    dealt = {}
+    for u in params.participants:
+        sessions[u].check_adverts(dict(routed), roster, min_sites=10)
+        dealt[u] = sessions[u].share_keys(ids[u].sign)
+    to = co.receive_shares(dealt)
+    members = co.receive_opened({u: sessions[u].open_shares(*to[u]) for u in to})
+    graph = co.params
+    order, _ = graph._ring
+    half = graph.degree // 2
+    n = len(order)
+    colluders = {order[(k_len + j) % n] for j in range(3)} | {order[(-1 - j) % n] for j in range(3)}
+    ignored = {order[(k_len + j) % n] for j in range(3, half)}
+    ignored |= {order[(-1 - j) % n] for j in range(3, half)}
+    masked = {}
+    for u in graph.participants:
+        sessions[u].admit(members)
+        masked[u] = (
+            pack_masked(sessions[u].masked_input(inputs[u]), graph),
+            sessions[u].commitment,
+        )
+    assert (
+        max(len(set(graph.holders(u)) & colluders) for u in graph.participants) <= graph.tolerated
+    )
+    return co, sessions, {u: m for u, m in masked.items() if u not in ignored}, colluders
+
+
+@pytest.mark.parametrize("k_len", [7, 18])
+def test_colluders_bridging_a_cut_are_refused_before_any_share_is_revealed(k_len: int) -> None:
+    # Attack (second review, B1): the alive sites' graph was checked to be in one piece,
+    # colluders included; with 6 colluders (the tolerance) and 12 ignored inputs the
+    # coordinator learnt the sum of a 7-site honest arc although every site required 10.
+    co, sessions, kept, colluders = _bridged_round(k_len)
+    from common.secagg.params import Survivors
+
+    # The coordinator's own rule refuses it ...
+    with pytest.raises(SecAggAbort, match="could cut the alive sites' neighbour graph"):
+        co.receive_masked(kept)
+    # ... and so does every honest site, shown the same survivor set by a coordinator
+    # that skips its own rule.
+    members = set(co.members)
+    alive = tuple(sorted(kept))
+    told = Survivors(alive=alive, dropped=tuple(sorted(members - set(kept))))
+    for u in sorted(set(alive) - colluders):
+        with pytest.raises(SecAggAbort, match="could cut the alive sites' neighbour graph"):
+            sessions[u].consistency(told, lambda data: b"")
+        assert sessions[u].stage == "masked"  # nothing signed, nothing revealed
+
+
+def test_separable_agrees_with_removing_every_small_set_of_alive_sites() -> None:
+    # The ring test against brute force: remove every set of at most c alive sites and
+    # look for pieces.
+    rng = random.Random(2)
+    positives = 0
+    for _ in range(150):
+        n, degree = rng.choice([14, 15, 16, 18]), rng.choice([4, 6, 8])
+        params = make_params(n, degree=degree).with_graph(os.urandom(32))
+        alive = [u for u in params.participants if rng.random() < 0.6]
+        c = rng.randint(0, 2)
+        brute = any(
+            len(set(alive) - set(gone)) >= 2 and params.pieces(set(alive) - set(gone)) > 1
+            for k in range(c + 1)
+            for gone in itertools.combinations(alive, k)
+        )
+        positives += brute
+        assert params.separable(alive, c) == brute
+    assert positives > 20  # both answers were exercised
+
+
+# ---- h. refusals as conflicts (review A1) ----------------------------------------------
+
+
+def refuse(malicious: int, dealers: Collection[int]) -> Any:
+    """An OPENED hook: site ``malicious`` opened its shares honestly but reports that it
+    refused those of ``dealers`` (a lie nobody can check: only it saw the shares)."""
+
+    def hook(replies: dict[int, Any]) -> dict[int, Any]:
+        replies[malicious] = tuple(sorted(dealers))
+        return replies
+
+    return hook
+
+
+@pytest.mark.parametrize(("n", "degree"), [(5, None), (10, None), (12, 8)])
+def test_a_holder_refusing_every_dealer_leaves_only_itself_out(
+    n: int, degree: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Attack (review A1): a refused dealer used to be left out, named as the cheat, on
+    # its refusing holder's word alone. One malicious site refusing every dealer so left
+    # every honest site out, aborted every round and blamed the honest dealers. Now each
+    # refusal is a conflict: the malicious site is in one with each of its dealers, so
+    # it alone is left out, and the honest dealers (one conflict each) stay in.
+    malicious = 3
+    trained = record_training(monkeypatch)
+    params = make_params(n) if degree is None else make_params(n, degree=degree)
+
+    # Execute: it refuses everyone, itself and sites it holds no shares of included
+    # (the coordinator counts only refusals of dealers it holds shares of).
+    out = run_round(params, tamper={OPENED: refuse(malicious, range(1, n + 1))})
+
+    # Assert: the round completes over every other site, exactly.
+    rest = tuple(u for u in range(1, n + 1) if u != malicious)
+    dealers = sorted(out.co.params.neighbours(malicious))
+    assert out.error is None
+    assert set(out.co.rejected) == {malicious}
+    reason = out.co.rejected[malicious]
+    assert f"in conflict over dealt shares with sites {dealers}" in reason
+    assert "left out before training" in reason
+    assert all(out.co.reports[v] == [malicious] for v in dealers)
+    assert all(out.messages[OPENED][v] == () for v in rest)
+    assert out.co.members == set(rest)
+    assert trained == dict.fromkeys(rest, rest)
+    assert out.sessions[malicious].stage == "opened" and malicious not in out.co.alive
+    assert all(malicious not in shares for shares, _ in out.messages[UNMASK].values())
+    assert out.alive == rest
+    out.assert_correct()
+
+
+@pytest.mark.parametrize("n", [7, 10])
+def test_a_holder_refusing_one_honest_dealer_leaves_out_both_and_the_round_completes(
+    n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Attack (review A1): malicious site 3 refuses honest site 1's shares, and only
+    # those. Nobody can tell which of the two lies, so both are left out: a denial of
+    # service of one honest site for one round, which names it as unverifiable, not as
+    # a cheat. The round completes over the others (n = 7: 5 = t holders each).
+    trained = record_training(monkeypatch)
+
+    # Execute
+    out = run_round(make_params(n), tamper={OPENED: refuse(3, {1})})
+
+    # Assert
+    # (Site 3 kept site 1's shares: it lied. assert_left_out assumes honest refusals.)
+    rest = tuple(u for u in range(1, n + 1) if u not in (1, 3))
+    assert set(out.co.rejected) == {1, 3}
+    assert out.co.rejected[1] == out.co.rejected[3]
+    reason = out.co.rejected[1]
+    assert "holder 3 refused the shares dealer 1 dealt it" in reason
+    assert "which cannot be checked" in reason
+    assert "both left out before training" in reason
+    assert out.co.reports == {1: [3]}
+    assert out.messages[MEMBERS] == dict.fromkeys(rest, rest)
+    assert out.co.survivors == Survivors(alive=rest, dropped=())
+    for u in (1, 3):
+        assert out.sessions[u].stage == "opened" and u not in out.co.alive
+        assert all(u not in shares for shares, _ in out.messages[UNMASK].values())
+    assert trained == dict.fromkeys(rest, rest)
+    assert out.alive == rest
+    out.assert_correct()
+
+
+def test_a_holder_refusing_two_honest_dealers_leaves_only_itself_out() -> None:
+    # Attack: two refusals put the malicious holder in two conflicts, and each honest
+    # dealer in one: it alone is left out (n = 5: 4 = t holders each remain).
+    out = run_round(make_params(5), tamper={OPENED: refuse(3, {1, 2})})
+
+    # Assert
+    assert set(out.co.rejected) == {3}
+    assert "in conflict over dealt shares with sites [1, 2]" in out.co.rejected[3]
+    assert out.co.reports == {1: [3], 2: [3]}
+    assert out.alive == (1, 2, 4, 5)
+    out.assert_correct()
+
+
+@pytest.mark.parametrize("how", ["sealed garbage", "entries unlike the shares"])
+@pytest.mark.parametrize("n", [5, 10])
+def test_a_dealer_dealing_bad_shares_to_all_its_holders_is_left_out_alone(
+    n: int, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Attack: malicious dealer 2 deals every holder a share that fails its checks (a
+    # sealed share that does not open, or one unlike its signed entry). Every honest
+    # holder refuses it: 2 is in a conflict with each, each of them in one, so 2 alone
+    # is left out and every honest holder stays in the round.
+    def garbage(replies: dict[int, Any]) -> dict[int, Any]:
+        blobs, entries = replies[2]
+        replies[2] = ({v: flip(b, 40) for v, b in blobs.items()}, entries)
+        return replies
+
+    if how == "entries unlike the shares":
+        deal_unlike_signed(monkeypatch, dealer=2)
+    tamper = {SHARES: garbage} if how == "sealed garbage" else {}
+
+    # Execute
+    out = run_round(make_params(n), tamper=tamper, site_errors="drop")
+
+    # Assert
+    holders = sorted(out.co.params.neighbours(2))
+    rest = tuple(u for u in range(1, n + 1) if u != 2)
+    assert not out.site_errors
+    assert all(out.messages[OPENED][v] == (2,) for v in holders)
+    assert set(out.co.rejected) == {2}
+    assert f"in conflict over dealt shares with sites {holders}" in out.co.rejected[2]
+    assert_left_out(out, 2, holders)
+    assert out.alive == rest
+    out.assert_correct()

@@ -3,8 +3,9 @@ modular sum of the alive sites' inputs (complete and sparse graphs, real encodin
 dropouts at every stage), a masked input looks uniform to the coordinator, a site signs
 one survivor set and answers one unmask request, never revealing both secrets of a
 peer, and tampered, replayed and malformed messages are refused: a share that fails its
-holder's checks gets its dealer left out before any site trains. The attacks of an
-active coordinator (issue 13) are in test_active_coordinator.py."""
+holder's checks is a conflict nobody can settle, so it gets its dealer and that holder
+left out before any site trains. The attacks of an active coordinator (issue 13) are in
+test_active_coordinator.py."""
 
 from __future__ import annotations
 
@@ -577,23 +578,24 @@ def test_flipped_bit_in_a_routed_share_is_refused_naming_the_sender(index: int) 
     assert site.stage == "opened"
 
 
-def test_a_share_tampered_in_transit_leaves_its_dealer_out_and_the_round_completes() -> None:
-    # Prepare: site 1's share for site 3 is damaged on the way. (Site 3 used to raise
-    # and drop out only after every site had trained.)
+def test_a_share_tampered_in_transit_leaves_dealer_and_holder_out_the_round_completes() -> None:
+    # Prepare: n = 7, t = 5; site 1's share for site 3 is damaged on the way. (Site 3
+    # used to raise and drop out only after every site had trained.)
     def hook(routed: dict[int, Any]) -> dict[int, Any]:
         tamper_routed(routed, 3, 1, flip(routed[3][0][1], 20))
         return routed
 
     # Execute
-    out = run_round(make_params(5), tamper={SHARES_ROUTED: hook}, site_errors="drop")
+    out = run_round(make_params(7), tamper={SHARES_ROUTED: hook}, site_errors="drop")
 
-    # Assert: site 3 reported site 1; the coordinator left site 1 out before training,
-    # and the other four (4 = t holders each) sum exactly.
+    # Assert: site 3 reported site 1; nobody can tell whether site 1, site 3 or the
+    # routing was at fault, so the coordinator left both out before training, and the
+    # other five (5 = t holders each) sum exactly.
     assert not out.site_errors
-    assert out.messages[OPENED] == {1: (), 2: (), 3: (1,), 4: (), 5: ()}
-    assert set(out.co.rejected) == {1}
+    assert out.messages[OPENED] == {1: (), 2: (), 3: (1,), 4: (), 5: (), 6: (), 7: ()}
+    assert set(out.co.rejected) == {1, 3}
     assert_left_out(out, 1, {3})
-    assert out.alive == (2, 3, 4, 5)
+    assert out.alive == (2, 4, 5, 6, 7)
     out.assert_correct()
 
 
@@ -625,13 +627,14 @@ def test_share_routed_to_the_wrong_site_is_refused() -> None:
         tamper_routed(routed, 3, 1, routed[2][0][1])
         return routed
 
-    # Execute
-    out = run_round(make_params(5), tamper={SHARES_ROUTED: hook})
+    # Execute (n = 7, t = 5: the round completes without the two sites left out)
+    out = run_round(make_params(7), tamper={SHARES_ROUTED: hook})
 
-    # Assert: it does not open at site 3 (bound to the pair); site 1 is left out.
+    # Assert: it does not open at site 3 (bound to the pair); site 1 and site 3, in a
+    # conflict nobody can settle, are left out.
     assert out.messages[OPENED][3] == (1,)
     assert_left_out(out, 1, {3})
-    assert out.alive == (2, 3, 4, 5)
+    assert out.alive == (2, 4, 5, 6, 7)
     out.assert_correct()
 
 
@@ -656,13 +659,13 @@ def test_a_routed_share_without_its_dealing_entry_is_refused(change: str) -> Non
         routed[3] = (blobs, entries)
         return routed
 
-    # Execute
-    out = run_round(make_params(5), tamper={SHARES_ROUTED: hook})
+    # Execute (n = 7, t = 5: the round completes without the two sites left out)
+    out = run_round(make_params(7), tamper={SHARES_ROUTED: hook})
 
-    # Assert
+    # Assert: site 3 refuses site 1's share; both are left out.
     assert out.messages[OPENED][3] == (1,)
     assert_left_out(out, 1, {3})
-    assert out.alive == (2, 3, 4, 5)
+    assert out.alive == (2, 4, 5, 6, 7)
     out.assert_correct()
 
 
@@ -789,8 +792,9 @@ def test_malformed_masked_input_drops_the_sender(change: str) -> None:
 
 @pytest.mark.parametrize("why", ["did not share", "was left out"])
 def test_masked_input_from_a_site_that_is_not_in_the_round_is_ignored(why: str) -> None:
-    # Prepare: site 2 skipped the share stage, or its share to site 3 was refused (so
-    # it is not one of the round's sites), but a masked input arrives in its name.
+    # Prepare: n = 7, t = 5; site 2 skipped the share stage, or its share to site 3 was
+    # refused (so it and site 3 are not among the round's sites), but a masked input
+    # arrives in its name.
     def refuse(routed: dict[int, Any]) -> dict[int, Any]:
         tamper_routed(routed, 3, 2, flip(routed[3][0][2], 20))
         return routed
@@ -801,17 +805,18 @@ def test_masked_input_from_a_site_that_is_not_in_the_round_is_ignored(why: str) 
 
     # Execute
     if why == "did not share":
-        out = run_round(make_params(5), drop={SHARES: {2}}, tamper={MASKED: hook})
+        out = run_round(make_params(7), drop={SHARES: {2}}, tamper={MASKED: hook})
     else:
-        out = run_round(make_params(5), tamper={SHARES_ROUTED: refuse, MASKED: hook})
+        out = run_round(make_params(7), tamper={SHARES_ROUTED: refuse, MASKED: hook})
 
     # Assert
     assert 2 in out.messages[MASKED] and 2 not in out.co.alive
     if why == "did not share":
         assert out.co.rejected[2] == "masked input from a site that is not in the round"
+        assert out.alive == (1, 3, 4, 5, 6, 7)
     else:
         assert_left_out(out, 2, {3})
-    assert out.alive == (1, 3, 4, 5)
+        assert out.alive == (1, 4, 5, 6, 7)
     out.assert_correct()
 
 
@@ -1098,7 +1103,10 @@ def test_a_bad_b_share_dealt_among_exactly_t_is_caught_by_the_commitment(
     assert "site 1 dealt shares that do not rebuild the self-mask seed it committed to" in str(
         out.error
     )
-    assert not out.co.rejected  # no holder is blamed for the dealer's share
+    # No holder is blamed for the dealer's share; the dealer is, proven by its own
+    # signed entries, and the coordinator will not ask it again.
+    assert set(out.co.rejected) == out.co.cheaters == {1}
+    assert out.co.rejected[1].startswith("cheated: it dealt shares of a self-mask seed")
 
 
 def test_a_bad_b_share_dealt_among_more_than_t_makes_the_shares_inconsistent(
@@ -1114,7 +1122,7 @@ def test_a_bad_b_share_dealt_among_more_than_t_makes_the_shares_inconsistent(
     assert isinstance(out.error, SecAggAbort)
     assert "site 1's self-mask seed: shares are inconsistent" in str(out.error)
     assert str(out.error).endswith("; its dealer cheated")
-    assert not out.co.rejected
+    assert set(out.co.rejected) == out.co.cheaters == {1}
 
 
 def test_a_bad_s_share_dealt_among_exactly_t_is_caught_by_the_public_key(
