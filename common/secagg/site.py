@@ -115,10 +115,6 @@ class SiteSession:
     min_sites: int = 2  # the fewest sites this site joins a sum of (its own setting)
     members: tuple[int, ...] = ()  # the round's sites, as admitted before training
 
-    @property
-    def keys(self) -> dict[int, PublicKeys]:
-        return {v: a.keys for v, a in self.adverts.items()}
-
     @classmethod
     def start(
         cls, params: SecAggParams, index: int, identity: bytes, sign: Signer
