@@ -160,6 +160,26 @@ def check_data(
     print(f"{path}: {len(data)} rows ok ({counts})")
 
 
+task_app = typer.Typer(
+    help="Tasks: what a federation agrees to train (public).", no_args_is_help=True
+)
+
+
+@task_app.command("show")
+def task_show(
+    task: Annotated[str, typer.Argument(help="a task file (.toml) or a bundled task's name")],
+) -> None:
+    """Print a task and the digest a site pins when it agrees to it."""
+    from common.task import resolve_task
+
+    t = resolve_task(task)
+    print(f"task {t.name}: {len(t.labels)} labels, digest {t.digest()}")
+    print(f"  labels        {', '.join(t.labels)}")
+    print(f"  columns       text {t.text_column!r}, label {t.label_column!r}")
+    print(f"  max length    {t.max_length} tokens; model preset {t.model_preset}")
+    print(f"  test file     {t.test_file or '- (evaluation only at the sites)'}")
+
+
 @cli.command("export")
 def export(
     run_dir: Annotated[str, typer.Argument(help="a run folder (summary.json, model/)")],
@@ -230,6 +250,7 @@ cli.add_typer(coordinator_app, name="coordinator")
 cli.add_typer(site_app, name="site")
 cli.add_typer(roster_app, name="roster")
 cli.add_typer(audit, name="audit")
+cli.add_typer(task_app, name="task")
 
 
 def main() -> None:

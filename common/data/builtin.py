@@ -165,13 +165,15 @@ def load_builtin(
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
 
+    declared = builtin_label_names(name)
     if name == "rotten-tomatoes":
         texts, labels, groups = _read_rotten_tomatoes(_locate(_RT_DIST, _RT_FILE))
+        _check_declared(name, _RT_LABELS, declared)
         full = TextDataset(
             name=f"{name}-{split}",
             texts=texts,
             labels=labels,
-            label_names=_RT_LABELS,
+            label_names=declared,
             groups=groups,
         )
         return full.subset(_split_indices(len(full), split, seed=seed, test_fraction=test_fraction))
@@ -181,6 +183,8 @@ def load_builtin(
         _locate(_NG_DIST, _NG_FILES["test"]),
         split,
     )
+    _check_declared(name, label_names, declared)
+    label_names = declared
     return TextDataset(
         name=f"{name}-{split}",
         texts=texts,
@@ -190,6 +194,19 @@ def load_builtin(
     )
 
 
+def _check_declared(name: str, found: tuple[str, ...], declared: tuple[str, ...]) -> None:
+    """The bundled files must carry exactly the labels their task declares, in its order
+    (the labels' indices are the model's outputs)."""
+    if found != declared:
+        raise DataValidationError(
+            f"bundled data set {name} carries the labels {list(found)}, but its task file "
+            f"declares {list(declared)}"
+        )
+
+
 def builtin_label_names(name: str) -> tuple[str, ...]:
-    """The declared label set of a bundled dataset (site files must use it)."""
-    return load_builtin(name, "test").label_names
+    """The declared label set of a bundled dataset (site files must use it): its bundled
+    task file's labels (common/data/tasks/), never read from data."""
+    from common.task import bundled_task  # common.task imports common.config, not data
+
+    return bundled_task(name).labels
