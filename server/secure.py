@@ -57,6 +57,10 @@ def make_params(
     )
 
 
+class _NobodyTrained(Exception):
+    """No site sent a masked input: the round has nothing to aggregate or abort."""
+
+
 class _Round:
     """Bookkeeping of one secure round: who is still in, what each site sent."""
 
@@ -263,12 +267,7 @@ def secure_round(
                 continue
             masked[u] = (y.blobs[0], y.more[0])
         if not masked:  # nobody trained: nothing to aggregate, nothing to abort
-            return RoundOutcome(
-                results=[state.results.get(n, SiteResult(n, None, "not asked")) for n in chosen],
-                mean=None,
-                upload_bytes=state.upload,
-                stage_seconds=state.seconds,
-            )
+            raise _NobodyTrained
 
         # 5. consistency: every survivor signs the one survivor set
         survivors = coordinator.receive_masked(masked)
@@ -330,6 +329,8 @@ def secure_round(
         mean = unflatten(mean_vector, weights)
         mean = {k: v.to(weights[k].dtype) for k, v in mean.items()}
         state.seconds["unmask-and-decode"] = time.monotonic() - started
+    except _NobodyTrained:
+        pass  # the round's notes say why each site did not train
     except SecAggAbort as err:
         failure = f"secure aggregation aborted: {err}"
     except (SecAggError, ValueError) as err:
@@ -354,8 +355,10 @@ def secure_round(
         if in_sum and res.report is not None:
             clipped += res.report.update_clipped
             # A site rejected after its masked input (it revealed a share its dealer did
-            # not deal) is still in the sum: it contributed, and it is named.
-            res = SiteResult(nid, res.report, res.error, contributed=True)
+            # not deal) is still in the sum: it contributed, and it is named. One that
+            # only vanished after it is in the sum too, recovered, and nothing more.
+            named = res.error if res.error and res.error.startswith("rejected:") else None
+            res = SiteResult(nid, res.report, named, contributed=True)
         elif res.report is not None and res.report.status == "ok" and res.error is None:
             res = SiteResult(
                 nid, res.report, failure or "not in the secure sum", round_failed=bool(failure)

@@ -113,10 +113,12 @@ def test_sites_vanishing_after_their_masked_input_are_recovered(tmp_path: Path) 
     # Execute
     summary = _go(grid, tmp_path)
 
-    # Assert: their masked inputs are in the sum, recovered through the shares.
+    # Assert: its masked input is in the sum, recovered through the shares, and it is
+    # counted as trained, not noted as rejected.
     row = summary["rounds"][0]
     assert row["status"] == "ok"
     assert row["trained"] == 5
+    assert row["notes"] == []
     assert np.linalg.norm(_round_update(tmp_path, RunConfig.from_user_config(SMALL))) > 0
 
 
