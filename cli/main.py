@@ -150,11 +150,30 @@ def check_data(
     ] = "rotten-tomatoes",
     text_column: Annotated[str, typer.Option(help="column holding the text")] = "text",
     label_column: Annotated[str, typer.Option(help="column holding the label")] = "label",
+    task: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="a task file (or bundled task): its labels and columns, instead of "
+            "--dataset and the column options"
+        ),
+    ] = None,
 ) -> None:
     """Validate a site's data file with the loader the ClientApp uses; print counts only."""
-    from client.settings import read_site_file
+    if task is not None:
+        from common.data import load_site_file
+        from common.task import resolve_task
 
-    data = read_site_file(path, dataset, text_column, label_column)
+        declared = resolve_task(task)
+        data = load_site_file(
+            path,
+            label_names=declared.labels,
+            text_column=declared.text_column,
+            label_column=declared.label_column,
+        )
+    else:
+        from client.settings import read_site_file
+
+        data = read_site_file(path, dataset, text_column, label_column)
     counts = ", ".join(f"{k}: {v}" for k, v in data.label_counts().items())
     # Plain print: a long path must not wrap, nor its brackets read as markup.
     print(f"{path}: {len(data)} rows ok ({counts})")

@@ -144,3 +144,20 @@ def test_fedsilo_task_show_prints_the_labels_and_the_digest(tmp_path: Path) -> N
     assert f"task news-topics: 4 labels, digest {digest}" in shown.output
     assert "earn, acq, crude, trade" in shown.output
     assert "public-test.csv" in shown.output
+
+
+def test_check_data_validates_a_file_against_a_task_of_our_own(tmp_path: Path) -> None:
+    # A news-topic file of our own (not bundled), with the task's columns.
+    task = _write(tmp_path, NEWS)
+    good = tmp_path / "site.csv"
+    good.write_text("body,topic\nprofits rose,earn\nmerger agreed,acq\noil fell,crude\nq4,earn\n")
+    shown = CliRunner().invoke(cli, ["check-data", str(good), "--task", str(task)])
+    assert shown.exit_code == 0, shown.output
+    assert "4 rows ok (earn: 2, acq: 1, crude: 1, trade: 0)" in shown.output
+
+    # A label the task does not declare is refused by name, with its line.
+    bad = tmp_path / "bad.csv"
+    bad.write_text("body,topic\nprofits rose,earn\nwheat harvest,grain\n")
+    refused = CliRunner().invoke(cli, ["check-data", str(bad), "--task", str(task)])
+    assert refused.exit_code != 0
+    assert "grain" in str(refused.exception) and "line 3" in str(refused.exception)
