@@ -148,6 +148,13 @@ def site_init(
             "re-init with --force: the site's identity key must already be on it)"
         ),
     ] = None,
+    task: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            help="the task file the federation agreed on: its labels and columns are used, its "
+            "digest pinned (the site refuses a plan whose task differs)"
+        ),
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="rewrite an existing site's settings (keys are kept)")
     ] = False,
@@ -171,6 +178,7 @@ def site_init(
         disjoint_data_set=disjoint_data_set,
         min_secure_sites=secagg_min_sites,
         roster=roster,
+        task=task,
         force=force,
     )
     print(init_summary(site))

@@ -31,6 +31,7 @@ from client.settings import (
     SITE_ID_KEY,
     SiteConfigError,
     SiteSettings,
+    task_problem,
 )
 from common.codec import decode_stage, decode_train, encode_reply, encode_stage, is_stage
 from common.data.dataset import DataValidationError
@@ -129,6 +130,9 @@ def _advertise(message: StageMessage, context: Context) -> tuple[StageMessage, s
     site enrols its identity in the simulation's shared roster first."""
     assert message.plan is not None and message.setup is not None  # codec checked
     settings = SiteSettings.from_node_config(context.node_config, message.plan.config)
+    problem = task_problem(settings, message.plan.config)
+    if problem is not None:  # refused before any key is made
+        raise SecAggError(problem)
     if settings.state_dir is None or settings.roster_path is None:
         raise SiteConfigError("secure aggregation needs the site's 'state-dir' (identity, roster)")
     if settings.deployed:

@@ -54,13 +54,15 @@ from client.settings import (
     SITE_EPSILON_KEY,
     SITE_ID_KEY,
     STATE_DIR_KEY,
+    TASK_DIGEST_KEY,
+    TASK_FILE_KEY,
     TEXT_COLUMN_KEY,
     SiteConfigError,
     SiteSettings,
     read_site_file,
 )
 from common.config import ConfigError, RunConfig
-from common.data import BUILTIN_DATASETS, DataValidationError
+from common.data import BUILTIN_DATASETS, DataValidationError, TextDataset, load_site_file
 from common.flower_cli import FLWR_HOME_DIR, executable, flower_env
 from common.pki import (
     CA_CERT,
@@ -85,8 +87,10 @@ from common.privacy.identity import (
 )
 from common.privacy.ledger import LEDGER_FILE, read_ledger, scope_of
 from common.secagg.roster import ROSTER_FILE, Roster, RosterError
+from common.task import Task, TaskError
 
 SITE_FILE = "site.toml"
+TASK_FILE = "task.toml"  # the task the site agreed to (`site init --task`)
 NODE_CONFIG_FILE = "node-config.toml"
 NODE_KEY = "node.key"
 NODE_PUB = "node.pub"
@@ -118,6 +122,8 @@ def render_node_config(
     disjoint_data_set: str | None = None,
     min_secure_sites: int = DEFAULT_MIN_SECURE_SITES,
     secagg_required: bool = True,
+    task_digest: str | None = None,
+    task_file: Path | None = None,
 ) -> dict[str, str | float | int]:
     """The node config, keyed exactly as ``SiteSettings.from_node_config`` reads it,
     and validated by it (so a value the ClientApp would refuse is refused now)."""
@@ -137,6 +143,9 @@ def render_node_config(
     }
     if disjoint_data_set is not None:
         config[DISJOINT_KEY] = disjoint_data_set
+    if task_digest is not None and task_file is not None:
+        config[TASK_DIGEST_KEY] = task_digest
+        config[TASK_FILE_KEY] = str(task_file)
     if text_column == label_column:
         raise DeployError(f"--text-column and --label-column must differ, both are {text_column!r}")
     try:
@@ -221,6 +230,7 @@ def init_site(
     disjoint_data_set: str | None = None,
     min_secure_sites: int = DEFAULT_MIN_SECURE_SITES,
     roster: Path | None = None,
+    task: Path | None = None,
     force: bool = False,
 ) -> Site:
     """Write the site's keys and settings. An existing site is refused unless
@@ -234,7 +244,15 @@ def init_site(
     folder exists (``--force``) can name one."""
     directory = directory.resolve()
     parse_superlink(superlink)
-    if dataset not in BUILTIN_DATASETS:
+    agreed_task: Task | None = None
+    if task is not None:  # the task the site agrees to: its labels and columns rule
+        try:
+            agreed_task = Task.load(task)
+        except TaskError as err:
+            raise DeployError(f"--task: {err}") from None
+        dataset = agreed_task.name
+        text_column, label_column = agreed_task.text_column, agreed_task.label_column
+    if dataset not in BUILTIN_DATASETS and agreed_task is None:
         raise DeployError(f"--dataset {dataset!r}: one of {', '.join(BUILTIN_DATASETS)}")
     data = data.expanduser().resolve()
     if not data.exists():
@@ -245,7 +263,7 @@ def init_site(
     state = directory / STATE_DIR
     if data_size is None:
         try:
-            data_size = len(read_site_file(str(data), dataset, text_column, label_column))
+            data_size = len(_read_for(str(data), dataset, text_column, label_column, agreed_task))
         except (DataValidationError, OSError, ValueError) as err:
             raise DeployError(
                 f"--data {data}: cannot count its rows to declare its size ({err}); fix the "
@@ -262,6 +280,8 @@ def init_site(
         text_column=text_column,
         label_column=label_column,
         min_secure_sites=min_secure_sites,
+        task_digest=agreed_task.digest() if agreed_task is not None else None,
+        task_file=directory / TASK_FILE if agreed_task is not None else None,
     )
     if (directory / SITE_FILE).exists() or (directory / NODE_KEY).exists():
         if not force:
@@ -285,6 +305,8 @@ def init_site(
     if agreed is not None:
         install_roster(state, agreed)
     write_public(directory / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM))
+    if task is not None:
+        write_public(directory / TASK_FILE, task.read_bytes())
     write_public(directory / NODE_CONFIG_FILE, node_config_toml(config))
     write_public(
         directory / SITE_FILE,
@@ -430,7 +452,10 @@ def check_site(directory: Path) -> CheckReport:
     except DeployError as err:
         report.fail(str(err))
     try:
-        config = RunConfig().with_overrides({"dataset": site.dataset})
+        # A task of the site's own (not bundled) has no run config yet: its node config
+        # is read against the defaults, and its data against the pinned task.
+        bundled = site.dataset in BUILTIN_DATASETS
+        config = RunConfig().with_overrides({"dataset": site.dataset} if bundled else {})
         settings = SiteSettings.from_node_config(site.node_config, config)
     except (SiteConfigError, ConfigError, ValueError) as err:
         report.fail(f"{site.node_config_file}: {err}")
@@ -450,11 +475,46 @@ def check_site(directory: Path) -> CheckReport:
     return report
 
 
-def _check_data(report: CheckReport, data_path: str, settings: SiteSettings, dataset: str) -> None:
-    """The ClientApp's own loader and label set (client.settings.read_site_file), and
-    the file's size against the public size the site declared."""
+def _read_for(
+    path: str, dataset: str, text_column: str, label_column: str, task: Task | None
+) -> TextDataset:
+    """A site's file read with the ClientApp's loader, against the task the site agreed
+    to (its labels and columns) or, without one, the bundled data set's labels."""
+    if task is None:
+        return read_site_file(path, dataset, text_column, label_column)
+    return load_site_file(
+        path, label_names=task.labels, text_column=task.text_column, label_column=task.label_column
+    )
+
+
+def _check_task(report: CheckReport, settings: SiteSettings) -> Task | None:
+    """The task the site agreed to, still the one its node config pinned."""
+    if settings.task_file is None:
+        return None
     try:
-        data = read_site_file(data_path, dataset, settings.text_column, settings.label_column)
+        task = Task.load(settings.task_file)
+    except TaskError as err:
+        report.fail(f"task: {err}")
+        return None
+    if task.digest() != settings.task_digest:
+        report.fail(
+            f"task {settings.task_file} changed since `site init` (digest {task.digest()}, "
+            f"the node config pinned {settings.task_digest}): run `fedsilo site init --force "
+            "--task` with the task the federation agreed on"
+        )
+        return None
+    report.ok(f"task {task.name}: {len(task.labels)} labels, digest {task.digest()}")
+    return task
+
+
+def _check_data(report: CheckReport, data_path: str, settings: SiteSettings, dataset: str) -> None:
+    """The ClientApp's own loader and label set (client.settings.read_site_file, or the
+    pinned task's), and the file's size against the public size the site declared."""
+    task = _check_task(report, settings)
+    if settings.task_file is not None and task is None:
+        return
+    try:
+        data = _read_for(data_path, dataset, settings.text_column, settings.label_column, task)
     except DataValidationError as err:
         report.fail(f"data rejected: {err} (the ClientApp refuses the whole file until fixed)")
         return

@@ -37,6 +37,7 @@ from client.settings import (
     STATE_DIR_KEY,
     SiteConfigError,
     SiteSettings,
+    task_problem,
 )
 from common.arrays import clip_update, flatten
 from common.config import RunConfig
@@ -387,6 +388,9 @@ def train_round(
     charged or trained, so a round the site will not join costs it nothing. A site
     that requires secure aggregation refuses a plain train message."""
     plan, setup = request.plan, request.setup
+    problem = task_problem(settings, plan.config)
+    if problem is not None:  # before anything: the site never agreed to this task
+        return TrainReply(SiteReport.of("refused", problem, settings.site_id)), None
     if setup is None and settings.secagg_required:
         # The coordinator may not switch secure aggregation off for this site.
         reason = f"this site joins only secure rounds ('{SECAGG_REQUIRED_KEY}')"

@@ -9,6 +9,7 @@ plan's ``sites-dir``.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,11 @@ MAX_GLOBAL_NORM_KEY = "max-global-norm"
 # The fewest authenticated sites (itself included) this site joins a secure sum with.
 MIN_SECURE_SITES_KEY = "secagg-min-sites"
 DEFAULT_MIN_SECURE_SITES = 3  # with two, each site's sum minus its own is the other's update
+# The task the site agreed to (``fedsilo site init --task``): its digest, and the copy of
+# its file in the site folder. A plan whose task differs is refused before anything.
+TASK_DIGEST_KEY = "task-digest"
+TASK_FILE_KEY = "task-file"
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # Whether the site refuses plain rounds (its update in the clear): default on for a
 # deployed site, so the coordinator cannot switch secure aggregation off for it.
 SECAGG_REQUIRED_KEY = "secagg-required"
@@ -72,6 +78,8 @@ class SiteSettings:
     max_global_norm: float = DEFAULT_MAX_GLOBAL_NORM
     min_secure_sites: int = DEFAULT_MIN_SECURE_SITES
     secagg_required: bool = False
+    task_digest: str | None = None  # the task the site agreed to (None: not pinned)
+    task_file: Path | None = None
 
     @property
     def deployed(self) -> bool:
@@ -144,12 +152,19 @@ class SiteSettings:
         min_sites = _positive_int(node, MIN_SECURE_SITES_KEY) or DEFAULT_MIN_SECURE_SITES
         if min_sites < 2:
             raise SiteConfigError(f"'{MIN_SECURE_SITES_KEY}' must be at least 2, got {min_sites}")
+        digest, task_file = node.get(TASK_DIGEST_KEY), node.get(TASK_FILE_KEY)
+        if digest is not None and not (isinstance(digest, str) and _DIGEST.fullmatch(digest)):
+            raise SiteConfigError(f"'{TASK_DIGEST_KEY}' must be 'sha256:' and 64 hex digits")
+        if (digest is None) != (task_file is None):
+            raise SiteConfigError(f"'{TASK_DIGEST_KEY}' and '{TASK_FILE_KEY}' go together")
         required = node.get(SECAGG_REQUIRED_KEY, data_path is not None)
         if not isinstance(required, bool):
             raise SiteConfigError(
                 f"'{SECAGG_REQUIRED_KEY}' must be true or false, got {required!r}"
             )
         return cls(
+            task_digest=digest,
+            task_file=Path(str(task_file)) if task_file is not None else None,
             secagg_required=required,
             min_secure_sites=min_sites,
             one_run_budget=one_run,
@@ -187,4 +202,21 @@ def read_site_file(path: str, dataset: str, text_column: str, label_column: str)
         label_names=builtin_label_names(dataset),
         text_column=text_column,
         label_column=label_column,
+    )
+
+
+def task_problem(settings: SiteSettings, config: RunConfig) -> str | None:
+    """Why the plan's task is not the one this site agreed to (None: it is, or the site
+    pinned none). The plan names a bundled task; its digest must be the pinned one, so
+    the coordinator cannot change labels or columns under the site."""
+    if settings.task_digest is None:
+        return None
+    from common.task import bundled_task
+
+    offered = bundled_task(config.dataset)
+    if offered.digest() == settings.task_digest:
+        return None
+    return (
+        f"the plan's task {offered.name} ({offered.digest()[:19]}...) is not the task this "
+        f"site agreed to ({settings.task_digest[:19]}...)"
     )
