@@ -38,7 +38,7 @@ from common.secagg.params import (
     default_degree,
     pack_masked,
 )
-from common.secagg.roster import Roster
+from common.secagg.roster import Roster, RosterError
 from common.secagg.site import SiteSession
 
 log = logging.getLogger("fedsilo.site")
@@ -168,9 +168,15 @@ def step(pending: Pending, message: StageMessage) -> tuple[StageMessage, Pending
             v: Advert.from_bytes(v, blob)
             for v, blob in zip(message.ids, message.blobs, strict=True)
         }
-        session.check_adverts(
-            adverts, Roster.load(Path(pending.roster)), min_sites=pending.min_sites
-        )
+        try:
+            roster = Roster.load(Path(pending.roster))
+        except RosterError as err:  # its text names local paths: it stays in the log
+            log.error("secure round %s: %s", message.session, err)
+            raise SecAggError(
+                "this site has no usable roster (details in the site's log; install one "
+                "with `fedsilo site roster`)"
+            ) from None
+        session.check_adverts(adverts, roster, min_sites=pending.min_sites)
         sealed, dealt = session.share_keys(pending.signer())
         holders = tuple(sorted(dealt))
         reply = StageMessage(

@@ -23,6 +23,7 @@ import json
 import re
 import tomllib
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any, get_args
 
@@ -148,8 +149,10 @@ def bundled_tasks() -> tuple[str, ...]:
     return tuple(sorted(p.stem for p in TASKS_DIR.glob("*.toml")))
 
 
+@cache
 def bundled_task(name: str) -> Task:
-    """A bundled task by name (``rotten-tomatoes``, ``20newsgroups``)."""
+    """A bundled task by name (``rotten-tomatoes``, ``20newsgroups``); read once, as
+    every load of a bundled data set asks for its labels."""
     path = TASKS_DIR / f"{name}.toml"
     if not _NAME.fullmatch(name) or not path.is_file():
         raise TaskError(f"no bundled task {name!r}; bundled: {list(bundled_tasks())}")

@@ -195,21 +195,13 @@ def secure_round(
                 dict(zip(m.ids, m.more, strict=True)),
             )
 
-        everyone = tuple(routed_adverts)
-        state.exchange(
+        everyone = StageMessage(  # one message, the same for every site
             "share-keys",
             session,
-            {
-                u: StageMessage(
-                    "share-keys",
-                    session,
-                    ids=everyone,
-                    blobs=tuple(a.to_bytes() for a in routed_adverts.values()),
-                )
-                for u in everyone
-            },
-            take_shares,
+            ids=tuple(routed_adverts),
+            blobs=tuple(a.to_bytes() for a in routed_adverts.values()),
         )
+        state.exchange("share-keys", session, dict.fromkeys(everyone.ids, everyone), take_shares)
         # 3. open shares: each site checks the shares dealt to it (no data touched)
         routed = coordinator.receive_shares(shares)
         refused: dict[int, tuple[int, ...]] = {}

@@ -267,14 +267,6 @@ class SecAggParams:
         return count
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text.encode(), validate=True)
-
-
 def check_key(name: str, key: object) -> bytes:
     if not isinstance(key, bytes) or len(key) != crypto.KEY_BYTES:
         raise SecAggError(f"{name} must be {crypto.KEY_BYTES} bytes")

@@ -460,16 +460,27 @@ def _ready_to_train(
     return pending, co.receive_opened(opened)
 
 
+def _secure_params(
+    cfg: RunConfig, num_sites: int, *, degree: int | None = None, extra: int = 0
+) -> SecAggParams:
+    """A secure round's parameters for the plan's encoding (``extra`` elements longer)."""
+    dim = sum(v.numel() for v in _arrays(cfg).values())
+    spec = encoding_spec(cfg, num_sites=num_sites, seed=7, dim=dim)
+    return SecAggParams.create(
+        range(1, num_sites + 1),
+        ring_bits=spec.ring_bits,
+        vector_length=spec.encoded_length + extra,
+        degree=degree,
+        session="s",
+    )
+
+
 def test_reports_carry_the_declared_size_with_or_without_secure_aggregation(
     cfg: RunConfig,
 ) -> None:
     settings = SiteSettings.from_node_config({**NODE, "epsilon": 20.0}, cfg)
     arrays = _arrays(cfg)
-    dim = sum(v.numel() for v in arrays.values())
-    spec = encoding_spec(cfg, num_sites=3, seed=7, dim=dim)
-    params = SecAggParams.create(
-        range(1, 4), ring_bits=spec.ring_bits, vector_length=spec.encoded_length, session="s"
-    )
+    params = _secure_params(cfg, 3)
 
     def answer(rnd: int, run_id: str, secure: bool) -> TrainReply:
         pending, setup = None, None
@@ -493,15 +504,7 @@ def test_a_secure_round_with_a_sparse_neighbour_graph_is_refused_before_training
     # and one colluder unmasks a victim; sites accepted any even degree.
     settings = SiteSettings.from_node_config({**NODE, "epsilon": 20.0}, cfg)
     arrays = _arrays(cfg)
-    dim = sum(v.numel() for v in arrays.values())
-    spec = encoding_spec(cfg, num_sites=20, seed=7, dim=dim)
-    sparse = SecAggParams.create(
-        range(1, 21),
-        ring_bits=spec.ring_bits,
-        vector_length=spec.encoded_length,
-        degree=2,
-        session="s",
-    )
+    sparse = _secure_params(cfg, 20, degree=2)
 
     # The site refuses to advertise ...
     with pytest.raises(SecAggError, match="degree 2, below the safe 14 for 20 sites"):
@@ -521,11 +524,7 @@ def test_a_secure_round_whose_encoding_differs_from_the_plan_is_refused_before_t
     # Review finding: the encoding was compared with the plan only after training.
     settings = SiteSettings.from_node_config({**NODE, "epsilon": 20.0}, cfg)
     arrays = _arrays(cfg)
-    dim = sum(v.numel() for v in arrays.values())
-    spec = encoding_spec(cfg, num_sites=3, seed=7, dim=dim)
-    params = SecAggParams.create(
-        range(1, 4), ring_bits=spec.ring_bits, vector_length=spec.encoded_length + 1, session="s"
-    )
+    params = _secure_params(cfg, 3, extra=1)
     pending, members = _ready_to_train(settings, params, 1)
     request = TrainRequest(RoundPlan(1, cfg), arrays, SecAggSetup(params, 1, 7, members))
 
