@@ -113,9 +113,11 @@ def main(argv: list[str] | None = None) -> None:
             cen, _, cen_reused = run(
                 ["--scenario", name, "--mode", "central"], out / f"central-{dataset}"
             )
+            assert cen.final.accuracy is not None  # a central run scores the test split
             centrals[key] = (cen.final.accuracy, "reused" if cen_reused else "ran")
         central_acc, central_how = centrals[key]
         fed_acc = fed.final.accuracy
+        assert central_acc is not None and fed_acc is not None  # bundled: a public test set
         gap = 100 * (central_acc - fed_acc)
         epsilon = fed.run_config.epsilon if fed.dp else float("inf")
         how = f"federated {'reused' if fed_reused else 'ran'}, central {central_how}"

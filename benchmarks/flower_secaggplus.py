@@ -110,12 +110,13 @@ from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.simulation import run_simulation
 
-from client.data import load_site_data
+from client.data import Holdout, load_site_data
 from client.settings import SiteSettings
 from common.config import RunConfig
-from common.data import builtin_label_names, load_builtin, partition
+from common.data import load_builtin, partition
 from common.model import TextClassifier, build_model, model_spec
 from common.secure_random import SecureRandom
+from common.task import run_task
 from common.training import (
     Batchable,
     batches_per_epoch,
@@ -150,7 +151,7 @@ def num_trainable(model: TextClassifier) -> int:
 
 def initial_model() -> TextClassifier:
     cfg = run_config()
-    return build_model(model_spec(cfg, len(builtin_label_names(cfg.dataset))), seed=cfg.seed)
+    return build_model(model_spec(run_task(cfg)), seed=cfg.seed)
 
 
 # ---- the site ---------------------------------------------------------------------
@@ -160,8 +161,9 @@ def initial_model() -> TextClassifier:
 def _site_data(settings: SiteSettings) -> Batchable:
     """A site's examples, loaded once per Ray actor for every partition it serves
     (a deployed site loads its data once; fedsilo's own cache keeps only 4)."""
-    data, _ = load_site_data(settings, run_config())
-    return data
+    cfg = run_config()
+    no_holdout = Holdout(bytes(32), 0.0)  # as fedsilo's sites in a centrally evaluated run
+    return load_site_data(settings, cfg, run_task(cfg), no_holdout).train
 
 
 class DPSite(NumPyClient):
@@ -171,7 +173,7 @@ class DPSite(NumPyClient):
         cfg = run_config()
         self.settings = settings
         self.data = _site_data(settings)
-        self.model = build_model(model_spec(cfg, len(builtin_label_names(cfg.dataset))))
+        self.model = build_model(model_spec(run_task(cfg)))
         self.names = list(self.model.trainable_state())
 
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:

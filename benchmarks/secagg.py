@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     cfg = RunConfig()
     from common.model import build_model, model_spec
+    from common.task import run_task
 
-    dim = sum(v.numel() for v in build_model(model_spec(cfg, 2)).trainable_state().values())
+    dim = sum(v.numel() for v in build_model(model_spec(run_task(cfg))).trainable_state().values())
     fp32 = 4 * dim
     print(f"cores: {os.cpu_count()}; trainable parameters {dim:,}; fp32 dense {fp32:,} bytes")
     print(

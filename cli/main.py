@@ -57,6 +57,18 @@ def simulate(
     sites: Annotated[Optional[int], typer.Option(help="number of simulated sites")] = None,  # noqa: UP045
     epsilon: Annotated[Optional[float], typer.Option(help="per-site epsilon budget")] = None,  # noqa: UP045
     dataset: Annotated[Optional[str], typer.Option(help="rotten-tomatoes or 20newsgroups")] = None,  # noqa: UP045
+    data: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="your own data: a CSV/JSONL file, or a folder with one file per site"),
+    ] = None,
+    task: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="task file (labels, columns); without one, labels are read from --data"),
+    ] = None,
+    site_column: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="column of --data whose values are the sites (one site per value)"),
+    ] = None,
     partition: Annotated[Optional[str], typer.Option(help="natural, iid or dirichlet")] = None,  # noqa: UP045
     alpha: Annotated[Optional[float], typer.Option(help="Dirichlet concentration")] = None,  # noqa: UP045
     no_dp: Annotated[bool, typer.Option("--no-dp", help="baseline without DP (labelled)")] = False,
@@ -79,13 +91,17 @@ def simulate(
 
     if mode not in ("federated", "central"):
         raise ConfigError(f"--mode must be 'federated' or 'central', got {mode!r}")
+    if data is not None and dataset is not None:
+        raise ConfigError("give --dataset (bundled) or --data (your own), not both")
     options: dict[str, Any] = load_scenario(scenario) if scenario else {}
     flags = {
         "out-dir": out,
         "num-server-rounds": rounds,
         "num-sites": sites,
         "epsilon": epsilon,
-        "dataset": dataset,
+        "dataset": data if data is not None else dataset,
+        "task": task,
+        "site-column": site_column,
         "partition": partition,
         "dirichlet-alpha": alpha,
     }

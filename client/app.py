@@ -130,7 +130,7 @@ def _advertise(message: StageMessage, context: Context) -> tuple[StageMessage, s
     site enrols its identity in the simulation's shared roster first."""
     assert message.plan is not None and message.setup is not None  # codec checked
     settings = SiteSettings.from_node_config(context.node_config, message.plan.config)
-    problem = task_problem(settings, message.plan.config)
+    problem = task_problem(settings, message.plan.task)
     if problem is not None:  # refused before any key is made
         raise SecAggError(problem)
     if settings.state_dir is None or settings.roster_path is None:
@@ -187,7 +187,8 @@ def train(msg: Message, context: Context) -> Message:
     if is_stage(msg.content):
         return _stage(msg, context)
     # The training path: torch, Opacus and the model load here, for train messages only.
-    from client.round import SiteState, train_round
+    from client.reply import train_round
+    from client.round import SiteState
 
     request = decode_train(msg.content)  # our own WireError: names no data
     pending: secure.Pending | None = None

@@ -29,20 +29,15 @@ from pathlib import Path
 
 import torch
 
-from client import secure
 from client.data import load_site_data
+from client.holdout import site_holdout
 from client.settings import (
     ALLOW_NO_DP_KEY,
-    SECAGG_REQUIRED_KEY,
     STATE_DIR_KEY,
     SiteConfigError,
     SiteSettings,
-    task_problem,
 )
-from common.arrays import clip_update, flatten
-from common.config import RunConfig
-from common.data import builtin_label_names
-from common.messages import RoundPlan, SiteReport, TrainReply, TrainRequest
+from common.messages import RoundPlan, SiteReport
 from common.model import TextClassifier, build_model, model_spec
 from common.privacy.accounting import compute_epsilon
 from common.privacy.budget import (
@@ -60,10 +55,11 @@ from common.privacy.ledger import (
     LedgerEntry,
     dataset_fingerprint,
     file_digest,
+    read_ledger,
     scope_of,
 )
-from common.secagg.errors import SecAggError
 from common.secure_random import SecureRandom
+from common.task import Task
 from common.training import (
     Batchable,
     batches_per_epoch,
@@ -162,11 +158,15 @@ def run_round(
             f"the plan asks for no DP; this site requires DP ('{ALLOW_NO_DP_KEY}')"
         )
     if not cfg.dp:
-        plain, _ = load_site_data(settings, cfg)
+        key = None
+        if settings.state_dir is not None:
+            key = _keys(settings, settings.state_dir).fingerprint_key
+        kept = site_holdout(settings, plan, key, _entries(settings)).holdout
+        plain = load_site_data(settings, cfg, plan.task, kept).train
         n = len(plain)
         q = sample_rate(n, cfg.batch_size)
         steps = cfg.local_epochs * batches_per_epoch(n, cfg.batch_size)
-        model = _model(cfg, global_arrays)
+        model = _model(plan.task, global_arrays)
         train_dp(  # the labelled baseline: clipped, no noise, no epsilon
             model,
             plain,
@@ -201,9 +201,11 @@ def run_round(
         check_global_weights(global_arrays, settings.max_global_norm)
     except Refused as refusal:  # what was spent so far comes from the ledger, as always
         return _refusal(settings, keys, refusal.reason, settings.epsilon, ledger), None
+    holdout = site_holdout(settings, plan, keys.fingerprint_key, ledger.entries()).holdout
     data: Batchable | None = None
     if settings.declared_size is None:  # simulation: the partition sizes are public
-        data, digest = load_site_data(settings, cfg)
+        loaded = load_site_data(settings, cfg, plan.task, holdout)
+        data, digest = loaded.train, loaded.digest
         size = len(data)
     else:  # the file's bytes are hashed, not parsed: nothing here depends on its content
         size = settings.declared_size
@@ -247,8 +249,8 @@ def run_round(
             return _refusal(settings, keys, refusal.reason, lifetime, ledger), None
     # Charged. From here on a failure stays charged, and the data is touched.
     if data is None:
-        data, _ = load_site_data(settings, cfg)
-    model = _model(cfg, global_arrays)
+        data = load_site_data(settings, cfg, plan.task, holdout).train
+    model = _model(plan.task, global_arrays)
     train_dp(
         model,
         data,
@@ -281,10 +283,17 @@ def run_round(
     ), trainable_delta(global_arrays, model.trainable_state())
 
 
-def _model(cfg: RunConfig, global_arrays: dict[str, torch.Tensor]) -> TextClassifier:
-    model = build_model(model_spec(cfg, len(builtin_label_names(cfg.dataset))))
+def _model(task: Task, global_arrays: dict[str, torch.Tensor]) -> TextClassifier:
+    model = build_model(model_spec(task))
     model.load_trainable_state(global_arrays)
     return model
+
+
+def _entries(settings: SiteSettings) -> list[LedgerEntry]:
+    """The site's ledger entries without its identity (none without a state folder)."""
+    if settings.state_dir is None:
+        return []
+    return read_ledger(settings.state_dir / LEDGER_FILE, missing_ok=True)
 
 
 def _charge(
@@ -352,11 +361,16 @@ def _charge(
 
 
 def _refusal(
-    settings: SiteSettings, keys: SiteKeys, reason: str, lifetime: float, ledger: Ledger
+    settings: SiteSettings,
+    keys: SiteKeys,
+    reason: str,
+    lifetime: float,
+    ledger: Ledger,
+    scope: str | None = None,
 ) -> SiteReport:
     """A refused round's report: the reason and what the ledger already shows, public
     numbers only."""
-    scope = scope_of(settings.disjoint_data_set)
+    scope = scope or scope_of(settings.disjoint_data_set)
     spent = SiteBudget.from_ledger(
         ledger.entries(), scope=scope, budget=lifetime, delta=settings.delta
     ).spent()
@@ -369,55 +383,3 @@ def _refusal(
         lifetime_epsilon=spent,
         identity=keys.identity.fingerprint(),
     )
-
-
-def train_round(
-    request: TrainRequest,
-    settings: SiteSettings,
-    state: SiteState,
-    *,
-    run_id: str,
-    pending: secure.Pending | None = None,
-) -> tuple[TrainReply, secure.Pending | None]:
-    """Answer a train message: run the round, then clip the update (plain aggregation)
-    or encode and mask it for the secure sum (only the masked input leaves).
-
-    A secure round's train message continues the session ``pending`` the site
-    advertised in, checked against the roster and with its shares dealt and opened
-    before this message: the round's final sites are admitted before anything is
-    charged or trained, so a round the site will not join costs it nothing. A site
-    that requires secure aggregation refuses a plain train message."""
-    plan, setup = request.plan, request.setup
-    problem = task_problem(settings, plan.config)
-    if problem is not None:  # before anything: the site never agreed to this task
-        return TrainReply(SiteReport.of("refused", problem, settings.site_id)), None
-    if setup is None and settings.secagg_required:
-        # The coordinator may not switch secure aggregation off for this site.
-        reason = f"this site joins only secure rounds ('{SECAGG_REQUIRED_KEY}')"
-        return TrainReply(SiteReport.of("refused", reason, settings.site_id)), None
-    if setup is not None:
-        try:
-            if pending is None:
-                raise SecAggError("this site did not advertise in this secure round")
-            dim = sum(v.numel() for v in request.arrays.values())
-            pending = secure.admit(pending, setup, plan.config, dim)
-        except SecAggError as err:
-            log.warning("round %d: refused the secure round: %s", plan.round, err)
-            return TrainReply(SiteReport.of("refused", str(err)[:200], settings.site_id)), None
-    # Noise and sampling must be unpredictable to anyone else: a ChaCha20 stream under
-    # a fresh key from the operating system.
-    report, update = run_round(
-        plan, request.arrays, settings, state, run_id=run_id, rng=SecureRandom.fresh()
-    )
-    if setup is None:
-        if update is None:
-            return TrainReply(report), None
-        update, clipped = clip_update(update, plan.config.update_clip_norm)
-        return TrainReply(replace(report, update_clipped=int(clipped)), update), None
-    if update is None or pending is None:
-        return TrainReply(report), None
-    # The weight (examples weighting) is the declared public size, inside the sum too.
-    message, pending, clipped = secure.masked(
-        pending, setup, plan.config, flatten(update), report.num_examples
-    )
-    return TrainReply(replace(report, update_clipped=int(clipped)), masked=message), pending

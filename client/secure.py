@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from common.config import RunConfig
-from common.messages import SecAggSetup, StageMessage
+from common.evaluation import IntArray, encode_counts
+from common.messages import RoundPlan, SecAggSetup, StageMessage
 from common.privacy.identity import open_state
 from common.quantize import encode
 from common.rotation import FloatArray
-from common.secagg.encoding import encoding_spec, site_weight
+from common.secagg.encoding import encoding_spec, payload_shape, site_weight
 from common.secagg.errors import SecAggError
 from common.secagg.params import (
     Advert,
@@ -109,7 +110,7 @@ def advertise(
     return reply, Pending(session, str(state_dir), str(roster), min_sites)
 
 
-def admit(pending: Pending, setup: SecAggSetup, cfg: RunConfig, dim: int) -> Pending:
+def admit(pending: Pending, setup: SecAggSetup, plan: RoundPlan, dim: int) -> Pending:
     """Before training: the train message must continue the round this site advertised
     in, its parameters must still be safe and match the plan's encoding, and the
     round's final sites must pass the session's checks. Raises ``SecAggError`` naming
@@ -121,12 +122,13 @@ def admit(pending: Pending, setup: SecAggSetup, cfg: RunConfig, dim: int) -> Pen
     if problem is not None:
         raise SecAggError(problem)
     params = session.params
-    spec = encoding_spec(cfg, num_sites=len(params.participants), seed=setup.rotation_seed, dim=dim)
-    if (spec.ring_bits, spec.encoded_length) != (params.ring_bits, params.vector_length):
+    bits, length = payload_shape(
+        plan, num_sites=len(params.participants), seed=setup.rotation_seed, dim=dim
+    )
+    if (bits, length) != (params.ring_bits, params.vector_length):
         raise SecAggError(
             f"the round's secagg parameters ({params.ring_bits} bits, {params.vector_length} "
-            f"elements) do not match this plan's encoding ({spec.ring_bits} bits, "
-            f"{spec.encoded_length} elements)"
+            f"elements) do not match this plan's encoding ({bits} bits, {length} elements)"
         )
     session.admit(setup.members)
     return replace(pending, session=session)
@@ -155,6 +157,22 @@ def masked(
         more=(session.commitment,),
     )
     return message, replace(pending, session=session), encoded.clipped
+
+
+def masked_counts(pending: Pending, counts: IntArray) -> tuple[StageMessage, Pending]:
+    """An evaluation round's masked input: the site's (noisy) confusion matrix, one
+    signed count per ring element."""
+    session = pending.session
+    params = session.params
+    y = session.masked_input(encode_counts(counts, params.ring_bits))
+    message = StageMessage(
+        "masked-input",
+        params.session,
+        ids=(session.index,),
+        blobs=(pack_masked(y, params),),
+        more=(session.commitment,),
+    )
+    return message, replace(pending, session=session)
 
 
 def step(pending: Pending, message: StageMessage) -> tuple[StageMessage, Pending | None]:

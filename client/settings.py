@@ -19,6 +19,7 @@ from common.config import RunConfig
 from common.data import TextDataset, builtin_label_names, load_site_file
 from common.messages import SITE_NAME
 from common.secagg.roster import ROSTER_FILE
+from common.task import Task
 
 PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
@@ -48,6 +49,13 @@ _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # Whether the site refuses plain rounds (its update in the clear): default on for a
 # deployed site, so the coordinator cannot switch secure aggregation off for it.
 SECAGG_REQUIRED_KEY = "secagg-required"
+# The private federated evaluation: the share of the site's rows it holds out (pinned
+# in its state folder at first use, never trained on) and its evaluation budget, which
+# caps what a run may ask (the run config may ask for less, never more).
+EVAL_FRACTION_KEY = "eval-fraction"
+EVAL_EPSILON_KEY = "eval-epsilon"
+DEFAULT_EVAL_FRACTION = 0.2
+DEFAULT_EVAL_EPSILON = 1.0
 DEFAULT_SITE_DELTA = 1e-5
 DEFAULT_MAX_GLOBAL_NORM = 1e4  # the tiny model starts at 22 and trains to about 64
 
@@ -80,6 +88,10 @@ class SiteSettings:
     secagg_required: bool = False
     task_digest: str | None = None  # the task the site agreed to (None: not pinned)
     task_file: Path | None = None
+    # Deployed: the site's own held-out share and evaluation budget. Simulated: None,
+    # the plan's (a simulated site holds out rows only in runs that evaluate privately).
+    eval_fraction: float | None = None
+    eval_epsilon: float | None = None
 
     @property
     def deployed(self) -> bool:
@@ -162,7 +174,22 @@ class SiteSettings:
             raise SiteConfigError(
                 f"'{SECAGG_REQUIRED_KEY}' must be true or false, got {required!r}"
             )
+        eval_fraction = eval_epsilon = None
+        if data_path is not None:
+            eval_fraction = float(node.get(EVAL_FRACTION_KEY, DEFAULT_EVAL_FRACTION))
+            if not 0 < eval_fraction < 1:
+                raise SiteConfigError(
+                    f"'{EVAL_FRACTION_KEY}' must be in (0, 1), got {eval_fraction}"
+                )
+            eval_epsilon = float(node.get(EVAL_EPSILON_KEY, DEFAULT_EVAL_EPSILON))
+            if not (math.isfinite(eval_epsilon) and 0 < eval_epsilon <= epsilon):
+                raise SiteConfigError(
+                    f"'{EVAL_EPSILON_KEY}' must be positive and at most the site's budget "
+                    f"{epsilon:g}, got {eval_epsilon}"
+                )
         return cls(
+            eval_fraction=eval_fraction,
+            eval_epsilon=eval_epsilon,
             task_digest=digest,
             task_file=Path(str(task_file)) if task_file is not None else None,
             secagg_required=required,
@@ -205,15 +232,12 @@ def read_site_file(path: str, dataset: str, text_column: str, label_column: str)
     )
 
 
-def task_problem(settings: SiteSettings, config: RunConfig) -> str | None:
+def task_problem(settings: SiteSettings, offered: Task) -> str | None:
     """Why the plan's task is not the one this site agreed to (None: it is, or the site
-    pinned none). The plan names a bundled task; its digest must be the pinned one, so
-    the coordinator cannot change labels or columns under the site."""
+    pinned none). The plan carries the task; its digest must be the pinned one, so the
+    coordinator cannot change labels, columns, length or model under the site."""
     if settings.task_digest is None:
         return None
-    from common.task import bundled_task
-
-    offered = bundled_task(config.dataset)
     if offered.digest() == settings.task_digest:
         return None
     return (

@@ -37,6 +37,7 @@ from common.messages import (
 )
 from common.secagg.errors import SecAggError
 from common.secagg.params import SecAggParams
+from common.task import Task
 
 if TYPE_CHECKING:
     from common.messages import Arrays
@@ -74,8 +75,18 @@ def _record_to_arrays(record: ArrayRecord, what: str) -> Arrays:
 
 def encode_plan(plan: RoundPlan, global_arrays: Arrays) -> RecordDict:
     """A round's train message without a site's secure-aggregation setup."""
-    config = ConfigRecord({"round": plan.round, **plan.config.to_user_config()})
-    return RecordDict({GLOBAL_KEY: _arrays_to_record(global_arrays), PLAN_KEY: config})
+    return RecordDict({GLOBAL_KEY: _arrays_to_record(global_arrays), PLAN_KEY: _plan_record(plan)})
+
+
+def _plan_record(plan: RoundPlan) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            "round": plan.round,
+            "plan-task": plan.task.canonical(),
+            "plan-evaluate": plan.evaluate,
+            **plan.config.to_user_config(),
+        }
+    )
 
 
 def _setup_record(setup: SecAggSetup) -> ConfigRecord:
@@ -132,13 +143,18 @@ def _decode_plan(content: RecordDict, what: str) -> RoundPlan:
         raise WireError(f"{what} lacks its plan")
     raw = dict(content.config_records[PLAN_KEY])
     rnd = raw.pop("round", None)
+    task, evaluate = raw.pop("plan-task", None), raw.pop("plan-evaluate", None)
     if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 1:
         raise WireError(f"{what} has a bad round number {rnd!r}")
+    if not isinstance(task, str) or not isinstance(evaluate, bool):
+        raise WireError(f"{what} lacks its task or its evaluate flag")
     try:
         config = RunConfig.from_user_config(raw)
-    except ConfigError as err:
+        return RoundPlan(
+            round=rnd, config=config, task=Task.from_canonical(task), evaluate=evaluate
+        )
+    except ConfigError as err:  # TaskError is one
         raise WireError(f"{what} carries a bad plan: {err}") from None
-    return RoundPlan(round=rnd, config=config)
 
 
 def decode_train(content: RecordDict) -> TrainRequest:
@@ -269,7 +285,7 @@ def _stage_record(message: StageMessage) -> ConfigRecord:
 def encode_stage(message: StageMessage) -> RecordDict:
     content = RecordDict({STAGE_KEY: _stage_record(message)})
     if message.plan is not None:
-        config = ConfigRecord({"round": message.plan.round, **message.plan.config.to_user_config()})
+        config = _plan_record(message.plan)
         content[PLAN_KEY] = config
     if message.setup is not None:
         content[SECAGG_KEY] = _setup_record(message.setup)

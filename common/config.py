@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 # The model presets common/model.py builds (listed here so that parsing a config does
 # not load torch).
 Preset = Literal["tiny", "small"]
+BUNDLED_DATASETS = ("rotten-tomatoes", "20newsgroups")
+AT_THE_SITES = "sites"  # a deployment's data set: the sites' own files, nothing central
 
 
 def _kebab(name: str) -> str:
@@ -40,16 +42,24 @@ class RunConfig(BaseModel):
     min_sites: int = 2
     round_timeout: float = 600.0
     seed: int = 0
-    # Data
-    dataset: Literal["rotten-tomatoes", "20newsgroups"] = "rotten-tomatoes"
+    # Data. ``dataset``: a bundled data set, "sites" (deployment: only the sites hold
+    # data), or (simulation) a CSV/JSONL file or a folder of them (one file per site). ``task``: a task file or bundled task name (common/
+    # task.py); "" = the bundled data set's own task (own data: ``fedsilo simulate``
+    # reads the labels once and writes the run's task file). ``natural``: the data's own
+    # sites (movies packed into sites; own data: ``site-column`` values, or one file per
+    # site).
+    dataset: str = "rotten-tomatoes"
+    task: str = ""
+    site_column: str = ""
     partition: Literal["natural", "iid", "dirichlet"] = "natural"
     dirichlet_alpha: float = 0.5
     min_partition_size: int = 50
     text_column: str = "text"
     label_column: str = "label"
-    # Model
-    model_preset: Preset = "tiny"
-    max_length: int = 48
+    # Model: "" and 0 = the task's (a value here overrides the task, which changes its
+    # digest: a deployed site that pinned the task then refuses the plan)
+    model_preset: Literal["", "tiny", "small"] = ""
+    max_length: int = 0
     # Local training (plain SGD: local momentum/Adam flips the model under label skew)
     local_epochs: int = 1
     batch_size: int = 256
@@ -85,6 +95,19 @@ class RunConfig(BaseModel):
     # Simulation only: a simulated site crashes in a round with this probability, at a
     # random stage of it (to exercise dropouts; deployed sites ignore it).
     dropout_rate: float = 0.0
+    # Evaluation. "auto": central on the task's public test set if it has one, else
+    # private federated evaluation: each site evaluates the global model on its held-out
+    # share (rows chosen by a keyed hash, never trained on) and sends per-class counts,
+    # with Gaussian noise calibrated to eval-epsilon (charged to the site's evaluation
+    # budget), inside the secure sum when secure aggregation is on. eval-every: also
+    # every N rounds (0: after the last round only).
+    evaluation: Literal["auto", "central", "federated", "both"] = "auto"
+    eval_fraction: float = 0.2  # simulated sites' held-out share (deployed: their own)
+    eval_epsilon: float = 1.0
+    eval_every: int = 0
+    # Simulation only, a labelled option: federated evaluation without noise (exact
+    # counts, no privacy; deployed sites ignore it and say so).
+    eval_noise: bool = True
     # Output ("" = runs/<timestamp>)
     out_dir: str = ""
     # Simulation only: where simulated sites keep their identity keys and privacy
@@ -97,7 +120,6 @@ class RunConfig(BaseModel):
         "min_sites",
         "local_epochs",
         "batch_size",
-        "max_length",
         "min_partition_size",
         "max_site_weight",
     )
@@ -121,6 +143,27 @@ class RunConfig(BaseModel):
             raise ValueError("must be a positive finite number")
         return v
 
+    @field_validator("max_length", "eval_every")
+    @classmethod
+    def _natural(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be 0 (the default) or a positive number")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError(f"name a bundled data set {list(BUNDLED_DATASETS)} or a data path")
+        return v
+
+    @field_validator("eval_fraction")
+    @classmethod
+    def _eval_fraction(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError("must be in (0, 1)")
+        return v
+
     @field_validator("fraction_train")
     @classmethod
     def _fraction(cls, v: float) -> float:
@@ -142,7 +185,7 @@ class RunConfig(BaseModel):
             raise ValueError("must be 0 (automatic) or an even number of neighbours")
         return v
 
-    @field_validator("epsilon")
+    @field_validator("epsilon", "eval_epsilon")
     @classmethod
     def _epsilon(cls, v: float) -> float:
         if not (math.isfinite(v) and v > 0):
@@ -169,7 +212,19 @@ class RunConfig(BaseModel):
             raise ValueError(
                 "20newsgroups has no natural grouping column: use partition 'iid' or 'dirichlet'"
             )
+        if self.site_column and self.bundled:
+            raise ValueError("site-column splits a data file of your own, not a bundled data set")
+        if self.site_column and self.partition != "natural":
+            raise ValueError(
+                f"site-column makes each of its values a site (partition 'natural'), "
+                f"not {self.partition!r}"
+            )
         return self
+
+    @property
+    def bundled(self) -> bool:
+        """Whether ``dataset`` names a bundled data set (else: a path to own data)."""
+        return self.dataset in BUNDLED_DATASETS
 
     @classmethod
     def from_user_config(cls, raw: Mapping[str, Any]) -> RunConfig:

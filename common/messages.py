@@ -23,11 +23,12 @@ refuses any message that does not have the declared shape with ``WireError``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from common.config import RunConfig
 from common.secagg.params import SecAggParams
+from common.task import Task, run_task
 
 if TYPE_CHECKING:
     import torch
@@ -48,10 +49,20 @@ class WireError(ValueError):
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """What the coordinator asks of every site this round."""
+    """What the coordinator asks of every site this round: the federation's config and
+    the task itself (a site cannot read the coordinator's task file; a deployed site
+    compares its digest with the one it pinned). An ``evaluate`` round trains nothing:
+    each site evaluates the global weights on its held-out share and answers with
+    per-class counts (client/evaluation.py)."""
 
     round: int
     config: RunConfig
+    task: Task = field(default=None)  # type: ignore[assignment]  # None: the config's
+    evaluate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.task is None:
+            object.__setattr__(self, "task", run_task(self.config))
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from common.config import Preset, RunConfig
+from common.config import Preset
+from common.task import Task
 from common.text import VOCAB_SIZE, pretrained_file
 
 EMBED_DIM = 384
@@ -75,9 +76,11 @@ class ModelSpec:
         return cls(num_classes=num_classes, max_length=max_length, **sizes[name])
 
 
-def model_spec(cfg: RunConfig, num_classes: int) -> ModelSpec:
-    """The architecture a run's config names, for ``num_classes`` labels."""
-    return ModelSpec.preset(cfg.model_preset, num_classes=num_classes, max_length=cfg.max_length)
+def model_spec(task: Task) -> ModelSpec:
+    """The architecture a task names (its preset and length, with the run's overrides
+    already applied: ``common.task.run_task``), one output per label."""
+    preset = cast(Preset, task.model_preset)
+    return ModelSpec.preset(preset, num_classes=len(task.labels), max_length=task.max_length)
 
 
 class EncoderLayer(nn.Module):

@@ -15,7 +15,9 @@ its ledger key (``identity``) and the lifetime epsilon its adaptive filter certi
 a site's ``epsilon`` became the run's own (it was the data set's across runs), and
 ``num_examples`` the size the site declared public. Version 1 files are still read. A
 summary of a newer version than this code knows is refused by name rather than
-misread.
+misread. Version 3 (issue 14) carries the run's ``task``, a round's private federated
+evaluation (``private_eval``), and no central accuracy where the task has no public
+test set (``accuracy`` None); the final record says where its accuracy comes from.
 
 torch is imported only where model files are written or read (and matplotlib only
 where common/plots.py draws): the auditor reads summaries without them.
@@ -24,7 +26,6 @@ where common/plots.py draws): the auditor reads summaries without them.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 
     from common.model import ModelSpec
 
-SUMMARY_VERSION = 2
+SUMMARY_VERSION = 3
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model/model.safetensors"
 CHECKPOINT_DIR = "checkpoints"
@@ -99,14 +100,42 @@ class Note(_Frozen):
     reason: str
 
 
+class ClassScore(_Frozen):
+    label: str
+    precision: Fraction
+    recall: Fraction
+    f1: Fraction
+    support: Count  # the (noisy) held-out rows of this class
+
+
+class PrivateEval(_Frozen):
+    """A private federated evaluation (common/evaluation.py): the sum of the sites'
+    noisy confusion matrices (``counts[true][predicted]``) and the scores computed from
+    it, with the noise's standard deviation per cell of the sum."""
+
+    accuracy: Fraction
+    macro_f1: Fraction
+    classes: tuple[ClassScore, ...]
+    counts: tuple[tuple[int, ...], ...]
+    noise_std: Annotated[float, Field(ge=0)]
+    # False: the labelled simulation option without noise (exact counts, no privacy)
+    noise: bool
+    sites: tuple[SiteName, ...]  # whose counts are in the sum
+    epsilon_per_site: dict[SiteName, Epsilon] = {}  # each site's evaluation epsilon so far
+    ledger_heads: dict[SiteName, LedgerHead] = {}
+    notes: tuple[Note, ...] = ()
+
+
 class RoundRecord(_Frozen):
-    """One round as the coordinator saw it (central runs: one round's worth of epochs)."""
+    """One round as the coordinator saw it (central runs: one round's worth of epochs).
+    ``accuracy`` and ``loss`` are the central evaluation's on the public test set (None:
+    the task has none); ``private_eval`` the federated evaluation after this round."""
 
     round: Annotated[int, Field(ge=1)]
     sites_asked: Count = 0
     trained: Count = 0
-    accuracy: Fraction
-    loss: Annotated[float, Field(ge=0)]
+    accuracy: Fraction | None
+    loss: Annotated[float, Field(ge=0)] | None
     status: Literal["ok", "failed"] = "ok"
     reason: str = ""
     seconds: Seconds = 0.0
@@ -124,6 +153,7 @@ class RoundRecord(_Frozen):
     stage_seconds: dict[str, Seconds] = {}  # per message exchange
     trained_sites: tuple[SiteName, ...] = ()  # whose updates are in the mean
     train_loss: Annotated[float, Field(ge=0)] | None = None  # central runs only
+    private_eval: PrivateEval | None = None
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -141,8 +171,9 @@ class RoundRecord(_Frozen):
     @model_serializer(mode="wrap")
     def _without_central_fields(self, handler: SerializerFunctionWrapHandler) -> Any:
         out = handler(self)
-        if self.train_loss is None:
-            out.pop("train_loss", None)
+        for name in ("train_loss", "private_eval"):
+            if getattr(self, name) is None:
+                out.pop(name, None)
         return out
 
 
@@ -173,10 +204,26 @@ class SiteSummary(_Frozen):
 
 
 class FinalRecord(_Frozen):
-    accuracy: Fraction
-    loss: Annotated[float, Field(ge=0)]
+    """The final model's scores: central on the public test set, else the last private
+    federated evaluation's (``source``; its macro-F1 and noise scale beside)."""
+
+    accuracy: Fraction | None
+    loss: Annotated[float, Field(ge=0)] | None
     rounds_completed: Count
     epsilon_max: Epsilon | None
+    source: Literal["central", "federated"] = "central"
+    macro_f1: Fraction | None = None
+    noise_std: Annotated[float, Field(ge=0)] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_private_fields(self, handler: SerializerFunctionWrapHandler) -> Any:
+        out = handler(self)
+        for name in ("macro_f1", "noise_std"):
+            if getattr(self, name) is None:
+                out.pop(name, None)
+        if self.source == "central":
+            out.pop("source", None)
+        return out
 
 
 class Candidate(_Frozen):
@@ -225,6 +272,8 @@ class RunSummary(_Frozen):
     sites: tuple[SiteSummary, ...]
     final: FinalRecord
     central: CentralRecord | None = None
+    # The task the run trained (common/task.py's canonical fields); None before v3.
+    task: dict[str, Any] | None = None
 
     @field_validator("version")
     @classmethod
@@ -248,8 +297,9 @@ class RunSummary(_Frozen):
     @model_serializer(mode="wrap")
     def _without_central(self, handler: SerializerFunctionWrapHandler) -> Any:
         out = handler(self)
-        if self.central is None:
-            out.pop("central", None)
+        for name in ("central", "task"):
+            if getattr(self, name) is None:
+                out.pop(name, None)
         return out
 
     @property
@@ -441,11 +491,29 @@ def write_run_files(
 
 
 def final_record(rounds: tuple[RoundRecord, ...], sites: tuple[SiteSummary, ...]) -> FinalRecord:
-    """The final model's scores (the last round's) and the largest site epsilon."""
+    """The final model's scores (the last round's central ones, else the last private
+    evaluation's) and the largest site epsilon."""
     eps = [s.epsilon for s in sites if s.epsilon is not None]
+    last = rounds[-1] if rounds else None
+    common: dict[str, Any] = {
+        "rounds_completed": sum(r.status == "ok" for r in rounds),
+        "epsilon_max": max(eps) if eps else None,
+    }
+    private = [r.private_eval for r in rounds if r.private_eval is not None]
+    if last is not None and last.accuracy is None and private:
+        final = private[-1]
+        return FinalRecord(
+            accuracy=final.accuracy,
+            loss=None,
+            source="federated",
+            macro_f1=final.macro_f1,
+            noise_std=final.noise_std,
+            **common,
+        )
     return FinalRecord(
-        accuracy=rounds[-1].accuracy if rounds else math.nan,
-        loss=rounds[-1].loss if rounds else math.nan,
-        rounds_completed=sum(r.status == "ok" for r in rounds),
-        epsilon_max=max(eps) if eps else None,
+        accuracy=last.accuracy if last else None,
+        loss=last.loss if last else None,
+        macro_f1=private[-1].macro_f1 if private else None,
+        noise_std=private[-1].noise_std if private else None,
+        **common,
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from common.outputs import RunSummary
+    from common.outputs import PrivateEval, RunSummary
 
 
 def plot_run(out_dir: Path, summary: RunSummary) -> None:
@@ -21,9 +21,26 @@ def plot_run(out_dir: Path, summary: RunSummary) -> None:
 
     rounds = summary.rounds
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r.round for r in rounds], [r.accuracy for r in rounds], marker="o", ms=3)
+    central = [(r.round, r.accuracy) for r in rounds if r.accuracy is not None]
+    private = [(r.round, r.private_eval) for r in rounds if r.private_eval is not None]
+    if central:
+        ax.plot(*zip(*central, strict=True), marker="o", ms=3, label="public test set")
+    if private:
+        xs = [x for x, _ in private]
+        ax.errorbar(
+            xs,
+            [p.accuracy for _, p in private],
+            yerr=[_accuracy_noise(p) for _, p in private],
+            marker="s",
+            ms=4,
+            capsize=3,
+            label="private federated evaluation (+- 1 noise std)",
+        )
+        ax.plot(xs, [p.macro_f1 for _, p in private], marker="^", ms=4, ls=":", label="macro-F1")
+    if private:
+        ax.legend(fontsize=7)
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("accuracy")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"{summary.config.get('dataset')} ({summary.mode})")
     ax.grid(alpha=0.3)
@@ -48,3 +65,11 @@ def plot_run(out_dir: Path, summary: RunSummary) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "epsilon.png", dpi=120)
     plt.close(fig)
+
+
+def _accuracy_noise(private: PrivateEval) -> float:
+    """About one standard deviation of a noisy accuracy: the diagonal's noise over the
+    total (whose own noise is second order)."""
+    k = len(private.counts)
+    total = max(1, sum(sum(row) for row in private.counts))
+    return float(private.noise_std * k**0.5 / total)

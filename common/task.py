@@ -22,12 +22,12 @@ import hashlib
 import json
 import re
 import tomllib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any, get_args
 
-from common.config import ConfigError, Preset
+from common.config import ConfigError, Preset, RunConfig
 
 TASKS_DIR = Path(__file__).parent / "data" / "tasks"
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -114,6 +114,47 @@ class Task:
         return "sha256:" + hashlib.sha256(self.canonical().encode()).hexdigest()
 
     @classmethod
+    def from_canonical(cls, text: str) -> Task:
+        """The task a plan carries (``canonical``), validated like a file."""
+        try:
+            raw = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise TaskError(f"the plan's task is not JSON: {err}") from None
+        if not isinstance(raw, dict) or set(raw) != set(_KEYS.values()):
+            raise TaskError(
+                f"the plan's task must have exactly the fields {sorted(_KEYS.values())}"
+            )
+        if not isinstance(raw["labels"], list):
+            raise TaskError("the plan's task: 'labels' must be a list")
+        task = cls(**{**raw, "labels": tuple(raw["labels"])})
+        if task.canonical() != text:
+            raise TaskError("the plan's task is not in canonical form")
+        return task
+
+    def with_overrides(self, *, max_length: int = 0, model_preset: str = "") -> Task:
+        """The task with a run's model overrides (0 and "" keep the task's)."""
+        return replace(
+            self,
+            max_length=max_length or self.max_length,
+            model_preset=model_preset or self.model_preset,
+        )
+
+    def to_toml(self) -> str:
+        """The task as a task file (what ``fedsilo simulate`` writes for a run)."""
+        lines = [f"name = {json.dumps(self.name)}", "labels = ["]
+        lines += [f"  {json.dumps(label, ensure_ascii=False)}," for label in self.labels]
+        lines += [
+            "]",
+            f"text-column = {json.dumps(self.text_column)}",
+            f"label-column = {json.dumps(self.label_column)}",
+            f"max-length = {self.max_length}",
+            f"model-preset = {json.dumps(self.model_preset)}",
+        ]
+        if self.test_file is not None:
+            lines.append(f"test-file = {json.dumps(self.test_file)}")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
     def from_mapping(cls, raw: dict[str, Any], source: str) -> Task:
         unknown = sorted(set(raw) - set(_KEYS))
         if unknown:
@@ -168,3 +209,33 @@ def resolve_task(name_or_path: str) -> Task:
     if path.suffix == ".toml" or path.exists():
         return Task.load(path)
     return bundled_task(name_or_path)
+
+
+def run_task(cfg: RunConfig) -> Task:
+    """The task a run trains, as its plan carries it: the run's task file or bundled
+    task (``task``), else the bundled data set's own, with the run's model overrides."""
+    if cfg.task:
+        task = resolve_task(cfg.task)
+    elif cfg.bundled:
+        task = bundled_task(cfg.dataset)
+    else:
+        raise TaskError(
+            f"data set {cfg.dataset}: data of your own needs a task ('task' names a task "
+            "file; `fedsilo simulate --data` writes one from the data when none is given)"
+        )
+    if cfg.bundled and task.labels != bundled_task(cfg.dataset).labels:
+        raise TaskError(
+            f"task {task.name} declares the labels {list(task.labels)}, but the bundled data "
+            f"set {cfg.dataset} carries {list(bundled_task(cfg.dataset).labels)}"
+        )
+    return task.with_overrides(max_length=cfg.max_length, model_preset=cfg.model_preset)
+
+
+def test_file_path(cfg: RunConfig, task: Task) -> Path | None:
+    """The task's public test file, relative to the run's task file (None: it has none)."""
+    if task.test_file is None:
+        return None
+    path = Path(task.test_file)
+    if not path.is_absolute() and cfg.task and Path(cfg.task).suffix == ".toml":
+        path = Path(cfg.task).parent / path
+    return path

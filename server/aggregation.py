@@ -12,6 +12,7 @@ from typing import Generic, Protocol, TypeVar
 
 import torch
 
+from common.evaluation import COUNTS_KEY
 from common.messages import RoundPlan, SiteReport, StageMessage, TrainReply, TrainRequest
 from common.secagg.encoding import site_weight
 from server.optimizers import weighted_mean
@@ -86,8 +87,11 @@ def _check_update(update: Arrays, reference: Arrays) -> str | None:
 def plain_round(
     transport: Transport, chosen: list[int], plan: RoundPlan, weights: Arrays
 ) -> RoundOutcome:
-    """Every site sends its clipped update in the clear; the coordinator averages them."""
+    """Every site sends its clipped update in the clear; the coordinator averages them.
+    An evaluation round's replies are confusion matrices: ``mean`` is their sum."""
     request = TrainRequest(plan, weights)
+    k = len(plan.task.labels)
+    expected = {COUNTS_KEY: torch.zeros(k * k)} if plan.evaluate else weights
     started = time.monotonic()
     replies = transport.train(dict.fromkeys(chosen, request), group=str(plan.round))
     stage_seconds = {"train": time.monotonic() - started}
@@ -107,10 +111,20 @@ def plain_round(
         problem = (
             "reply carries secagg keys, not an update"
             if update is None
-            else _check_update(update, weights)
+            else _check_update(update, expected)
         )
         if problem or update is None:
             results.append(SiteResult(nid, report, problem))
+            continue
+        if plan.evaluate:
+            values = update[COUNTS_KEY]
+            if not bool((values == values.round()).all()) or (
+                values.numel() and float(values.abs().max()) >= 2**24
+            ):
+                results.append(SiteResult(nid, report, "counts are not whole numbers below 2^24"))
+                continue
+            results.append(SiteResult(nid, report, contributed=True))
+            updates.append(update)
             continue
         # The site clips; a larger update is rejected, never silently rescaled.
         norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in update.values()))
@@ -123,7 +137,11 @@ def plain_round(
         updates.append(update)
         counts.append(float(site_weight(plan.config, report.num_examples)))
         clipped += report.update_clipped
-    mean = weighted_mean(updates, counts) if updates else None
+    if plan.evaluate:
+        summed = torch.stack([u[COUNTS_KEY].double() for u in updates]).sum(0) if updates else None
+        mean = {COUNTS_KEY: summed} if summed is not None else None
+    else:
+        mean = weighted_mean(updates, counts) if updates else None
     return RoundOutcome(
         results=results,
         mean=mean,

@@ -10,6 +10,7 @@ secure aggregation aborted) leaves the global model unchanged and says why.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -20,13 +21,23 @@ from pathlib import Path
 import torch
 
 from common.config import RunConfig
-from common.data import load_builtin
+from common.data import load_builtin, load_site_file
+from common.evaluation import (
+    COUNTS_KEY,
+    SENSITIVITY,
+    eval_rounds,
+    evaluation_modes,
+    scores,
+    sum_noise_std,
+)
 from common.messages import RoundPlan, SiteReport
 from common.model import build_model, model_spec
 from common.outputs import (
+    ClassScore,
     LedgerHead,
     Note,
     NoteStatus,
+    PrivateEval,
     RoundRecord,
     RunSummary,
     SiteSummary,
@@ -35,6 +46,7 @@ from common.outputs import (
     save_model,
     write_run_files,
 )
+from common.task import Task, run_task, test_file_path
 from common.text import encode
 from common.training import Batchable, default_device, evaluate
 from server.aggregation import RoundOutcome, SiteResult, Transport, plain_round
@@ -115,7 +127,14 @@ class RoundTally:
     def note(self, site: str, what: NoteStatus, reason: str) -> None:
         self.notes.append(Note(site=site, status=what, reason=reason))
 
-    def record(self, *, accuracy: float, loss: float, seconds: float) -> RoundRecord:
+    def record(
+        self,
+        *,
+        accuracy: float | None,
+        loss: float | None,
+        seconds: float,
+        private_eval: PrivateEval | None = None,
+    ) -> RoundRecord:
         return RoundRecord(
             round=self.round,
             sites_asked=self.sites_asked,
@@ -133,6 +152,7 @@ class RoundTally:
             clipped=self.clipped,
             stage_seconds=self.stage_seconds,
             trained_sites=tuple(self.trained_sites),
+            private_eval=private_eval,
         )
 
 
@@ -199,12 +219,14 @@ def run_federation(
 ) -> RunSummary:
     """Run all rounds; returns the summary (also written to ``out_dir``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    test = load_builtin(cfg.dataset, "test", seed=cfg.seed)
-    spec = model_spec(cfg, len(test.label_names))
+    task = run_task(cfg)
+    central, federated = evaluation_modes(cfg, task)
+    spec = model_spec(task)
     model = build_model(spec, seed=cfg.seed)
     weights: Arrays = {k: v.clone() for k, v in model.trainable_state().items()}
     shipped: Arrays | None = None  # what is evaluated and saved: the EMA of `weights`
-    test_data = Batchable.from_encoded(encode(test.texts, cfg.max_length), test.labels)
+    test_data = _public_test_set(cfg, task) if central else None
+    evaluations = eval_rounds(cfg) if federated else ()
     device = default_device()
     optimizer = ServerOptimizer(
         cfg.server_optimizer, learning_rate=cfg.server_learning_rate, momentum=cfg.server_momentum
@@ -214,7 +236,7 @@ def run_federation(
     known_names: dict[int, str] = {}
     banned: dict[int, int] = {}  # node -> the round it was proven to cheat in
     rows: list[RoundRecord] = []
-    reporter.start(cfg, num_params=sum(v.numel() for v in weights.values()))
+    reporter.start(cfg, num_params=sum(v.numel() for v in weights.values()), task=task)
 
     for rnd in range(1, cfg.num_server_rounds + 1):
         started = time.monotonic()
@@ -230,7 +252,7 @@ def run_federation(
             row.fail(f"only {len(available)} sites connected, min-sites is {cfg.min_sites}")
             outcome = RoundOutcome(results=[], mean=None)
         else:
-            plan = RoundPlan(round=rnd, config=cfg)
+            plan = RoundPlan(round=rnd, config=cfg, task=task)
             if cfg.secure_aggregation:
                 outcome = secure_round(transport, chosen, plan, weights)
             else:
@@ -261,12 +283,26 @@ def run_federation(
             model.load_trainable_state(shipped)
         elif row.status == "ok":
             row.fail("no site trained this round; the global model is unchanged")
-        result = evaluate(model, test_data, device=device)
-        record = row.record(
-            accuracy=result.accuracy, loss=result.loss, seconds=time.monotonic() - started
-        )
         final = shipped if shipped is not None else weights
-        save_model(checkpoint_path(out_dir, rnd), final, spec, test.label_names, rnd)
+        result = evaluate(model, test_data, device=device) if test_data is not None else None
+        private = None
+        if rnd in evaluations:
+            private = federated_evaluation(
+                transport,
+                [n for n in available if n not in banned],
+                cfg,
+                task,
+                rnd,
+                final,
+                known_names,
+            )
+        record = row.record(
+            accuracy=result.accuracy if result else None,
+            loss=result.loss if result else None,
+            seconds=time.monotonic() - started,
+            private_eval=private,
+        )
+        save_model(checkpoint_path(out_dir, rnd), final, spec, task.labels, rnd)
         rows.append(record)
         reporter.round(record)
 
@@ -281,10 +317,99 @@ def run_federation(
         rounds=tuple(rows),
         sites=site_rows,
         final=final_record(tuple(rows), site_rows),
+        task=json.loads(task.canonical()),
     )
-    write_run_files(out_dir, summary, final, spec, test.label_names)
+    write_run_files(out_dir, summary, final, spec, task.labels)
     reporter.finish(summary, out_dir)
     return summary
+
+
+def _public_test_set(cfg: RunConfig, task: Task) -> Batchable:
+    """The public test set the coordinator evaluates on: a bundled data set's test
+    split, or the task's test file (checked against the task's labels and columns)."""
+    if cfg.bundled:
+        test = load_builtin(cfg.dataset, "test", seed=cfg.seed)
+    else:
+        path = test_file_path(cfg, task)
+        assert path is not None  # evaluation_modes checked it
+        test = load_site_file(
+            path,
+            label_names=task.labels,
+            text_column=task.text_column,
+            label_column=task.label_column,
+        )
+    return Batchable.from_encoded(encode(test.texts, task.max_length), test.labels)
+
+
+def federated_evaluation(
+    transport: Transport,
+    nodes: list[int],
+    cfg: RunConfig,
+    task: Task,
+    rnd: int,
+    weights: Arrays,
+    known: dict[int, str],
+) -> PrivateEval | None:
+    """One private federated evaluation of ``weights`` at every connected site: the sum
+    of their noisy confusion matrices (inside the secure sum when secure aggregation is
+    on), scored. None when no site's counts are in the sum (the notes say why)."""
+    plan = RoundPlan(round=rnd, config=cfg, task=task, evaluate=True)
+    if len(nodes) < cfg.min_sites:
+        log.warning("round %d: only %d sites for the evaluation", rnd, len(nodes))
+        return None
+    if cfg.secure_aggregation:
+        outcome = secure_round(transport, sorted(nodes), plan, weights)
+    else:
+        outcome = plain_round(transport, sorted(nodes), plan, weights)
+    notes: list[Note] = []
+    sites, sigmas, noise = [], [], True
+    epsilons: dict[str, float] = {}
+    heads: dict[str, LedgerHead] = {}
+    for res in outcome.results:
+        name = _site_name(res, known)
+        report = res.report
+        if not res.contributed or report is None:
+            why = res.error or (report.reason if report is not None else "no reply")
+            status: NoteStatus = "refused" if report and report.status == "refused" else "failed"
+            notes.append(Note(site=name, status=status, reason=why or "not in the sum"))
+            continue
+        sites.append(name)
+        if report.reason:  # e.g. a deployed site that ignored eval-noise off
+            notes.append(Note(site=name, status="rejected", reason=f"said: {report.reason}"))
+        if report.dp:
+            sigmas.append(report.noise_multiplier * SENSITIVITY)
+            epsilons[name] = report.epsilon
+            if report.ledger_head:
+                heads[name] = LedgerHead(
+                    hash=report.ledger_head,
+                    signature=report.ledger_signature,
+                    epsilon=report.epsilon,
+                )
+        else:
+            noise = False
+    if outcome.mean is None or not sites:
+        log.warning("round %d: the federated evaluation has no counts: %s", rnd, outcome.failure)
+        return None
+    k = len(task.labels)
+    counts = outcome.mean[COUNTS_KEY].round().long().numpy().reshape(k, k)
+    scored = scores(counts, task.labels)
+    return PrivateEval(
+        accuracy=scored.accuracy,
+        macro_f1=scored.macro_f1,
+        classes=tuple(
+            ClassScore(
+                label=c.label, precision=c.precision, recall=c.recall, f1=c.f1, support=c.support
+            )
+            for c in scored.classes
+        ),
+        counts=tuple(tuple(int(x) for x in row) for row in counts),
+        noise_std=sum_noise_std(sigmas),
+        noise=noise and bool(sigmas),
+        sites=tuple(sorted(sites, key=_site_order)),
+        epsilon_per_site=epsilons,
+        ledger_heads=heads,
+        notes=tuple(notes),
+    )
 
 
 def _site_order(name: str) -> int:

@@ -22,7 +22,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
+import torch
+
 from common.arrays import unflatten
+from common.evaluation import COUNTS_KEY, decode_counts
 from common.messages import (
     RoundPlan,
     SecAggSetup,
@@ -32,7 +35,7 @@ from common.messages import (
 )
 from common.quantize import check_sum, decode_sum
 from common.secagg.coordinator import CoordinatorSession
-from common.secagg.encoding import encoding_spec, site_weight
+from common.secagg.encoding import encoding_spec, payload_shape, site_weight
 from common.secagg.errors import SecAggAbort, SecAggError
 from common.secagg.params import Advert, SecAggParams
 from server.aggregation import Arrays, RoundOutcome, SiteResult, Transport
@@ -59,6 +62,10 @@ def make_params(
 
 class _NobodyTrained(Exception):
     """No site sent a masked input: the round has nothing to aggregate or abort."""
+
+
+class _Done(Exception):
+    """An evaluation round's sum is decoded: nothing of a training round's remains."""
 
 
 class _Round:
@@ -139,9 +146,8 @@ def secure_round(
         )
     dim = sum(v.numel() for v in weights.values())
     spec = encoding_spec(cfg, num_sites=len(chosen), seed=secrets.randbits(62), dim=dim)
-    params = make_params(
-        plan, len(chosen), ring_bits=spec.ring_bits, vector_length=spec.encoded_length
-    )
+    ring_bits, length = payload_shape(plan, num_sites=len(chosen), seed=spec.seed, dim=dim)
+    params = make_params(plan, len(chosen), ring_bits=ring_bits, vector_length=length)
     session = params.session
     coordinator = CoordinatorSession(params)
     log.info(
@@ -305,6 +311,10 @@ def secure_round(
         )
         started = time.monotonic()
         total, alive = coordinator.receive_unmask(revealed)
+        if plan.evaluate:  # the sum of the sites' (noisy) confusion matrices
+            counts = decode_counts(total, params.ring_bits)
+            mean = {COUNTS_KEY: torch.from_numpy(counts.astype("float64"))}
+            raise _Done
         mean_vector, total_weight = decode_sum(total, spec, len(alive))
         # Public weights (declared sizes): the total must be the survivors' own, and the
         # mean within what clipped sites can produce.
@@ -323,6 +333,8 @@ def secure_round(
         state.seconds["unmask-and-decode"] = time.monotonic() - started
     except _NobodyTrained:
         pass  # the round's notes say why each site did not train
+    except _Done:
+        pass
     except SecAggAbort as err:
         failure = f"secure aggregation aborted: {err}"
     except (SecAggError, ValueError) as err:

@@ -40,7 +40,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.data import TextDataset, load_builtin
 from common.model import build_model, model_spec
 from common.outputs import (
@@ -53,6 +53,7 @@ from common.outputs import (
     final_record,
     write_run_files,
 )
+from common.task import run_task
 from common.text import encode
 from common.training import Batchable, default_device, evaluate
 from server.report import round_progress
@@ -114,7 +115,7 @@ class CentralReporter:
         self.console.print(
             f"[bold]fedsilo central[/] {cfg.dataset}, {num_train:,} pooled training examples, "
             f"{cfg.num_server_rounds} rounds x {cfg.local_epochs} epoch(s) = {epochs} epochs, "
-            f"model {cfg.model_preset} ({num_params:,} trainable parameters)",
+            f"model {run_task(cfg).model_preset} ({num_params:,} trainable parameters)",
             soft_wrap=True,
         )
         self.console.print(
@@ -261,12 +262,18 @@ def _train_central(
 ) -> RunSummary:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    if not cfg.bundled:
+        raise ConfigError(
+            "--mode central runs on the bundled data sets; on data of your own, a central "
+            "run would pool every site's rows, which this simulation does not yet do"
+        )
+    task = run_task(cfg)
     train_set = _subsample(load_builtin(cfg.dataset, "train", seed=cfg.seed), max_train, cfg.seed)
     test_set = load_builtin(cfg.dataset, "test", seed=cfg.seed)
     label_names = test_set.label_names
-    spec = model_spec(cfg, len(label_names))
-    train = Batchable.from_encoded(encode(train_set.texts, cfg.max_length), train_set.labels)
-    test = Batchable.from_encoded(encode(test_set.texts, cfg.max_length), test_set.labels)
+    spec = model_spec(task)
+    train = Batchable.from_encoded(encode(train_set.texts, task.max_length), train_set.labels)
+    test = Batchable.from_encoded(encode(test_set.texts, task.max_length), test_set.labels)
     model = build_model(spec, seed=cfg.seed).to(device)
     epochs = cfg.num_server_rounds * cfg.local_epochs
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -18,6 +18,7 @@ from torch import nn
 
 from common.config import RunConfig
 from common.model import build_model, model_spec
+from common.task import run_task
 from common.training import Batchable, evaluate
 
 HOLDOUT_FRACTION = 0.1
@@ -86,7 +87,7 @@ def score_candidate(
 ) -> dict[str, Any]:
     """The full schedule on ``fit`` at one rate, scored on ``val``."""
     started = time.monotonic()
-    model = build_model(model_spec(cfg, num_classes), seed=cfg.seed).to(device)
+    model = build_model(model_spec(run_task(cfg)), seed=cfg.seed).to(device)
     opt = make_optimizer(optimizer, model, learning_rate)
     generator = torch.Generator().manual_seed(cfg.seed)
     diverged = False

@@ -10,16 +10,24 @@ from __future__ import annotations
 import logging
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, RunConfig
+from common.config import AT_THE_SITES, ConfigError, RunConfig
+from common.data.dataset import DataValidationError
+from common.data.owndata import discover_task, load_own_data, own_sites
 from common.outputs import SUMMARY_FILE, RunSummary, read_summary
+from common.task import TaskError, resolve_task, run_task
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 SIMULATION_KEYS = {"num-sites"}
 DEFAULT_SITES = 10
+TASK_FILE = "task.toml"
+NOTICE = (
+    "# Written by fedsilo simulate: the label set was READ FROM THE DATA, as no task\n"
+    "# file was given. A real federation declares its labels; it does not read them.\n"
+)
 
 # Flower reads these at import time: no telemetry, no update check, no run-time
 # `uv sync` (it would try to download torch).
@@ -64,15 +72,122 @@ def _drop_python_api_deprecation(record: logging.LogRecord) -> bool:
 
 def check_options(options: Mapping[str, Any]) -> tuple[RunConfig, int]:
     """The run config and number of sites of one simulation, or a ConfigError naming
-    the bad key (``fedsilo sweep`` checks every run with it before the first starts)."""
+    the bad key (``fedsilo sweep`` checks every run with it before the first starts).
+    On data of one's own the data's sites set the number of sites (natural split)."""
     overrides = dict(options)
-    num_sites = overrides.pop("num-sites", DEFAULT_SITES)
-    if isinstance(num_sites, bool) or not isinstance(num_sites, int) or num_sites < 1:
+    num_sites = overrides.pop("num-sites", None)
+    if num_sites is not None and (
+        isinstance(num_sites, bool) or not isinstance(num_sites, int) or num_sites < 1
+    ):
         raise ConfigError(f"num-sites must be a positive integer, got {num_sites!r}")
     cfg = RunConfig().with_overrides(overrides)
+    if cfg.dataset == AT_THE_SITES:
+        raise ConfigError(
+            f"dataset {AT_THE_SITES!r} is a deployment's (the sites hold the data): "
+            "simulate with --data FILE or FOLDER, or a bundled data set"
+        )
+    if not cfg.bundled and cfg.partition == "natural":
+        found = len(own_site_names(cfg))
+        if num_sites is not None and num_sites != found:
+            raise ConfigError(
+                f"num-sites {num_sites}: the data has {found} sites of its own (partition "
+                "'natural'); leave num-sites out, or use iid / dirichlet"
+            )
+        num_sites = found
+    num_sites = num_sites or DEFAULT_SITES
     if num_sites < cfg.min_sites:
         raise ConfigError(f"num-sites {num_sites} is below min-sites {cfg.min_sites}")
     return cfg, num_sites
+
+
+def own_site_names(cfg: RunConfig) -> tuple[str, ...]:
+    """The sites of data of one's own under the natural split: the site column's values
+    or the folder's files (sorted; simulated site i is the i-th)."""
+    try:
+        data = load_own_data(
+            cfg.dataset,
+            None,
+            site_column=cfg.site_column,
+            text_column=_columns(cfg)[0],
+            label_column=_columns(cfg)[1],
+        )
+    except (DataValidationError, OSError) as err:
+        raise ConfigError(str(err)) from None
+    if data.groups is None:
+        raise ConfigError(
+            f"{cfg.dataset}: partition 'natural' needs the data's own sites: --site-column "
+            "COL (each value is a site) or a folder with one file per site; or use iid / "
+            "dirichlet"
+        )
+    return tuple(sorted(set(data.groups)))
+
+
+def _columns(cfg: RunConfig) -> tuple[str, str]:
+    """The text and label columns: the task file's, else the run config's."""
+    if cfg.task:
+        task = resolve_task(cfg.task)
+        return task.text_column, task.label_column
+    return cfg.text_column, cfg.label_column
+
+
+def prepare_task(cfg: RunConfig, num_sites: int, say: Callable[[str], None] = print) -> RunConfig:
+    """Before an own-data simulation starts: the task, checked against the data (or read
+    from it when there is no task file, printed and written to the run's task file) and
+    the sites it makes. ``cfg`` has its run folders."""
+    if cfg.bundled:
+        return cfg
+    # Simulated sites may run in another working folder: absolute paths.
+    cfg = cfg.model_copy(
+        update={
+            "dataset": str(Path(cfg.dataset).resolve()),
+            "task": str(Path(cfg.task).resolve()) if cfg.task.endswith(".toml") else cfg.task,
+        }
+    )
+    if not cfg.task:
+        text, label = _columns(cfg)
+        try:
+            task, counts = discover_task(
+                cfg.dataset,
+                name=Path(cfg.dataset).stem or "own-data",
+                text_column=text,
+                label_column=label,
+                max_length=cfg.max_length or 48,
+                model_preset=cfg.model_preset or "tiny",
+            )
+        except (DataValidationError, OSError, TaskError) as err:
+            raise ConfigError(str(err)) from None
+        path = Path(cfg.out_dir) / TASK_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(NOTICE + task.to_toml(), encoding="utf-8")
+        shown = ", ".join(f"{k} ({v})" for k, v in counts.items())
+        say(f"labels read from the data: {shown}")
+        say(
+            f"notice: the label set was read from the data and written to {path}; a real "
+            "federation declares its labels in a task file (--task), never reads them "
+            "from private data"
+        )
+        cfg = cfg.model_copy(update={"task": str(path)})
+    task = run_task(cfg)
+    try:
+        sites = own_sites(
+            cfg.dataset,
+            task,
+            cfg.site_column,
+            cfg.partition,
+            num_sites,
+            cfg.seed,
+            cfg.dirichlet_alpha,
+            cfg.min_partition_size,
+        )
+    except (DataValidationError, OSError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    for i, (name, part) in enumerate(zip(sites.names, sites.parts, strict=True)):
+        counts = sites.data.subset(part).label_counts()
+        say(
+            f"site-{i} = {name}: {len(part)} rows, "
+            + ", ".join(f"{k} {v}" for k, v in counts.items())
+        )
+    return cfg
 
 
 def simulate(options: Mapping[str, Any]) -> RunSummary:
@@ -92,7 +207,7 @@ def simulate(options: Mapping[str, Any]) -> RunSummary:
     from client.app import app as client_app
     from server.app import make_server_app, with_run_folders
 
-    cfg = with_run_folders(cfg)
+    cfg = prepare_task(with_run_folders(cfg), num_sites)
     gpus = 1.0 / max(1, min(num_sites, 4)) if torch.cuda.is_available() else 0.0
     run_simulation(
         server_app=make_server_app(cfg),

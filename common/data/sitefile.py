@@ -37,20 +37,32 @@ class _Checker:
     def __init__(
         self,
         path: Path,
-        label_names: tuple[str, ...],
+        label_names: tuple[str, ...] | None,
         text_column: str,
         label_column: str,
+        group_column: str | None = None,
     ) -> None:
         self.path = path
-        self.index = {name: i for i, name in enumerate(label_names)}
-        self.label_names = label_names
+        # None: the labels are discovered (label ids are fixed once all are known)
+        self.discover = label_names is None
+        self.label_names = label_names or ()
+        self.index = {name: i for i, name in enumerate(self.label_names)}
         self.text_column = text_column
         self.label_column = label_column
+        self.group_column = group_column
+        self.columns = tuple(c for c in (text_column, label_column, group_column) if c)
 
     def error(self, line: int | None, problem: str) -> DataValidationError:
         """One-line error naming the file and (if known) the 1-based line."""
         where = f"{self.path}" if line is None else f"{self.path} line {line}"
         return DataValidationError(f"{where}: {problem}")
+
+    def group(self, line: int, value: str) -> str:
+        """A non-empty site value (whitespace-stripped)."""
+        value = value.strip()
+        if not value:
+            raise self.error(line, f"empty value in column {_show(str(self.group_column))}")
+        return value
 
     def text(self, line: int, value: str) -> str:
         """Non-blank text, unchanged."""
@@ -63,6 +75,8 @@ class _Checker:
         value = value.strip()
         if not value:
             raise self.error(line, f"empty label in column {_show(self.label_column)}")
+        if value not in self.index and self.discover:
+            self.index[value] = len(self.index)
         if value not in self.index:
             raise self.error(
                 line,
@@ -103,14 +117,18 @@ def _column_list(columns: Sequence[str]) -> str:
     return "[" + ", ".join(shown) + "]"
 
 
-def _read_csv(path: Path, checker: _Checker) -> tuple[list[str], list[int]]:
+_Rows = tuple[list[str], list[int], list[str]]
+
+
+def _read_csv(path: Path, checker: _Checker) -> _Rows:
     """Parse a CSV with a mandatory header row."""
     lines = list(_decoded_lines(path, checker))
     reader = csv.reader((text for _, text in lines), strict=True)
     texts: list[str] = []
     labels: list[int] = []
+    groups: list[str] = []
     header: list[str] | None = None
-    text_idx = label_idx = -1
+    text_idx = label_idx = group_idx = -1
     while True:
         start = reader.line_num + 1
         try:
@@ -127,7 +145,7 @@ def _read_csv(path: Path, checker: _Checker) -> tuple[list[str], list[int]]:
             duplicates = sorted({c for c in header if header.count(c) > 1})
             if duplicates:
                 raise checker.error(start, f"duplicate column names {_column_list(duplicates)}")
-            for column in (checker.text_column, checker.label_column):
+            for column in checker.columns:
                 if column not in header:
                     raise checker.error(
                         start,
@@ -136,14 +154,18 @@ def _read_csv(path: Path, checker: _Checker) -> tuple[list[str], list[int]]:
                     )
             text_idx = header.index(checker.text_column)
             label_idx = header.index(checker.label_column)
+            if checker.group_column:
+                group_idx = header.index(checker.group_column)
             continue
         if len(row) != len(header):
             raise checker.error(start, f"expected {len(header)} fields, found {len(row)}")
         texts.append(checker.text(start, row[text_idx]))
         labels.append(checker.label(start, row[label_idx]))
+        if group_idx >= 0:
+            groups.append(checker.group(start, row[group_idx]))
     if header is None:
         raise checker.error(None, "no header row")
-    return texts, labels
+    return texts, labels, groups
 
 
 def _json_label(checker: _Checker, line: int, value: Any) -> str:
@@ -161,10 +183,11 @@ def _json_label(checker: _Checker, line: int, value: Any) -> str:
     )
 
 
-def _read_jsonl(path: Path, checker: _Checker) -> tuple[list[str], list[int]]:
+def _read_jsonl(path: Path, checker: _Checker) -> _Rows:
     """Parse JSON Lines: one object per line, no blank lines except the final newline."""
     texts: list[str] = []
     labels: list[int] = []
+    groups: list[str] = []
     for line_no, line in _decoded_lines(path, checker):
         if not line.strip():
             raise checker.error(line_no, "blank line")
@@ -177,7 +200,7 @@ def _read_jsonl(path: Path, checker: _Checker) -> tuple[list[str], list[int]]:
             ) from None
         if not isinstance(obj, dict):
             raise checker.error(line_no, f"expected a JSON object, found {type(obj).__name__}")
-        for column in (checker.text_column, checker.label_column):
+        for column in checker.columns:
             if column not in obj:
                 raise checker.error(
                     line_no,
@@ -193,35 +216,52 @@ def _read_jsonl(path: Path, checker: _Checker) -> tuple[list[str], list[int]]:
         labels.append(
             checker.label(line_no, _json_label(checker, line_no, obj[checker.label_column]))
         )
-    return texts, labels
+        if checker.group_column:
+            value = obj[checker.group_column]
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                raise checker.error(
+                    line_no,
+                    f"value in column {_show(checker.group_column)} must be a string or "
+                    f"integer, found {type(value).__name__}",
+                )
+            groups.append(checker.group(line_no, str(value)))
+    return texts, labels, groups
 
 
 def load_site_file(
     path: str | Path,
     *,
-    label_names: Sequence[str],
+    label_names: Sequence[str] | None,
     text_column: str = "text",
     label_column: str = "label",
     name: str | None = None,
+    group_column: str | None = None,
 ) -> TextDataset:
     """Load and fully validate a site's labelled text file; any problem aborts the whole load.
 
     ``.csv`` needs a header row; ``.jsonl``/``.ndjson`` hold one JSON object per
     line. Labels are matched as (whitespace-stripped) strings against
-    ``label_names``, whose order defines the label ids.
+    ``label_names``, whose order defines the label ids. ``label_names=None`` reads
+    the label set from the file instead (sorted): only a simulation does that, once,
+    before it writes the run's task file. ``group_column`` (simulation's
+    ``site-column``) fills the data set's groups.
     """
     if isinstance(label_names, str):
         raise TypeError("label_names must be a sequence of label strings, not a single string")
-    declared = tuple(label_names)
-    if not declared or any(not isinstance(n, str) or not n.strip() for n in declared):
+    declared = None if label_names is None else tuple(label_names)
+    if declared is not None and (
+        not declared or any(not isinstance(n, str) or not n.strip() for n in declared)
+    ):
         raise ValueError("label_names must be a non-empty sequence of non-empty strings")
-    if len(set(declared)) != len(declared):
+    if declared is not None and len(set(declared)) != len(declared):
         raise ValueError("label_names must be unique")
     if text_column == label_column:
         raise ValueError(f"text_column and label_column must differ, both are {text_column!r}")
+    if group_column is not None and group_column in (text_column, label_column):
+        raise ValueError(f"the site column {group_column!r} must differ from text and label")
 
     file_path = Path(path)
-    checker = _Checker(file_path, declared, text_column, label_column)
+    checker = _Checker(file_path, declared, text_column, label_column, group_column)
     if not file_path.exists():
         raise checker.error(None, "file not found")
     if file_path.is_dir():
@@ -234,17 +274,23 @@ def load_site_file(
             f"{', '.join(SUPPORTED_SUFFIXES)} (Parquet is not supported; convert to CSV or JSON Lines)",
         )
     try:
-        texts, labels = (_read_csv if suffix == ".csv" else _read_jsonl)(file_path, checker)
+        texts, labels, groups = (_read_csv if suffix == ".csv" else _read_jsonl)(file_path, checker)
     except OSError as exc:
         raise checker.error(
             None, f"cannot read file ({exc.strerror or type(exc).__name__})"
         ) from None
     if not texts:
         raise checker.error(None, "no data rows")
+    ids = np.asarray(labels, dtype=np.int64)
+    names = tuple(checker.index)
+    if checker.discover:  # sorted names, so the order does not depend on the rows' order
+        names = tuple(sorted(names))
+        remap = np.asarray([names.index(n) for n in checker.index], dtype=np.int64)
+        ids = remap[ids]
     return TextDataset(
         name=name if name is not None else file_path.stem,
         texts=tuple(texts),
-        labels=np.asarray(labels, dtype=np.int64),
-        label_names=declared,
-        groups=None,
+        labels=ids,
+        label_names=names,
+        groups=tuple(groups) if group_column else None,
     )

@@ -57,10 +57,10 @@ from common.privacy.identity import (
 )
 from common.privacy.ledger import (
     LEDGER_FILE,
-    SITE_SCOPE,
     ZERO_HASH,
     Finding,
     LedgerEntry,
+    charges,
     parse_ledger,
     parse_time,
 )
@@ -249,7 +249,7 @@ class _FilterReference:
 
     @staticmethod
     def _charges(entry: LedgerEntry, scope: str) -> bool:
-        return scope == SITE_SCOPE or entry.budget_scope in (scope, SITE_SCOPE)
+        return charges(entry, scope)
 
     def add(self, entry: LedgerEntry) -> None:
         self._seen.append(entry)

@@ -41,6 +41,10 @@ ZERO_HASH = "0" * 64
 # site declared disjoint from all its others (node config ``disjoint-data-set``).
 SITE_SCOPE = "site"
 DATA_SET_SCOPE = "data-set:"
+# The private federated evaluation's releases (noisy per-class counts of the site's
+# held-out share): rows no training round ever touches, by construction
+# (common/data/holdout.py), so this scope and every training scope compose in parallel.
+EVAL_SCOPE = "eval"
 _SCOPE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -58,11 +62,13 @@ def scope_of(disjoint_data_set: str | None) -> str:
 
 
 def _scope_problem(scope: str) -> str | None:
-    if scope == SITE_SCOPE:
+    if scope in (SITE_SCOPE, EVAL_SCOPE):
         return None
     if scope.startswith(DATA_SET_SCOPE) and _SCOPE_NAME.fullmatch(scope[len(DATA_SET_SCOPE) :]):
         return None
-    return f"scope must be {SITE_SCOPE!r} or '{DATA_SET_SCOPE}<name>', got {scope!r}"
+    return (
+        f"scope must be {SITE_SCOPE!r}, {EVAL_SCOPE!r} or '{DATA_SET_SCOPE}<name>', got {scope!r}"
+    )
 
 
 # ---- entries ----------------------------------------------------------------------
@@ -401,12 +407,19 @@ def spent_events(entries: Sequence[LedgerEntry], dataset: str) -> list[Subsample
     return [entry.event for entry in entries if entry.dataset == dataset]
 
 
+def charges(entry: LedgerEntry, scope: str) -> bool:
+    """Whether ``entry`` counts against budget ``scope``: the site's budget composes
+    every training entry; a declared disjoint data set its own and every site-wide one
+    (schema 1 included); the evaluation scope only its own, and no training scope
+    composes it: held-out rows are never trained on, so the two compose in parallel."""
+    if (entry.budget_scope == EVAL_SCOPE) != (scope == EVAL_SCOPE):
+        return False
+    return scope in (SITE_SCOPE, EVAL_SCOPE) or entry.budget_scope in (scope, SITE_SCOPE)
+
+
 def charged_to(entries: Sequence[LedgerEntry], scope: str) -> list[LedgerEntry]:
-    """The entries a budget scope composes: all of them for the site's budget; for a
-    declared disjoint data set its own and every site-wide one (schema 1 included)."""
-    if scope == SITE_SCOPE:
-        return list(entries)
-    return [e for e in entries if e.budget_scope in (scope, SITE_SCOPE)]
+    """The entries a budget scope composes (``charges``), in ledger order."""
+    return [e for e in entries if charges(e, scope)]
 
 
 # ---- writing ----------------------------------------------------------------------

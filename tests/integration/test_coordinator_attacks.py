@@ -21,6 +21,7 @@ from common.messages import RoundPlan, TrainReply, TrainRequest
 from common.model import build_model, model_spec
 from common.privacy.identity import init_state
 from common.privacy.ledger import LEDGER_FILE, LedgerEntry, read_ledger, row_digest
+from common.task import run_task
 from common.text import encode
 from tests.support.inprocess_grid import InProcessGrid
 
@@ -73,7 +74,7 @@ def crafted_weights() -> dict[str, torch.Tensor]:
     that coordinate and the zero head keeps every upstream gradient zero: the true
     norm fits, and only the site holding WORD used to fail. (With PROBE's tiny
     learning rate the weights hardly move during the round.)"""
-    model = build_model(model_spec(CFG, 2), seed=0)
+    model = build_model(model_spec(run_task(CFG)), seed=0)
     table = model.embed.weight.detach()
     token = int(encode([WORD], 4).ids[0][1])
     others = sorted(set(encode([" ".join(WORDS) + " story"], 32).ids.flatten().tolist()) - {token})
@@ -156,7 +157,7 @@ def test_crafted_weights_cannot_tell_which_site_holds_a_word(
 
 def test_a_plan_changed_mid_run_is_refused_and_nothing_is_spent(tmp_path: Path) -> None:
     nodes = _sites(tmp_path)
-    start = build_model(model_spec(CFG, 2), seed=0).trainable_state()
+    start = build_model(model_spec(run_task(CFG)), seed=0).trainable_state()
     # Round 1 as planned, then a plan that would recalibrate: batch size 1 (sample rate
     # 1/n), a tenfold epsilon.
     changes = {1: {}, 2: {"batch-size": 1}, 3: {"epsilon": 30.0}}
@@ -182,7 +183,7 @@ def test_ledger_heads_cannot_be_tested_against_guessed_data(tmp_path: Path) -> N
     # data set and brute-forcing the time recovered the head. Now the fingerprint is an
     # HMAC under a key that never leaves the site.
     nodes = _sites(tmp_path)
-    start = build_model(model_spec(CFG, 2), seed=0).trainable_state()
+    start = build_model(model_spec(run_task(CFG)), seed=0).trainable_state()
     seen = _run(tmp_path, nodes, arrays=lambda _: start, plans=lambda _: CFG)
     reply = seen[0]["holds-word"]
     entry = _ledger(nodes[0])[0]

@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from client.app import app as client_app
 from common.arrays import flatten
 from common.config import RunConfig
-from common.data import builtin_label_names
 from common.model import build_model, model_spec
 from common.quantize import error_bound
 from common.secagg.encoding import encoding_spec
 from common.secure_random import SecureRandom
+from common.task import run_task
 from server.app import app as server_app
 from tests.support.inprocess_grid import NODE_ID_OFFSET, InProcessGrid
 from tests.support.runs import SMALL_RUN
@@ -52,7 +52,7 @@ def _go(grid: InProcessGrid, out: Path) -> dict:
 
 
 def _initial(cfg: RunConfig) -> dict[str, torch.Tensor]:
-    spec = model_spec(cfg, len(builtin_label_names(cfg.dataset)))
+    spec = model_spec(run_task(cfg))
     return build_model(spec, seed=cfg.seed).trainable_state()
 
 

@@ -14,7 +14,8 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client import secure
-from client.round import SiteState, run_round, train_round
+from client.reply import train_round
+from client.round import SiteState, run_round
 from client.settings import SiteConfigError, SiteSettings
 from common.config import RunConfig
 from common.messages import (
@@ -37,6 +38,7 @@ from common.secagg.params import Advert, SecAggParams
 from common.secagg.roster import Roster, enrol
 from common.secagg.site import SiteSession
 from common.secure_random import SecureRandom
+from common.task import run_task
 from tests.support.reference import reference_epsilon, reference_filter_epsilon
 
 NODE = {"partition-id": 3, "num-partitions": 20}
@@ -57,7 +59,7 @@ def cfg(tmp_path: Path) -> RunConfig:
 
 
 def _arrays(cfg: RunConfig) -> dict[str, torch.Tensor]:
-    return build_model(model_spec(cfg, 2), seed=0).trainable_state()
+    return build_model(model_spec(run_task(cfg)), seed=0).trainable_state()
 
 
 def _round(

@@ -13,7 +13,7 @@ import torch
 from client import secure
 from common.arrays import flatten
 from common.config import RunConfig
-from common.messages import SecAggSetup, StageMessage
+from common.messages import RoundPlan, SecAggSetup, StageMessage
 from common.privacy.identity import init_state
 from common.quantize import decode_sum, unpack
 from common.secagg.coordinator import CoordinatorSession
@@ -108,7 +108,7 @@ def test_three_sites_through_every_stage_give_the_mean(tmp_path: Path) -> None:
     masked = {}
     for u, delta in zip(params.participants, DELTAS, strict=True):
         setup = SecAggSetup(params, u, seed, members)
-        pending[u] = secure.admit(pending[u], setup, CFG, DIM)
+        pending[u] = secure.admit(pending[u], setup, RoundPlan(1, CFG), DIM)
         reply, pending[u], clipped = secure.masked(pending[u], setup, CFG, flatten(delta), 100)
         assert not clipped
         masked[u] = (reply.blobs[0], reply.more[0])
@@ -204,7 +204,7 @@ def test_masking_clips_a_large_delta_and_says_so(tmp_path: Path) -> None:
     big = {"w": torch.full((3, 4), 10.0), "b": torch.zeros(5)}
 
     # Execute
-    kept = secure.admit(pending[1], setup, CFG, DIM)
+    kept = secure.admit(pending[1], setup, RoundPlan(1, CFG), DIM)
     reply, kept, clipped = secure.masked(kept, setup, CFG, flatten(big), 100)
 
     # Assert
@@ -222,7 +222,7 @@ def test_admit_refuses_parameters_that_do_not_match_the_plan_before_training(
 
     # Execute / Assert
     with pytest.raises(SecAggError, match="do not match"):
-        secure.admit(pending[1], SecAggSetup(params, 1, 1, members), CFG, DIM)
+        secure.admit(pending[1], SecAggSetup(params, 1, 1, members), RoundPlan(1, CFG), DIM)
 
 
 def test_admit_refuses_a_train_message_of_another_round(tmp_path: Path) -> None:
@@ -230,7 +230,7 @@ def test_admit_refuses_a_train_message_of_another_round(tmp_path: Path) -> None:
     pending, members = _opened(tmp_path, params, seed)
     other, _ = _params()
     with pytest.raises(SecAggError, match="not the one this site advertised in"):
-        secure.admit(pending[1], SecAggSetup(other, 1, seed, members), CFG, DIM)
+        secure.admit(pending[1], SecAggSetup(other, 1, seed, members), RoundPlan(1, CFG), DIM)
 
 
 def test_a_message_of_another_round_is_refused(tmp_path: Path) -> None:

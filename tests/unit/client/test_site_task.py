@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 
 from client.deploy import TASK_FILE, check_site
-from client.round import SiteState, train_round
+from client.reply import train_round
+from client.round import SiteState
 from client.settings import TASK_DIGEST_KEY, TASK_FILE_KEY, SiteSettings
 from common.config import RunConfig
 from common.messages import RoundPlan, TrainRequest
 from common.model import build_model, model_spec
 from common.pki import DeployError
 from common.privacy.ledger import LEDGER_FILE
-from common.task import TASKS_DIR, Task, bundled_task
+from common.task import TASKS_DIR, Task, bundled_task, run_task
 from server import deploy as coordinator
 from tests.support.deploy_folders import site_folder
 
@@ -88,7 +89,9 @@ def _pinned(tmp_path: Path, cfg: RunConfig, task: str) -> SiteSettings:
     node = {
         "partition-id": 3,
         "num-partitions": 20,
-        TASK_DIGEST_KEY: bundled_task(task).digest(),
+        TASK_DIGEST_KEY: run_task(
+            cfg.model_copy(update={"dataset": task, "partition": "iid"})
+        ).digest(),
         TASK_FILE_KEY: str(path),
     }
     return SiteSettings.from_node_config(node, cfg)
@@ -100,7 +103,7 @@ def test_a_site_refuses_a_plan_whose_task_is_not_the_one_it_agreed_to(
     # The coordinator switching the task (labels, columns) under a site: before, a
     # deployed site charged the round and then failed to read its file.
     settings = _pinned(tmp_path, cfg, "20newsgroups")
-    arrays = build_model(model_spec(cfg, 2)).trainable_state()
+    arrays = build_model(model_spec(run_task(cfg))).trainable_state()
     request = TrainRequest(RoundPlan(1, cfg), arrays)
 
     reply, _ = train_round(request, settings, SiteState(), run_id="run-a")
@@ -113,7 +116,7 @@ def test_a_site_refuses_a_plan_whose_task_is_not_the_one_it_agreed_to(
 
 def test_a_site_trains_a_plan_of_the_task_it_agreed_to(tmp_path: Path, cfg: RunConfig) -> None:
     settings = _pinned(tmp_path, cfg, "rotten-tomatoes")
-    arrays = build_model(model_spec(cfg, 2)).trainable_state()
+    arrays = build_model(model_spec(run_task(cfg))).trainable_state()
 
     reply, _ = train_round(
         TrainRequest(RoundPlan(1, cfg), arrays), settings, SiteState(), run_id="a"

@@ -1,0 +1,176 @@
+"""What a site does with an evaluation round: the global model on its held-out share,
+released as a confusion matrix with Gaussian noise (common/evaluation.py), charged to
+its evaluation budget before the data is touched, as a training round is.
+
+Order (the same invariants as client/round.py):
+1. public checks: the plan must name this round among the run's evaluation rounds,
+   and the global weights must be within the site's norm bound;
+2. under the ledger lock, the release is admitted by the adaptive filter over the
+   site's evaluation scope (its own node config caps it: ``eval-epsilon``; the run
+   asks for at most that) and its signed entry is written;
+3. only then the held-out rows are read and scored.
+
+Noise off (``eval-noise = false``) is a labelled simulation option: exact counts, no
+entry, ``dp`` false in the report. A deployed site ignores it and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.data import load_site_data
+from client.holdout import site_holdout
+from client.round import (
+    LOCK_FILE,
+    Refused,
+    _charge,
+    _exclusive,
+    _keys,
+    _model,
+    _refusal,
+    check_global_weights,
+)
+from client.settings import SiteConfigError, SiteSettings
+from common.evaluation import (
+    SENSITIVITY,
+    IntArray,
+    add_noise,
+    confusion,
+    eval_rounds,
+    evaluation_modes,
+)
+from common.messages import RoundPlan, SiteReport
+from common.privacy.budget import RunPlan, check_delta, one_run_budget
+from common.privacy.ledger import EVAL_SCOPE, LEDGER_FILE, Ledger, dataset_fingerprint, file_digest
+from common.secure_random import SecureRandom
+from common.training import default_device
+
+log = logging.getLogger("fedsilo.site")
+NOISE_IGNORED = "eval-noise off ignored: a deployed site always adds its evaluation noise"
+
+
+def evaluate_round(
+    plan: RoundPlan,
+    global_arrays: dict[str, torch.Tensor],
+    settings: SiteSettings,
+    *,
+    run_id: str,
+    rng: SecureRandom,
+) -> tuple[SiteReport, IntArray | None]:
+    """The site's report and its (noisy) confusion matrix; None when it refuses."""
+    cfg, task = plan.config, plan.task
+    rounds = eval_rounds(cfg)
+    _, federated = evaluation_modes(cfg, task)
+    if settings.state_dir is None:
+        raise SiteConfigError("a site evaluates privately only with its 'state-dir' (ledger)")
+    keys = _keys(settings, settings.state_dir)
+    ledger = Ledger(settings.state_dir / LEDGER_FILE, keys.identity)
+    noise = cfg.eval_noise or settings.deployed
+    note = NOISE_IGNORED if noise and not cfg.eval_noise else ""
+    if note:
+        log.warning("round %d: %s", plan.round, note)
+    cap = settings.eval_epsilon
+    try:
+        if not federated or plan.round not in rounds:
+            raise Refused(
+                f"round {plan.round} is not an evaluation round of this plan (rounds {list(rounds)})"
+            )
+        check_global_weights(global_arrays, settings.max_global_norm)
+        holdout = site_holdout(settings, plan, keys.fingerprint_key, ledger.entries())
+        if holdout.late:
+            raise Refused(
+                "this site trained before it held rows out, so its held-out rows may have "
+                "been trained on: it does not evaluate privately (a fresh state folder would)"
+            )
+        if holdout.holdout.fraction == 0:
+            raise Refused("this site holds no rows out for evaluation")
+    except Refused as refusal:
+        budget = cap if cap is not None else cfg.eval_epsilon
+        return _refusal(settings, keys, refusal.reason, budget, ledger, EVAL_SCOPE), None
+    index = rounds.index(plan.round) + 1
+    data = None
+    if settings.declared_size is None:  # simulation: the held-out share's size is public
+        data = load_site_data(settings, cfg, task, holdout.holdout)
+        size = max(1, len(data.held_out))
+        digest = data.held_out_digest
+    else:  # the file's bytes, hashed, not parsed (nothing can fail before the charge)
+        size = settings.declared_size
+        digest = hashlib.sha256(b"held-out\n" + file_digest(Path(str(settings.data_path)))).digest()
+    entry = frozen = None
+    if noise:
+        if cap is None:  # a simulated site's evaluation budget: this run's releases
+            cap = one_run_budget(
+                target=cfg.eval_epsilon, delta=settings.delta, sample_rate=1.0, steps=len(rounds)
+            )
+        asked = RunPlan(
+            noise_multiplier=1.0,
+            sample_rate=1.0,
+            steps=1,
+            rounds=len(rounds),
+            clip_norm=SENSITIVITY,
+            epsilon_target=cfg.eval_epsilon,
+            delta=settings.delta,
+            scope=EVAL_SCOPE,
+            public_size=size,
+        )
+        try:
+            if cfg.eval_epsilon > cap:
+                raise Refused(
+                    f"the run asks for evaluation epsilon {cfg.eval_epsilon:g}, above this "
+                    f"site's evaluation budget {cap:g} ('eval-epsilon')"
+                )
+            check_delta(settings.delta, size)
+            with _exclusive(settings.state_dir / LOCK_FILE):
+                entry, frozen, _ = _charge(
+                    replace(plan, round=index),
+                    settings,
+                    cap,
+                    ledger,
+                    asked,
+                    run_id=f"{run_id}/eval",
+                    fingerprint=dataset_fingerprint(keys.fingerprint_key, digest),
+                )
+        except Refused as refusal:
+            return _refusal(settings, keys, refusal.reason, cap, ledger, EVAL_SCOPE), None
+    # Charged (or noise off in simulation). Now the held-out rows are read.
+    if data is None:
+        data = load_site_data(settings, cfg, task, holdout.holdout)
+    model = _model(task, global_arrays).to(default_device()).eval()
+    held = data.held_out
+    predictions = []
+    with torch.no_grad():
+        for start in range(0, len(held), 512):
+            ids = held.ids[start : start + 512].to(default_device())
+            mask = held.mask[start : start + 512].to(default_device())
+            predictions.append(model(ids, mask).argmax(1).cpu())
+    predicted = torch.cat(predictions).numpy() if predictions else np.zeros(0, np.int64)
+    counts = confusion(held.labels.numpy(), predicted, len(task.labels))
+    if entry is None or frozen is None:  # noise off: the labelled simulation option
+        return SiteReport.of(
+            "ok", "", settings.site_id, num_examples=size, dp=False, steps=index
+        ), counts
+    sigma = frozen.noise_multiplier * SENSITIVITY
+    normal = rng.normal(counts.shape, 1.0, dtype=torch.float64).numpy()
+    return SiteReport.of(
+        "ok",
+        note,
+        settings.site_id,
+        num_examples=size,
+        budget=cap,
+        delta=settings.delta,
+        sample_rate=1.0,
+        epsilon=entry.epsilon_run,
+        lifetime_epsilon=entry.spent,
+        steps=1,
+        total_steps=index,
+        noise_multiplier=frozen.noise_multiplier,
+        ledger_head=entry.entry_hash(),
+        ledger_signature=entry.signature,
+        identity=keys.identity.fingerprint(),
+    ), add_noise(counts, sigma, normal)

@@ -1,0 +1,87 @@
+"""Which rows a site holds out of training for the private federated evaluation.
+
+A deployed site's share is its own (node config ``eval-fraction``, default 0.2); a
+simulated site holds rows out only in a run that evaluates privately, at the plan's
+``eval-fraction``. The first time a site holds rows out, the fraction is pinned in its
+state folder (``holdout.json``) and from then on every run, training or evaluating,
+keeps the same rows out: the keyed hash of common/data/holdout.py is stable, so the
+held-out rows are never trained on. That disjointness is what lets the evaluation's
+spend compose in parallel with training's (common/privacy/ledger.py ``charges``). A
+site whose ledger already held training rounds when it pinned (rows that are held out
+now may have been trained on before) does not evaluate privately: ``late`` says so,
+and the evaluation refuses rather than compose unsoundly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.data import Holdout
+from client.settings import SiteConfigError, SiteSettings
+from common.evaluation import evaluation_modes
+from common.messages import RoundPlan
+from common.privacy.identity import fsync_dir
+from common.privacy.ledger import EVAL_SCOPE, LedgerEntry
+
+HOLDOUT_FILE = "holdout.json"
+
+
+@dataclass(frozen=True)
+class SiteHoldout:
+    holdout: Holdout
+    late: bool  # pinned after training rounds: the evaluation would not be sound
+
+
+def _read(path: Path) -> tuple[float, bool]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        fraction, late = raw["fraction"], raw["late"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SiteConfigError(f"{path} is damaged ({type(err).__name__}); restore it") from None
+    if not (isinstance(fraction, float) and 0 < fraction < 1 and isinstance(late, bool)):
+        raise SiteConfigError(f"{path} is damaged (fraction {fraction!r}); restore it")
+    return fraction, late
+
+
+def _write(path: Path, fraction: float, late: bool) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        json.dump({"fraction": fraction, "late": late}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+    fsync_dir(path.parent)
+
+
+def site_holdout(
+    settings: SiteSettings, plan: RoundPlan, key: bytes | None, entries: list[LedgerEntry]
+) -> SiteHoldout:
+    """The rows this site keeps out this round (pinning the fraction at first use)."""
+    if settings.deployed:
+        asked = settings.eval_fraction or 0.0
+    else:
+        _, federated = evaluation_modes(plan.config, plan.task)
+        asked = plan.config.eval_fraction if federated else 0.0
+    if settings.state_dir is None or key is None:
+        if asked:
+            raise SiteConfigError("a held-out share needs the site's 'state-dir' (its key)")
+        return SiteHoldout(Holdout(hashlib.sha256(b"no-holdout").digest(), 0.0), False)
+    path = settings.state_dir / HOLDOUT_FILE
+    if path.exists():
+        fraction, late = _read(path)
+        if settings.deployed and fraction != asked:
+            raise SiteConfigError(
+                f"'eval-fraction' is {asked} but this site pinned {fraction} at its first "
+                "round: changing it would move held-out rows into training"
+            )
+        return SiteHoldout(Holdout(key, fraction), late)
+    if not asked:
+        return SiteHoldout(Holdout(key, 0.0), False)
+    late = any(e.budget_scope != EVAL_SCOPE for e in entries)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    _write(path, asked, late)
+    return SiteHoldout(Holdout(key, asked), late)
