@@ -155,6 +155,17 @@ def site_init(
             "digest pinned (the site refuses a plan whose task differs)"
         ),
     ] = None,
+    eval_fraction: Annotated[
+        float,
+        typer.Option(
+            help="the share of the site's rows held out of training for the private "
+            "evaluation (chosen by a keyed hash, pinned at the first round)"
+        ),
+    ] = 0.2,
+    eval_epsilon: Annotated[
+        float,
+        typer.Option(help="this site's evaluation budget (a run may ask less, never more)"),
+    ] = 1.0,
     force: Annotated[
         bool, typer.Option("--force", help="rewrite an existing site's settings (keys are kept)")
     ] = False,
@@ -179,6 +190,8 @@ def site_init(
         min_secure_sites=secagg_min_sites,
         roster=roster,
         task=task,
+        eval_fraction=eval_fraction,
+        eval_epsilon=eval_epsilon,
         force=force,
     )
     print(init_summary(site))

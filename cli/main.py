@@ -228,7 +228,18 @@ def export(
     where = out if out is not None else f"{run_dir.rstrip('/')}/export"
     if not card.dp:
         print("NO DIFFERENTIAL PRIVACY: this model comes from a baseline run without DP")
-    print(f"accuracy  fp32 {acc['fp32']:.4f}  int8 {acc['int8']:.4f}")
+    if card.task is not None:
+        print(f"task      {card.task['name']}: labels {', '.join(card.task['labels'])}")
+    if acc["fp32"] is not None and acc["int8"] is not None:
+        print(f"accuracy  fp32 {acc['fp32']:.4f}  int8 {acc['int8']:.4f}")
+    else:
+        print("accuracy  no public test set (the card shows the private federated evaluation)")
+    if card.private_eval is not None:
+        ev = card.private_eval
+        print(
+            f"private   accuracy {ev['accuracy']:.4f}, macro-F1 {ev['macro_f1']:.4f} "
+            f"(noise std {ev['noise_std']:.2f} per count)"
+        )
     print(
         f"size      fp32 {size['fp32'] / 2**20:.2f} MiB  int8 {size['int8'] / 2**20:.2f} MiB"
         f"  ({size['ratio']:.2f}x)"

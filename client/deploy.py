@@ -44,9 +44,13 @@ from client.roster import (
 from client.settings import (
     DATA_PATH_KEY,
     DATA_SIZE_KEY,
+    DEFAULT_EVAL_EPSILON,
+    DEFAULT_EVAL_FRACTION,
     DEFAULT_MIN_SECURE_SITES,
     DEFAULT_SITE_DELTA,
     DISJOINT_KEY,
+    EVAL_EPSILON_KEY,
+    EVAL_FRACTION_KEY,
     LABEL_COLUMN_KEY,
     MIN_SECURE_SITES_KEY,
     SECAGG_REQUIRED_KEY,
@@ -124,6 +128,8 @@ def render_node_config(
     secagg_required: bool = True,
     task_digest: str | None = None,
     task_file: Path | None = None,
+    eval_fraction: float = DEFAULT_EVAL_FRACTION,
+    eval_epsilon: float = DEFAULT_EVAL_EPSILON,
 ) -> dict[str, str | float | int]:
     """The node config, keyed exactly as ``SiteSettings.from_node_config`` reads it,
     and validated by it (so a value the ClientApp would refuse is refused now)."""
@@ -140,6 +146,8 @@ def render_node_config(
         LABEL_COLUMN_KEY: label_column,
         MIN_SECURE_SITES_KEY: min_secure_sites,
         SECAGG_REQUIRED_KEY: secagg_required,
+        EVAL_FRACTION_KEY: float(eval_fraction),
+        EVAL_EPSILON_KEY: float(eval_epsilon),
     }
     if disjoint_data_set is not None:
         config[DISJOINT_KEY] = disjoint_data_set
@@ -231,6 +239,8 @@ def init_site(
     min_secure_sites: int = DEFAULT_MIN_SECURE_SITES,
     roster: Path | None = None,
     task: Path | None = None,
+    eval_fraction: float = DEFAULT_EVAL_FRACTION,
+    eval_epsilon: float = DEFAULT_EVAL_EPSILON,
     force: bool = False,
 ) -> Site:
     """Write the site's keys and settings. An existing site is refused unless
@@ -282,6 +292,8 @@ def init_site(
         min_secure_sites=min_secure_sites,
         task_digest=agreed_task.digest() if agreed_task is not None else None,
         task_file=directory / TASK_FILE if agreed_task is not None else None,
+        eval_fraction=eval_fraction,
+        eval_epsilon=eval_epsilon,
     )
     if (directory / SITE_FILE).exists() or (directory / NODE_KEY).exists():
         if not force:

@@ -90,10 +90,13 @@ def evaluate_round(
             )
         if holdout.holdout.fraction == 0:
             raise Refused("this site holds no rows out for evaluation")
+        index = rounds.index(plan.round) + 1
+        done = [e.round for e in ledger.entries() if e.run_id == f"{run_id}/eval"]
+        if done and index <= max(done):
+            raise Refused(f"evaluation {index} of run {run_id} was already released")
     except Refused as refusal:
         budget = cap if cap is not None else cfg.eval_epsilon
         return _refusal(settings, keys, refusal.reason, budget, ledger, EVAL_SCOPE), None
-    index = rounds.index(plan.round) + 1
     data = None
     if settings.declared_size is None:  # simulation: the held-out share's size is public
         data = load_site_data(settings, cfg, task, holdout.holdout)

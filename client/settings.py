@@ -237,7 +237,20 @@ def task_problem(settings: SiteSettings, offered: Task) -> str | None:
     pinned none). The plan carries the task; its digest must be the pinned one, so the
     coordinator cannot change labels, columns, length or model under the site."""
     if settings.task_digest is None:
-        return None
+        if not settings.deployed:
+            return None
+        # A deployed site that agreed to no task reads its file with a bundled data set's
+        # labels: a plan of any other labels would make its file fail, on its content,
+        # after the charge (a data-dependent signal), or train on permuted labels.
+        from common.task import bundled_task, bundled_tasks
+
+        bundled = {bundled_task(name).labels for name in bundled_tasks()}
+        if offered.labels in bundled:
+            return None
+        return (
+            f"the plan's task {offered.name} is not a bundled one, and this site agreed to no "
+            "task (`fedsilo site init --task`)"
+        )
     if offered.digest() == settings.task_digest:
         return None
     return (

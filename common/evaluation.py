@@ -109,6 +109,8 @@ class Scores:
     macro_f1: float
     classes: tuple[ClassScores, ...]
     total: int
+    # The baseline that always predicts the most frequent class, on the same counts.
+    majority_macro_f1: float
 
 
 def scores(counts: IntArray, labels: tuple[str, ...]) -> Scores:
@@ -125,11 +127,13 @@ def scores(counts: IntArray, labels: tuple[str, ...]) -> Scores:
         recall = float(right[i] / actual) if actual else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         classes.append(ClassScores(label, precision, recall, f1, actual))
+    share = max(c.support for c in classes) / total if total else 0.0
     return Scores(
         accuracy=float(right.sum() / total) if total else 0.0,
         macro_f1=float(np.mean([x.f1 for x in classes])),
         classes=tuple(classes),
         total=total,
+        majority_macro_f1=2 * share / (1 + share) / k,
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: the task, the private evaluation, no public test split needed
 
 
 @dataclass
@@ -27,19 +27,22 @@ class ModelCard:
     delta_max: float | None
     sites: list[dict[str, Any]]
     model: dict[str, Any]
-    test_split: dict[str, Any]
+    test_split: dict[str, Any] | None  # None: the task has no public test set
     accuracy: dict[str, float | None]
     size_bytes: dict[str, float]
     latency_ms: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)
     version: int = EXPORT_VERSION
+    task: dict[str, Any] | None = None  # the task's canonical fields
+    private_eval: dict[str, Any] | None = None  # the run's last private evaluation
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     def to_markdown(self) -> str:
         acc, size, lat = self.accuracy, self.size_bytes, self.latency_ms
-        lines = [f"# Model card: fedsilo {self.dataset} classifier", ""]
+        name = self.task["name"] if self.task else self.dataset
+        lines = [f"# Model card: fedsilo {name} classifier", ""]
         if not self.dp:
             lines += [
                 "> **NO DIFFERENTIAL PRIVACY.** This model comes from a baseline run without DP:",
@@ -52,7 +55,8 @@ class ModelCard:
         lines += [
             "## Training",
             "",
-            f"- data set: `{self.dataset}`, labels {', '.join(self.label_names)}",
+            f"- task: `{name}`, labels (in output order) {', '.join(self.label_names)}"
+            + (f"; data set `{self.dataset}`" if self.dataset != name else ""),
             f"- federation: {self.num_sites} sites, partition {self.partition}, "
             f"{self.rounds_completed} of {self.rounds_planned} rounds completed",
             f"- differential privacy: **{'yes' if self.dp else 'NO'}**"
@@ -83,20 +87,33 @@ class ModelCard:
                 f"| {_num(s.get('lifetime_epsilon'), '.3f')} | {_num(s.get('delta'), 'g')} "
                 f"| {_num(s.get('budget'), 'g')} |"
             )
+        lines += ["", *_private_section(self.private_eval)]
+        split = self.test_split
+        where = (
+            f"Accuracy on the public test split (`{split['name']}`, {split['examples']:,} "
+            f"texts, seed {split['seed']}: the split the coordinator evaluated on). "
+            if split is not None
+            else "The task has no public test set: no accuracy is measured here (see the "
+            "private federated evaluation above). "
+        )
+        accuracy_row = (
+            [
+                f"| test accuracy | {acc['fp32']:.4f} | {acc['int8']:.4f} | "
+                f"{(acc['int8'] or 0) - (acc['fp32'] or 0):+.4f} |"
+            ]
+            if acc.get("fp32") is not None and acc.get("int8") is not None
+            else []
+        )
         lines += [
-            "",
             "## fp32 and int8",
             "",
-            f"Accuracy on the public test split (`{self.test_split['name']}`, "
-            f"{self.test_split['examples']:,} texts, seed {self.test_split['seed']}: the split "
-            "the coordinator evaluated on). Latency: median of the model's forward pass "
+            where + "Latency: median of the model's forward pass "
             f"(tokenization excluded), {lat['threads']} torch thread, measured side by side in "
             f"one process on a machine with {lat['cpu_cores']} CPU cores.",
             "",
             "| | fp32 | int8 | int8 / fp32 |",
             "|---|---|---|---|",
-            f"| test accuracy | {acc['fp32']:.4f} | {acc['int8']:.4f} | "
-            f"{(acc['int8'] or 0) - (acc['fp32'] or 0):+.4f} |",
+            *accuracy_row,
             f"| file size | {size['fp32'] / 2**20:.2f} MiB | {size['int8'] / 2**20:.2f} MiB | "
             f"{size['ratio']:.2f}x |",
             f"| latency, batch of {lat['batch_size']} | {lat['fp32_batch']:.2f} ms | "
@@ -164,6 +181,38 @@ def _limitations(card: ModelCard) -> list[str]:
         "deployment's speed.",
     ]
     return out
+
+
+def _private_section(ev: dict[str, Any] | None) -> list[str]:
+    """The run's last private federated evaluation, with its noise and its privacy."""
+    if ev is None:
+        return []
+    noise = (
+        f"Gaussian noise of standard deviation {ev['noise_std']:.2f} per count of the sum"
+        if ev["noise"]
+        else "**no noise** (a simulation option: exact counts, no privacy)"
+    )
+    eps = ", ".join(f"{k} {v:.3f}" for k, v in sorted(ev.get("epsilon_per_site", {}).items()))
+    lines = [
+        "## Private federated evaluation",
+        "",
+        f"Each of {len(ev['sites'])} sites evaluated the model on its held-out rows (never "
+        f"trained on) and sent its confusion matrix with {noise}"
+        + (f"; evaluation epsilon per site: {eps}" if eps else "")
+        + ". Scores from the summed (noisy) counts:",
+        "",
+        f"- accuracy {ev['accuracy']:.4f}, macro-F1 {ev['macro_f1']:.4f} (always predicting "
+        f"the majority class: {ev['majority_macro_f1']:.4f})",
+        "",
+        "| label | precision | recall | F1 | support (noisy) |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c['label']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} "
+        f"| {c['support']} |"
+        for c in ev["classes"]
+    ]
+    return [*lines, ""]
 
 
 def _num(value: object, fmt: str) -> str:

@@ -115,6 +115,7 @@ class PrivateEval(_Frozen):
 
     accuracy: Fraction
     macro_f1: Fraction
+    majority_macro_f1: Fraction  # always the most frequent class, on the same counts
     classes: tuple[ClassScore, ...]
     counts: tuple[tuple[int, ...], ...]
     noise_std: Annotated[float, Field(ge=0)]

@@ -396,6 +396,7 @@ def federated_evaluation(
     return PrivateEval(
         accuracy=scored.accuracy,
         macro_f1=scored.macro_f1,
+        majority_macro_f1=scored.majority_macro_f1,
         classes=tuple(
             ClassScore(
                 label=c.label, precision=c.precision, recall=c.recall, f1=c.f1, support=c.support

@@ -167,7 +167,8 @@ class Reporter:
         )
         self.console.print(
             f"      private evaluation after round {rnd}: accuracy {ev.accuracy:.4f}, "
-            f"macro-F1 {ev.macro_f1:.4f} over {len(ev.sites)} sites; {noise}",
+            f"macro-F1 {ev.macro_f1:.4f} (always the majority class: "
+            f"{ev.majority_macro_f1:.4f}) over {len(ev.sites)} sites; {noise}",
             highlight=False,
         )
         table = Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0))

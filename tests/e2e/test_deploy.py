@@ -14,11 +14,14 @@ import json
 import math
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.privacy.audit import verify
 from tests.support import deployment
 from tests.support.deployment import Federation
 
@@ -189,3 +192,71 @@ def test_a_run_survives_a_stopped_site_and_a_corrupt_one(federation: Federation)
     assert "DataValidationError" in site_log and f"{data['site-d'].name} line" in site_log
     assert "final accuracy" in logs
     assert restarted.popen.poll() is None
+
+
+TICKETS = {
+    "billing": "invoice payment refund charge card",
+    "access": "password login locked account reset",
+    "outage": "down offline error timeout server",
+}
+
+
+def test_a_task_of_our_own_trains_and_evaluates_privately_at_three_sites(
+    federation: Federation, tmp_path: Path
+) -> None:
+    # Prepare: a task the project does not bundle (custom labels and columns, no public
+    # test file); three sites agree to it at `site init --task`, each with its own file.
+    fed = federation
+    task = tmp_path / "tickets.toml"
+    task.write_text(
+        'name = "tickets"\nlabels = ["billing", "access", "outage"]\n'
+        'text-column = "ticket"\nlabel-column = "kind"\nmax-length = 16\n'
+    )
+    rng = np.random.default_rng(0)
+    names = ["desk-a", "desk-b", "desk-c"]
+    sites = {}
+    for n in names:
+        path = tmp_path / f"{n}.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["kind", "ticket"])
+            for i in range(300):
+                kind = str(rng.choice(list(TICKETS)))
+                words = rng.choice(TICKETS[kind].split(), 5)
+                writer.writerow([kind, " ".join(words) + f" {n} {i}"])
+        sites[n] = fed.site(n, path, extra=("--task", str(task)))
+    fed.roster(list(sites.values()), "roster-tickets.json")
+    ids = {fed.register(sites[n], n) for n in names}
+    for n in names:
+        fed.start_site(sites[n])
+    deployment.wait("the desks online", lambda: ids <= fed.online_nodes(), 120, every=2)
+    out_dir = tmp_path / "run"
+
+    # Execute: the coordinator holds the task file; the sites hold all the data.
+    run = fed.flwr(
+        "run", ".", "fedsilo", "--format", "json", "--run-config",
+        f"dataset='sites' task='{task}' num-server-rounds=1 min-sites=3 "
+        f"round-timeout=120.0 out-dir='{out_dir}'",
+        timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    deployment.wait("the run's summary", lambda: (out_dir / "summary.json").exists(), 300, every=1)
+
+    # Assert: the three desks trained in the secure sum and evaluated privately; sites
+    # of another federation still connected refused the task by name, before anything.
+    summary = json.loads((out_dir / "summary.json").read_text())
+    [rnd] = summary["rounds"]
+    assert summary["task"]["labels"] == ["billing", "access", "outage"]
+    assert rnd["trained"] == 3 and sorted(rnd["trained_sites"]) == names, rnd
+    assert rnd["accuracy"] is None and summary["final"]["source"] == "federated"
+    private = rnd["private_eval"]
+    assert sorted(private["sites"]) == names and private["noise"] is True
+    assert [c["label"] for c in private["classes"]] == ["billing", "access", "outage"]
+    for note in rnd["notes"]:
+        assert note["status"] in ("refused", "failed"), note
+    for n in names:
+        ledger = sites[n] / "state" / "ledger.jsonl"
+        scopes = [json.loads(line)["scope"] for line in ledger.read_text().splitlines()]
+        assert scopes == ["site", "eval"]
+        audit = verify(ledger)  # against Google's PLD accountant
+        assert audit.ok, [f.message for f in audit.findings]

@@ -20,7 +20,7 @@ import torch
 from client.app import app as client_app
 from common.data.holdout import held_out
 from common.data.owndata import own_sites
-from common.export import load_run
+from common.export import export_run, load_run, predict
 from common.privacy.audit import verify
 from common.privacy.identity import open_state
 from common.privacy.ledger import EVAL_SCOPE, LEDGER_FILE, read_ledger
@@ -162,3 +162,23 @@ def test_with_noise_the_counts_are_noisy_charged_and_audited(tmp_path: Path, dat
     again = _run(tmp_path / "again", data, **{"eval-epsilon": 2.0, "sites-dir": str(out / "sites")})
     notes = again["rounds"][-1].get("private_eval")
     assert notes is None or not notes["sites"]
+
+
+def test_export_and_predict_carry_the_task_and_the_private_evaluation(
+    tmp_path: Path, data: Path
+) -> None:
+    out = tmp_path / "run"
+    _run(out, data, **{"num-server-rounds": 1})
+
+    card = export_run(out, latency_repeats=2)
+
+    assert card.task is not None and card.task["labels"] == list(TASK.labels)
+    assert card.test_split is None and card.accuracy["fp32"] is None  # no public test set
+    assert card.private_eval is not None and card.private_eval["noise"] is True
+    text = (out / "export" / "MODEL_CARD.md").read_text()
+    assert "# Model card: fedsilo clinic-notes classifier" in text
+    assert "## Private federated evaluation" in text and "macro-F1" in text
+    meta = json.loads((out / "export" / "model.json").read_text())
+    assert meta["task"]["name"] == "clinic-notes"
+    [(label, probs)] = predict(out / "export", ["heart chest pressure beat"])
+    assert label in TASK.labels and list(probs) == list(TASK.labels)

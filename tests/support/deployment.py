@@ -201,7 +201,13 @@ class Federation:
         return {str(n["node-id"]) for n in nodes if n["status"] == "online"}
 
     def site(
-        self, name: str, data: Path, ca: Path | None = None, *, min_sites: int | None = None
+        self,
+        name: str,
+        data: Path,
+        ca: Path | None = None,
+        *,
+        min_sites: int | None = None,
+        extra: tuple[str, ...] = (),
     ) -> Path:
         directory = self.root / name
         fedsilo(
@@ -217,6 +223,7 @@ class Federation:
             "--superlink",
             f"127.0.0.1:{self.port}",
             *(["--secagg-min-sites", str(min_sites)] if min_sites is not None else []),
+            *extra,
         )
         return directory
 

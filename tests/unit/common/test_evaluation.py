@@ -52,6 +52,9 @@ def test_scores_match_a_direct_computation_from_the_rows() -> None:
         assert s.classes[k].recall == pytest.approx(rec)
         assert s.classes[k].support == int((y == k).sum())
     assert s.macro_f1 == pytest.approx(float(np.mean(f1s)))
+    major = int(np.bincount(y).argmax())
+    share = float((y == major).mean())  # always `major`: precision share, recall 1
+    assert s.majority_macro_f1 == pytest.approx(2 * share / (1 + share) / 3)
 
 
 def test_noisy_counts_are_the_true_counts_plus_gaussian_noise_of_the_declared_scale() -> None:
