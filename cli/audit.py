@@ -119,6 +119,7 @@ def audit_report(
     from rich.table import Table
 
     from common.privacy.audit import (
+        EVAL_SCOPE_NOTE,
         LIFETIME_EPSILON_NOTE,
         PRIVACY_UNIT,
         RUN_EPSILON_NOTE,
@@ -126,7 +127,7 @@ def audit_report(
         report_json,
         spend_rows,
     )
-    from common.privacy.ledger import read_ledger
+    from common.privacy.ledger import EVAL_SCOPE, read_ledger
 
     paths = _ledger_paths(ledgers)
     series = {p: read_ledger(p) for p in paths}
@@ -170,6 +171,8 @@ def audit_report(
         notes = [RUN_EPSILON_NOTE, LIFETIME_EPSILON_NOTE]
         if any(r.schema < 2 for r in rows):
             notes.append(SCHEMA1_NOTE + " (shown in the lifetime column)")
+        if any(r.scope == EVAL_SCOPE for r in rows):
+            notes.append(EVAL_SCOPE_NOTE)
         notes.append(f"privacy unit: {PRIVACY_UNIT}")
         for note in notes:
             print(note)

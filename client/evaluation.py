@@ -82,6 +82,7 @@ def evaluate_round(
                 f"round {plan.round} is not an evaluation round of this plan (rounds {list(rounds)})"
             )
         check_global_weights(global_arrays, settings.max_global_norm)
+        model = _model(task, global_arrays).to(default_device()).eval()
         holdout = site_holdout(settings, plan, keys.fingerprint_key, ledger.entries())
         if holdout.late:
             raise Refused(
@@ -144,7 +145,6 @@ def evaluate_round(
     # Charged (or noise off in simulation). Now the held-out rows are read.
     if data is None:
         data = load_site_data(settings, cfg, task, holdout.holdout)
-    model = _model(task, global_arrays).to(default_device()).eval()
     held = data.held_out
     predictions = []
     with torch.no_grad():

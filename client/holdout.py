@@ -14,9 +14,12 @@ and the evaluation refuses rather than compose unsoundly.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,21 +39,26 @@ class SiteHoldout:
     late: bool  # pinned after training rounds: the evaluation would not be sound
 
 
-def _read(path: Path) -> tuple[float, bool]:
+def _read(path: Path) -> tuple[float, bool, str]:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        fraction, late = raw["fraction"], raw["late"]
+        fraction, late, column = raw["fraction"], raw["late"], raw["text-column"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SiteConfigError(f"{path} is damaged ({type(err).__name__}); restore it") from None
-    if not (isinstance(fraction, float) and 0 < fraction < 1 and isinstance(late, bool)):
+    if not (
+        isinstance(fraction, float)
+        and 0 <= fraction < 1
+        and isinstance(late, bool)
+        and isinstance(column, str)
+    ):
         raise SiteConfigError(f"{path} is damaged (fraction {fraction!r}); restore it")
-    return fraction, late
+    return fraction, late, column
 
 
-def _write(path: Path, fraction: float, late: bool) -> None:
+def _write(path: Path, fraction: float, late: bool, column: str) -> None:
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", encoding="utf-8") as handle:
-        json.dump({"fraction": fraction, "late": late}, handle)
+        json.dump({"fraction": fraction, "late": late, "text-column": column}, handle)
         handle.flush()
         os.fsync(handle.fileno())
     tmp.replace(path)
@@ -70,18 +78,54 @@ def site_holdout(
         if asked:
             raise SiteConfigError("a held-out share needs the site's 'state-dir' (its key)")
         return SiteHoldout(Holdout(hashlib.sha256(b"no-holdout").digest(), 0.0), False)
-    path = settings.state_dir / HOLDOUT_FILE
-    if path.exists():
-        fraction, late = _read(path)
-        if settings.deployed and fraction != asked:
-            raise SiteConfigError(
-                f"'eval-fraction' is {asked} but this site pinned {fraction} at its first "
-                "round: changing it would move held-out rows into training"
-            )
-        return SiteHoldout(Holdout(key, fraction), late)
-    if not asked:
-        return SiteHoldout(Holdout(key, 0.0), False)
-    late = any(e.budget_scope != EVAL_SCOPE for e in entries)
+    column = settings.text_column if settings.deployed else plan.task.text_column
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    _write(path, asked, late)
-    return SiteHoldout(Holdout(key, asked), late)
+    with _locked(settings.state_dir / (HOLDOUT_FILE + ".lock")):
+        return _pin(settings, settings.state_dir / HOLDOUT_FILE, asked, column, key, entries)
+
+
+def _pin(
+    settings: SiteSettings,
+    path: Path,
+    asked: float,
+    column: str,
+    key: bytes,
+    entries: list[LedgerEntry],
+) -> SiteHoldout:
+    if path.exists():
+        fraction, late, pinned_column = _read(path)
+        if pinned_column != column:
+            raise SiteConfigError(
+                f"the held-out share was pinned on the text column {pinned_column!r}, the "
+                f"site now reads {column!r}: the rows would be split anew"
+            )
+        if fraction > 0:
+            if settings.deployed and fraction != asked:
+                raise SiteConfigError(
+                    f"'eval-fraction' is {asked} but this site pinned {fraction} at its "
+                    "first round: changing it would move held-out rows into training"
+                )
+            return SiteHoldout(Holdout(key, fraction), late)
+        if not asked:  # still nothing held out
+            return SiteHoldout(Holdout(key, 0.0), False)
+        _write(path, asked, True, column)  # it trained on every row before
+        return SiteHoldout(Holdout(key, asked), True)
+    if any(e.budget_scope == EVAL_SCOPE for e in entries):
+        raise SiteConfigError(
+            f"{path} is missing but the ledger holds evaluation releases: restore it (a new "
+            "pin could move rows already released into training)"
+        )
+    late = any(e.budget_scope != EVAL_SCOPE for e in entries)
+    _write(path, asked, late and bool(asked), column)
+    return SiteHoldout(Holdout(key, asked), late and bool(asked))
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One pin at a time per site (two runs sharing a sites folder)."""
+    with path.open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -199,6 +199,7 @@ def run_round(
     ledger = Ledger(settings.state_dir / LEDGER_FILE, keys.identity)
     try:
         check_global_weights(global_arrays, settings.max_global_norm)
+        model = _model(plan.task, global_arrays)
     except Refused as refusal:  # what was spent so far comes from the ledger, as always
         return _refusal(settings, keys, refusal.reason, settings.epsilon, ledger), None
     holdout = site_holdout(settings, plan, keys.fingerprint_key, ledger.entries()).holdout
@@ -250,7 +251,6 @@ def run_round(
     # Charged. From here on a failure stays charged, and the data is touched.
     if data is None:
         data = load_site_data(settings, cfg, plan.task, holdout).train
-    model = _model(plan.task, global_arrays)
     train_dp(
         model,
         data,
@@ -284,8 +284,13 @@ def run_round(
 
 
 def _model(task: Task, global_arrays: dict[str, torch.Tensor]) -> TextClassifier:
+    """The task's model with the coordinator's weights; ``Refused`` (before any charge:
+    public values only) when they do not fit it, so junk weights cost nothing."""
     model = build_model(model_spec(task))
-    model.load_trainable_state(global_arrays)
+    try:
+        model.load_trainable_state(global_arrays)
+    except ValueError as err:
+        raise Refused(f"the global weights do not fit the task's model ({err})"[:300]) from None
     return model
 
 

@@ -88,8 +88,9 @@ class SiteSettings:
     secagg_required: bool = False
     task_digest: str | None = None  # the task the site agreed to (None: not pinned)
     task_file: Path | None = None
-    # Deployed: the site's own held-out share and evaluation budget. Simulated: None,
-    # the plan's (a simulated site holds out rows only in runs that evaluate privately).
+    # Deployed: the site's own held-out share and evaluation budget. Simulated: the
+    # plan's share (rows are held out only in runs that evaluate privately), and its own
+    # evaluation budget only when it has a budget of its own (else this run's releases).
     eval_fraction: float | None = None
     eval_epsilon: float | None = None
 
@@ -175,6 +176,15 @@ class SiteSettings:
                 f"'{SECAGG_REQUIRED_KEY}' must be true or false, got {required!r}"
             )
         eval_fraction = eval_epsilon = None
+        if data_path is None and (EVAL_EPSILON_KEY in node or not one_run):
+            # A simulated site with a budget of its own: its evaluation is capped by its
+            # own evaluation budget, or else by its lifetime budget, never by the plan.
+            eval_epsilon = float(node.get(EVAL_EPSILON_KEY, epsilon))
+            if not (math.isfinite(eval_epsilon) and 0 < eval_epsilon <= epsilon):
+                raise SiteConfigError(
+                    f"'{EVAL_EPSILON_KEY}' must be positive and at most the site's budget "
+                    f"{epsilon:g}, got {eval_epsilon}"
+                )
         if data_path is not None:
             eval_fraction = float(node.get(EVAL_FRACTION_KEY, DEFAULT_EVAL_FRACTION))
             if not 0 < eval_fraction < 1:

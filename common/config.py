@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 # not load torch).
 Preset = Literal["tiny", "small"]
 BUNDLED_DATASETS = ("rotten-tomatoes", "20newsgroups")
+MAX_ROUNDS = 100_000  # a plan's rounds: bounded, so a site can list its evaluation rounds
 AT_THE_SITES = "sites"  # a deployment's data set: the sites' own files, nothing central
 
 
@@ -141,6 +142,13 @@ class RunConfig(BaseModel):
     def _positive_float(cls, v: float) -> float:
         if not (math.isfinite(v) and v > 0):
             raise ValueError("must be a positive finite number")
+        return v
+
+    @field_validator("num_server_rounds")
+    @classmethod
+    def _rounds(cls, v: int) -> int:
+        if v > MAX_ROUNDS:
+            raise ValueError(f"must be at most {MAX_ROUNDS}")
         return v
 
     @field_validator("max_length", "eval_every")

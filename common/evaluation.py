@@ -24,6 +24,11 @@ from common.config import RunConfig
 from common.task import Task
 
 COUNTS_KEY = "counts"  # the array a plain evaluation reply carries
+# The largest noise multiplier a site calibrates (common/privacy/accounting.py): a
+# declared one above it is a false declaration, not a number to square.
+MAX_DECLARED_SIGMA = 1000.0
+# A site's counts may exceed its declared size by this many noise deviations per cell.
+NOISE_SLACK = 6.0
 COUNT_RING_BITS = 32  # counts travel in Z_(2^32): signed sums up to 2^31 - 1
 SENSITIVITY = 1.0  # L2: one example moves one count by one (add/remove)
 IntArray = npt.NDArray[np.int64]
@@ -135,6 +140,13 @@ def scores(counts: IntArray, labels: tuple[str, ...]) -> Scores:
         total=total,
         majority_macro_f1=2 * share / (1 + share) / k,
     )
+
+
+def count_bound(num_examples: int, sigma: float, num_classes: int) -> float:
+    """The largest total a site's (noisy) confusion matrix may have: its declared size,
+    plus the noise of its k^2 cells (std sigma * k for their sum) with ample slack. It
+    bounds one site's influence on the scores, as update-clip-norm bounds it in training."""
+    return num_examples + NOISE_SLACK * sigma * num_classes + num_classes
 
 
 def sum_noise_std(sigmas: list[float]) -> float:

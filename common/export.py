@@ -204,7 +204,8 @@ def export_run(
             # longer fit.
             raise ExportError(
                 f"{run.model.path}: the rebuilt model scores "
-                f"{acc32:.4f} on the test split, summary.json reports {reported}: the frozen "
+                f"{acc32:.4f} on the test split, summary.json reports "
+                f"{'no central accuracy' if reported is None else format(reported, '.4f')}: the frozen "
                 "embedding or the model code differs from the run's; nothing exported"
             )
         acc8 = evaluate(int8, data, device=cpu).accuracy

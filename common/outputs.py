@@ -89,7 +89,8 @@ class LedgerHead(_Frozen):
 # failed: no usable reply; refused: the site declined (its own reason); rejected: the
 # coordinator refused what the site sent; left: the site left a secure round after it
 # trained, with its own reason (which the coordinator cannot check)
-NoteStatus = Literal["failed", "refused", "rejected", "left"]
+# said: the site's counts are in an evaluation's sum, and it added a remark of its own
+NoteStatus = Literal["failed", "refused", "rejected", "left", "said"]
 
 
 class Note(_Frozen):
@@ -317,11 +318,16 @@ class RunSummary(_Frozen):
         return self.mode == CENTRAL_MODE
 
     def ledger_heads(self) -> dict[str, list[tuple[int, str]]]:
-        """Per site, the (round, ledger head) pairs the coordinator saw."""
+        """Per site, the (round, ledger head) pairs the coordinator saw: after training
+        and after each private evaluation (an evaluation's entry ends a run's part of the
+        ledger: cut off, the chain stays valid, and only this anchor shows it)."""
         heads: dict[str, list[tuple[int, str]]] = {}
         for row in self.rounds:
             for site, head in row.ledger_heads.items():
                 heads.setdefault(site, []).append((row.round, head.hash))
+            if row.private_eval is not None:
+                for site, head in row.private_eval.ledger_heads.items():
+                    heads.setdefault(site, []).append((row.round, head.hash))
         return heads
 
     def site_identities(self) -> dict[str, str]:

@@ -12,7 +12,7 @@ from typing import Generic, Protocol, TypeVar
 
 import torch
 
-from common.evaluation import COUNTS_KEY
+from common.evaluation import COUNTS_KEY, MAX_DECLARED_SIGMA, count_bound
 from common.messages import RoundPlan, SiteReport, StageMessage, TrainReply, TrainRequest
 from common.secagg.encoding import site_weight
 from server.optimizers import weighted_mean
@@ -122,6 +122,13 @@ def plain_round(
                 values.numel() and float(values.abs().max()) >= 2**24
             ):
                 results.append(SiteResult(nid, report, "counts are not whole numbers below 2^24"))
+                continue
+            k = len(plan.task.labels)
+            sigma = report.noise_multiplier if report.dp else 0.0
+            bound = count_bound(report.num_examples, min(sigma, MAX_DECLARED_SIGMA), k)
+            if abs(float(values.double().sum())) > bound:
+                why = f"counts total {float(values.sum()):.0f}, above its declared size allows"
+                results.append(SiteResult(nid, report, why))
                 continue
             results.append(SiteResult(nid, report, contributed=True))
             updates.append(update)

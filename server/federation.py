@@ -24,7 +24,9 @@ from common.config import RunConfig
 from common.data import load_builtin, load_site_file
 from common.evaluation import (
     COUNTS_KEY,
+    MAX_DECLARED_SIGMA,
     SENSITIVITY,
+    count_bound,
     eval_rounds,
     evaluation_modes,
     scores,
@@ -287,15 +289,16 @@ def run_federation(
         result = evaluate(model, test_data, device=device) if test_data is not None else None
         private = None
         if rnd in evaluations:
-            private = federated_evaluation(
-                transport,
-                [n for n in available if n not in banned],
-                cfg,
-                task,
-                rnd,
-                final,
-                known_names,
-            )
+            asked = [n for n in _wait_for_sites(transport, 0, 0) if n not in banned]
+            try:
+                private, cheaters = federated_evaluation(
+                    transport, asked, cfg, task, rnd, final, known_names
+                )
+            except Exception:  # an evaluation that breaks never ends the run
+                log.exception("round %d: the federated evaluation failed", rnd)
+                private, cheaters = None, ()
+            for nid in cheaters:
+                banned.setdefault(nid, rnd)
         record = row.record(
             accuracy=result.accuracy if result else None,
             loss=result.loss if result else None,
@@ -349,14 +352,16 @@ def federated_evaluation(
     rnd: int,
     weights: Arrays,
     known: dict[int, str],
-) -> PrivateEval | None:
+) -> tuple[PrivateEval | None, tuple[int, ...]]:
     """One private federated evaluation of ``weights`` at every connected site: the sum
     of their noisy confusion matrices (inside the secure sum when secure aggregation is
-    on), scored. None when no site's counts are in the sum (the notes say why)."""
+    on), scored; and the nodes proven to cheat in its secure sum. None when no site's
+    counts are in the sum, or the sum is more than the sites' declared sizes allow (the
+    log says why)."""
     plan = RoundPlan(round=rnd, config=cfg, task=task, evaluate=True)
     if len(nodes) < cfg.min_sites:
         log.warning("round %d: only %d sites for the evaluation", rnd, len(nodes))
-        return None
+        return None, ()
     if cfg.secure_aggregation:
         outcome = secure_round(transport, sorted(nodes), plan, weights)
     else:
@@ -365,6 +370,8 @@ def federated_evaluation(
     sites, sigmas, noise = [], [], True
     epsilons: dict[str, float] = {}
     heads: dict[str, LedgerHead] = {}
+    k = len(task.labels)
+    bound = 0.0
     for res in outcome.results:
         name = _site_name(res, known)
         report = res.report
@@ -375,9 +382,16 @@ def federated_evaluation(
             continue
         sites.append(name)
         if report.reason:  # e.g. a deployed site that ignored eval-noise off
-            notes.append(Note(site=name, status="rejected", reason=f"said: {report.reason}"))
+            notes.append(Note(site=name, status="said", reason=report.reason))
+        sigma = report.noise_multiplier * SENSITIVITY if report.dp else 0.0
+        if sigma > MAX_DECLARED_SIGMA:  # a false declaration: reported, not squared
+            notes.append(
+                Note(site=name, status="rejected", reason="declared an impossible noise scale")
+            )
+            sigma = MAX_DECLARED_SIGMA
+        bound += count_bound(report.num_examples, sigma, k)
         if report.dp:
-            sigmas.append(report.noise_multiplier * SENSITIVITY)
+            sigmas.append(sigma)
             epsilons[name] = report.epsilon
             if report.ledger_head:
                 heads[name] = LedgerHead(
@@ -387,11 +401,20 @@ def federated_evaluation(
                 )
         else:
             noise = False
+    cheaters = outcome.cheaters
     if outcome.mean is None or not sites:
         log.warning("round %d: the federated evaluation has no counts: %s", rnd, outcome.failure)
-        return None
-    k = len(task.labels)
+        return None, cheaters
     counts = outcome.mean[COUNTS_KEY].round().long().numpy().reshape(k, k)
+    if abs(int(counts.sum())) > bound:  # one site claimed more rows than sites declared
+        log.warning(
+            "round %d: the evaluation's counts total %d, above the %.0f the sites' declared "
+            "sizes allow: not used",
+            rnd,
+            int(counts.sum()),
+            bound,
+        )
+        return None, cheaters
     scored = scores(counts, task.labels)
     return PrivateEval(
         accuracy=scored.accuracy,
@@ -410,7 +433,7 @@ def federated_evaluation(
         epsilon_per_site=epsilons,
         ledger_heads=heads,
         notes=tuple(notes),
-    )
+    ), cheaters
 
 
 def _site_order(name: str) -> int:

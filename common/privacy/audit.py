@@ -96,6 +96,10 @@ LIFETIME_EPSILON_NOTE = (
     "round charged to the scope, valid even when runs were chosen adaptively; the budget "
     "is enforced on this number"
 )
+EVAL_SCOPE_NOTE = (
+    "eval scope: the private evaluation's releases (noisy counts of the held-out rows, "
+    "which no training round touches): its own budget, in parallel with training's"
+)
 SCHEMA1_NOTE = (
     "schema-1 rows (ledgers written before lifetime budgets): per-data-set budgets, "
     "PRV epsilon over the data set's runs"
@@ -769,17 +773,20 @@ def audit_ledgers(
             )
 
     if summary is not None:
-        for s in summary.sites:
-            if not s.dp:
+        declared = [(s.site, s.dp, bool(s.ledger_head or s.identity)) for s in summary.sites]
+        # A site seen only in a private evaluation has heads but no training summary.
+        declared += [(site, True, False) for site in heads if site not in {d[0] for d in declared}]
+        for site, dp, anchored in declared:
+            if not dp:
                 continue
-            if not (heads.get(s.site) or s.ledger_head or s.identity):
+            if not (heads.get(site) or anchored):
                 continue
-            if s.site not in matched:
+            if site not in matched:
                 loose.append(
                     Finding(
                         None,
                         "missing",
-                        f"site {s.site!r} trained with DP in this run (the coordinator "
+                        f"site {site!r} spent privacy in this run (the coordinator "
                         "recorded its ledger heads or key) but none of the ledgers given is "
                         "its ledger (deleted?)",
                     )

@@ -207,6 +207,11 @@ def test_a_task_of_our_own_trains_and_evaluates_privately_at_three_sites(
     # Prepare: a task the project does not bundle (custom labels and columns, no public
     # test file); three sites agree to it at `site init --task`, each with its own file.
     fed = federation
+    # Another federation's sites (earlier tests) leave the SuperLink first: a coordinator
+    # samples every connected site, and those refuse this task at the first exchange.
+    deployment.stop_all(fed.procs)
+    fed.procs.clear()
+    deployment.wait("the earlier sites offline", lambda: not fed.online_nodes(), 90, every=2)
     task = tmp_path / "tickets.toml"
     task.write_text(
         'name = "tickets"\nlabels = ["billing", "access", "outage"]\n'
@@ -242,8 +247,7 @@ def test_a_task_of_our_own_trains_and_evaluates_privately_at_three_sites(
     assert run.returncode == 0, run.stdout + run.stderr
     deployment.wait("the run's summary", lambda: (out_dir / "summary.json").exists(), 300, every=1)
 
-    # Assert: the three desks trained in the secure sum and evaluated privately; sites
-    # of another federation still connected refused the task by name, before anything.
+    # Assert: the three desks trained in the secure sum and evaluated privately.
     summary = json.loads((out_dir / "summary.json").read_text())
     [rnd] = summary["rounds"]
     assert summary["task"]["labels"] == ["billing", "access", "outage"]
@@ -252,8 +256,7 @@ def test_a_task_of_our_own_trains_and_evaluates_privately_at_three_sites(
     private = rnd["private_eval"]
     assert sorted(private["sites"]) == names and private["noise"] is True
     assert [c["label"] for c in private["classes"]] == ["billing", "access", "outage"]
-    for note in rnd["notes"]:
-        assert note["status"] in ("refused", "failed"), note
+    assert rnd["notes"] == [] and private["notes"] == []
     for n in names:
         ledger = sites[n] / "state" / "ledger.jsonl"
         scopes = [json.loads(line)["scope"] for line in ledger.read_text().splitlines()]
