@@ -45,7 +45,7 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
-# P1-P8 (docs/benchmarks.md). Not part of the tests; about an hour on 2 cores: run
+# P1-P9 (docs/benchmarks.md). Not part of the tests; about an hour on 2 cores: run
 # it on a quiet machine. P4/P6 reuse finished runs in runs/bench-accuracy (delete it
 # to measure afresh).
 bench: $(STAMP)
@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/accuracy.py --out runs/bench-accuracy
 	$(BIN)/python benchmarks/scale.py --rounds 3
 	$(BIN)/python benchmarks/deploy.py --sites 4 --rounds 3
+	$(BIN)/python benchmarks/news_topics.py --rounds 20
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .flwr
