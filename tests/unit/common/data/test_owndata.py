@@ -120,3 +120,20 @@ def test_the_held_out_share_is_keyed_stable_and_about_its_fraction() -> None:
     other = held_out(texts, b"o" * 32, 0.2)
     assert (other != mask).mean() > 0.2
     assert not held_out(texts, key, 0.0).any()
+
+
+def test_one_binary_jsonl_file_splits_iid_or_by_dirichlet_with_the_tasks_labels(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "reviews.jsonl"
+    with path.open("w", encoding="utf-8") as handle:
+        for i in range(400):
+            label = "spam" if i % 9 == 0 else "ham"  # binary, imbalanced
+            handle.write(json.dumps({"body": f"message {i}", "kind": label}) + "\n")
+    task = Task(name="spam", labels=("ham", "spam"), text_column="body", label_column="kind")
+    for scheme in ("iid", "dirichlet"):
+        sites = own_sites(str(path), task, "", scheme, 4, 0, 0.5, 10)
+        assert sites.data.label_names == ("ham", "spam") and sites.data.groups is None
+        assert sorted(np.concatenate(sites.parts).tolist()) == list(range(400))
+        total = sum(sites.data.subset(p).label_counts()["spam"] for p in sites.parts)
+        assert total == 45
