@@ -96,6 +96,7 @@ def base_model(scale: float = 0.02) -> TextClassifier:
     """The ``tiny`` preset, its trainable weights nudged off their zero initialisation
     so that every layer has a gradient (a model some rounds into training)."""
     model = build_model(ModelSpec.preset("tiny", num_classes=2, max_length=MAX_LENGTH), seed=0)
+    assert isinstance(model, TextClassifier)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():

@@ -114,7 +114,7 @@ from client.data import Holdout, load_site_data
 from client.settings import SiteSettings
 from common.config import RunConfig
 from common.data import load_builtin, partition
-from common.model import TextClassifier, build_model, model_spec
+from common.model import Classifier, build_model, model_spec
 from common.secure_random import SecureRandom
 from common.task import run_task
 from common.training import (
@@ -145,11 +145,11 @@ def secaggplus_settings(num_sites: int) -> tuple[int, int]:
     return num_shares, max(2, num_shares // 2 + 1)
 
 
-def num_trainable(model: TextClassifier) -> int:
+def num_trainable(model: Classifier) -> int:
     return sum(int(t.numel()) for t in model.trainable_state().values())
 
 
-def initial_model() -> TextClassifier:
+def initial_model() -> Classifier:
     cfg = run_config()
     return build_model(model_spec(run_task(cfg)), seed=cfg.seed)
 

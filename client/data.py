@@ -17,9 +17,9 @@ from common.config import RunConfig
 from common.data import TextDataset, load_builtin, load_site_file, partition
 from common.data.holdout import held_out
 from common.data.owndata import own_sites
+from common.features import PUBLIC_CACHE, batchable
 from common.privacy.ledger import row_digest
 from common.task import Task
-from common.text import encode
 from common.training import Batchable
 
 
@@ -69,7 +69,13 @@ def data_key(
             settings.partition_id,
             settings.num_partitions,
         )
-    return (*source, task, holdout.key, holdout.fraction)
+    # Features (minilm-probe) stay on the site's disk; a simulated bundled data set's are
+    # public and shared by every run on the machine.
+    if settings.data_path is None and config.bundled:
+        cache: str | None = str(PUBLIC_CACHE)
+    else:
+        cache = None if settings.state_dir is None else str(settings.state_dir / "features")
+    return (*source, cache, task, holdout.key, holdout.fraction)
 
 
 def _rows(key: tuple[Any, ...]) -> TextDataset:
@@ -104,8 +110,16 @@ def _load(key: tuple[Any, ...]) -> SiteData:
     if len(train) == 0:
         raise SiteConfigError("the site has no training rows left after its held-out share")
 
+    cache = key[-4]
+
     def tokenized(part: TextDataset) -> Batchable:
-        return Batchable.from_encoded(encode(part.texts, task.max_length), part.labels)
+        return batchable(
+            part.texts,
+            part.labels,
+            max_length=task.max_length,
+            preset=task.model_preset,
+            cache=None if cache is None else Path(cache),
+        )
 
     return SiteData(
         train=tokenized(train),

@@ -38,7 +38,7 @@ from client.settings import (
     SiteSettings,
 )
 from common.messages import RoundPlan, SiteReport
-from common.model import TextClassifier, build_model, model_spec
+from common.model import Classifier, build_model, model_spec
 from common.privacy.accounting import compute_epsilon
 from common.privacy.budget import (
     RunPlan,
@@ -283,7 +283,7 @@ def run_round(
     ), trainable_delta(global_arrays, model.trainable_state())
 
 
-def _model(task: Task, global_arrays: dict[str, torch.Tensor]) -> TextClassifier:
+def _model(task: Task, global_arrays: dict[str, torch.Tensor]) -> Classifier:
     """The task's model with the coordinator's weights; ``Refused`` (before any charge:
     public values only) when they do not fit it, so junk weights cost nothing."""
     model = build_model(model_spec(task))

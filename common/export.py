@@ -35,7 +35,7 @@ from torch import nn
 
 from common.config import RunConfig
 from common.data import TextDataset, load_builtin, load_site_file
-from common.model import ModelSpec, TextClassifier, build_model
+from common.model import Classifier, ModelSpec, ProbeClassifier, TextClassifier, build_model
 from common.model_card import EXPORT_VERSION, ModelCard
 from common.outputs import (
     MODEL_FILE,
@@ -104,13 +104,15 @@ def load_run(run_dir: str | Path) -> RunModel:
     return RunModel(run_dir, summary, model)
 
 
-def rebuild(run: RunModel) -> TextClassifier:
+def rebuild(run: RunModel) -> Classifier:
     """The full classifier: the public frozen embedding plus the run's trainable arrays."""
     try:
         model = build_model(run.model.spec)
         model.load_trainable_state(run.model.arrays)
     except ValueError as err:
         raise ExportError(f"{run.model.path}: {err}") from None
+    if isinstance(model, ProbeClassifier):
+        model.encoder()  # the whole model is exported (and quantized), encoder included
     return model.eval()
 
 
@@ -123,7 +125,11 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         quantize_dynamic,
     )
 
-    spec = {nn.Linear: default_dynamic_qconfig, nn.Embedding: float_qparams_weight_only_qconfig}
+    spec: dict[type[nn.Module], Any] = {nn.Linear: default_dynamic_qconfig}
+    if not isinstance(model, ProbeClassifier):
+        # BERT's embeddings index with expanded (non-contiguous) position ids, which the
+        # quantized embedding refuses: the probe's encoder keeps fp32 embeddings.
+        spec[nn.Embedding] = float_qparams_weight_only_qconfig
     with warnings.catch_warnings():
         # Only torch's notices that torch.ao.quantization and its quantized tensors are
         # deprecated (in favour of torchao); they still work in the pinned torch.
@@ -137,8 +143,13 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return quantized.eval()
 
 
-def _skeleton(spec: ModelSpec) -> TextClassifier:
-    """The architecture with a zero embedding table: weights come from an export file."""
+def _skeleton(spec: ModelSpec) -> Classifier:
+    """The architecture, its weights to come from an export file: a zero embedding
+    table, or (minilm-probe) the encoder and the head."""
+    if spec.kind == "minilm-probe":
+        probe = ProbeClassifier(spec)
+        probe.encoder()  # registered, so the file's encoder weights load into it
+        return probe.eval()
     return TextClassifier(spec).eval()
 
 

@@ -49,9 +49,23 @@ class ModelSpec:
     # "frozen": the PCA projection of the public table itself, fixed (no privacy cost,
     # no per-example gradient of it, and the projected table is precomputed).
     projection: Literal["trainable", "frozen"] = "trainable"
+    # "transformer": the small encoder above; "minilm-probe": the whole pretrained
+    # MiniLM encoder, frozen, as a feature extractor, and a linear head on its features.
+    kind: Literal["transformer", "minilm-probe"] = "transformer"
 
     @classmethod
     def preset(cls, name: Preset, *, num_classes: int, max_length: int) -> ModelSpec:
+        if name == "minilm-probe":
+            return cls(
+                num_classes=num_classes,
+                max_length=max_length,
+                d_model=EMBED_DIM,
+                num_layers=0,
+                num_heads=1,
+                d_ff=0,
+                projection="frozen",
+                kind="minilm-probe",
+            )
         sizes: dict[str, dict[str, Any]] = {
             # Measured under DP here (docs/model.md): a frozen PCA-128 projection keeps
             # more of the public embeddings than a trainable 64-wide one and adds no
@@ -228,12 +242,65 @@ def projected_embedding(d_model: int) -> torch.Tensor:
     return (table @ weight.T + bias).contiguous()
 
 
-def build_model(spec: ModelSpec, *, seed: int | None = None) -> TextClassifier:
+class ProbeClassifier(nn.Module):
+    """The pretrained MiniLM encoder, frozen, as a feature extractor, then a trainable
+    linear head (``minilm-probe``). Sites train the head on features computed once
+    (common/features.py: unit-length mean-pooled embeddings); the encoder runs only on
+    token ids (the coordinator's test set, export, predict). Only the head travels."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.head = nn.Linear(EMBED_DIM, spec.num_classes)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self._encoder: nn.Module | None = None  # loaded when token ids arrive
+
+    def encoder(self) -> nn.Module:
+        if self._encoder is None:  # its own copy: export quantizes and loads it
+            from common.features import load_encoder
+
+            self._encoder = load_encoder()
+        return self._encoder
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``x``: features (n, 384, float), or token ids (n, length) with their mask."""
+        if not x.is_floating_point():
+            hidden = self.encoder()(input_ids=x, attention_mask=mask.long()).last_hidden_state
+            w = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * w).sum(1) / w.sum(1).clamp(min=1.0)
+            x = F.normalize(pooled, dim=-1)
+        return self.head(x)  # type: ignore[no-any-return]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.head.named_parameters(prefix="head")}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = dict(self.head.named_parameters(prefix="head"))
+        if set(state) != set(own):
+            missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            raise ValueError(f"model state mismatch: missing {missing}, unexpected {extra}")
+        with torch.no_grad():
+            for name, value in state.items():
+                if tuple(value.shape) != tuple(own[name].shape):
+                    raise ValueError(
+                        f"model state {name}: shape {tuple(value.shape)}, "
+                        f"expected {tuple(own[name].shape)}"
+                    )
+                own[name].copy_(value)
+
+
+Classifier = TextClassifier | ProbeClassifier
+
+
+def build_model(spec: ModelSpec, *, seed: int | None = None) -> Classifier:
     """A classifier with the public embeddings; seeded initialisation when a seed is given.
 
     Sites call this and then load the global trainable state, so only the coordinator's
     initialisation (seeded, PCA projection) matters.
     """
+    if spec.kind == "minilm-probe":
+        return ProbeClassifier(spec)
     if spec.d_model > EMBED_DIM:
         raise ValueError(f"d_model {spec.d_model} exceeds the embedding width {EMBED_DIM}")
     with torch.random.fork_rng(devices=[]):

@@ -32,6 +32,7 @@ from common.evaluation import (
     scores,
     sum_noise_std,
 )
+from common.features import PUBLIC_CACHE, batchable
 from common.messages import RoundPlan, SiteReport
 from common.model import build_model, model_spec
 from common.outputs import (
@@ -49,7 +50,6 @@ from common.outputs import (
     write_run_files,
 )
 from common.task import Task, run_task, test_file_path
-from common.text import encode
 from common.training import Batchable, default_device, evaluate
 from server.aggregation import RoundOutcome, SiteResult, Transport, plain_round
 from server.optimizers import ServerOptimizer
@@ -341,7 +341,13 @@ def _public_test_set(cfg: RunConfig, task: Task) -> Batchable:
             text_column=task.text_column,
             label_column=task.label_column,
         )
-    return Batchable.from_encoded(encode(test.texts, task.max_length), test.labels)
+    return batchable(
+        test.texts,
+        test.labels,
+        max_length=task.max_length,
+        preset=task.model_preset,
+        cache=PUBLIC_CACHE,
+    )
 
 
 def federated_evaluation(

@@ -42,6 +42,7 @@ from rich.progress import Progress
 
 from common.config import ConfigError, RunConfig
 from common.data import TextDataset, load_builtin
+from common.features import PUBLIC_CACHE, batchable
 from common.model import build_model, model_spec
 from common.outputs import (
     CENTRAL_MODE,
@@ -54,8 +55,7 @@ from common.outputs import (
     write_run_files,
 )
 from common.task import run_task
-from common.text import encode
-from common.training import Batchable, default_device, evaluate
+from common.training import default_device, evaluate
 from server.report import round_progress
 from simulations.pooled_training import (
     HOLDOUT_FRACTION,
@@ -272,8 +272,16 @@ def _train_central(
     test_set = load_builtin(cfg.dataset, "test", seed=cfg.seed)
     label_names = test_set.label_names
     spec = model_spec(task)
-    train = Batchable.from_encoded(encode(train_set.texts, task.max_length), train_set.labels)
-    test = Batchable.from_encoded(encode(test_set.texts, task.max_length), test_set.labels)
+    train, test = (
+        batchable(
+            part.texts,
+            part.labels,
+            max_length=task.max_length,
+            preset=task.model_preset,
+            cache=PUBLIC_CACHE,
+        )
+        for part in (train_set, test_set)
+    )
     model = build_model(spec, seed=cfg.seed).to(device)
     epochs = cfg.num_server_rounds * cfg.local_epochs
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
