@@ -94,7 +94,10 @@ def _minutes(seconds: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/bench-accuracy")
-    parser.add_argument("--scenarios", default="default,rt-dirichlet,20ng")
+    parser.add_argument(
+        "--scenarios",
+        default="default,rt-dirichlet,20ng,rt-probe,rt-dirichlet-probe,20ng-probe",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
