@@ -1,5 +1,6 @@
-"""What a site does with one train message, in plain Python (no Flower): the training
-path of the ClientApp, which alone loads torch, Opacus and the model.
+"""What a site does in one training round, in plain Python (no Flower): the training
+path of the ClientApp, which alone loads torch, Opacus and the model (client/reply.py
+wraps it, and the evaluation round, into the answer to a train message).
 
 Order of a DP round (the invariants of docs/architecture.md, the threat model of
 docs/threat-model.md):

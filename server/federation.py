@@ -4,8 +4,11 @@
 in-process grid through the same app. Each round: sample sites, let the aggregation
 workflow (secure by default: server/secure.py; plain: server/aggregation.py) bring back
 the mean of their clipped updates, apply the server optimizer, evaluate centrally on
-the public test split, checkpoint, report. A round without a mean (no site trained, or
-secure aggregation aborted) leaves the global model unchanged and says why.
+the task's public test set (if it has one) and, after the rounds the plan names,
+privately at the sites (``federated_evaluation``: the sum of their noisy confusion
+matrices), checkpoint, report. A round without a mean (no site trained, or secure
+aggregation aborted) leaves the global model unchanged and says why. The plan carries
+the run's task (common/task.py).
 """
 
 from __future__ import annotations
