@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 # The model presets common/model.py builds (listed here so that parsing a config does
 # not load torch).
-Preset = Literal["tiny", "small", "minilm-probe"]
+Preset = Literal["tiny", "small", "minilm-probe", "minilm-lora"]
 BUNDLED_DATASETS = ("rotten-tomatoes", "20newsgroups")
 MAX_ROUNDS = 100_000  # a plan's rounds: bounded, so a site can list its evaluation rounds
 AT_THE_SITES = "sites"  # a deployment's data set: the sites' own files, nothing central
@@ -59,7 +59,7 @@ class RunConfig(BaseModel):
     label_column: str = "label"
     # Model: "" and 0 = the task's (a value here overrides the task, which changes its
     # digest: a deployed site that pinned the task then refuses the plan)
-    model_preset: Literal["", "tiny", "small", "minilm-probe"] = ""
+    model_preset: Literal["", "tiny", "small", "minilm-probe", "minilm-lora"] = ""
     max_length: int = 0
     # Local training (plain SGD: local momentum/Adam flips the model under label skew)
     local_epochs: int = 1

@@ -198,6 +198,11 @@ def export_run(
     """Write the fp32 and int8 models, model.json and the model card; return the card."""
     run = load_run(run_dir)
     summary, spec, labels = run.summary, run.model.spec, run.model.label_names
+    if spec.kind == "minilm-lora":
+        raise ExportError(
+            f"{run.run_dir}: exporting a minilm-lora run (merging its adapters into the "
+            "encoder) is not built yet; its adapters and head are in model/model.safetensors"
+        )
     cfg = summary.run_config
     task = run_task_of(summary)
     model = rebuild(run)

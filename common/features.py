@@ -45,10 +45,33 @@ def encoder_digest() -> str:
 def load_encoder() -> Any:
     """A fresh copy of the pretrained BERT encoder, frozen, in eval mode (0.05 s)."""
     from transformers import BertModel
+    from transformers.utils import logging as hf_logging
 
-    model = BertModel.from_pretrained(str(pretrained_file("model.safetensors").parent))
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # not "weights not used": the pooler is left out
+    # No pooler: the sentence embedding is the masked mean (its [CLS] pooler is unused).
+    model = BertModel.from_pretrained(
+        str(pretrained_file("model.safetensors").parent), add_pooling_layer=False
+    )
     model.requires_grad_(False)
     return model.eval()
+
+
+# The encoder's layers LoRA adapts (minilm-lora): every attention projection and both
+# feed-forward layers of each of the 6 blocks.
+LORA_TARGETS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)$"
+LORA_RANK = 8
+
+
+def lora_encoder() -> Any:
+    """The frozen encoder with fresh rank-8 LoRA adapters (peft; A random, B zero, so
+    the adapted encoder starts as the pretrained one): the adapters alone train."""
+    from peft import LoraConfig, get_peft_model  # type: ignore[attr-defined]
+
+    config = LoraConfig(
+        r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=LORA_TARGETS, lora_dropout=0.0,
+        bias="none",
+    )  # fmt: skip
+    return get_peft_model(load_encoder(), config)
 
 
 @lru_cache(maxsize=2)

@@ -51,11 +51,11 @@ class ModelSpec:
     projection: Literal["trainable", "frozen"] = "trainable"
     # "transformer": the small encoder above; "minilm-probe": the whole pretrained
     # MiniLM encoder, frozen, as a feature extractor, and a linear head on its features.
-    kind: Literal["transformer", "minilm-probe"] = "transformer"
+    kind: Literal["transformer", "minilm-probe", "minilm-lora"] = "transformer"
 
     @classmethod
     def preset(cls, name: Preset, *, num_classes: int, max_length: int) -> ModelSpec:
-        if name == "minilm-probe":
+        if name in ("minilm-probe", "minilm-lora"):
             return cls(
                 num_classes=num_classes,
                 max_length=max_length,
@@ -64,7 +64,7 @@ class ModelSpec:
                 num_heads=1,
                 d_ff=0,
                 projection="frozen",
-                kind="minilm-probe",
+                kind=name,
             )
         sizes: dict[str, dict[str, Any]] = {
             # Measured under DP here (docs/model.md): a frozen PCA-128 projection keeps
@@ -290,7 +290,48 @@ class ProbeClassifier(nn.Module):
                 own[name].copy_(value)
 
 
-Classifier = TextClassifier | ProbeClassifier
+class LoraClassifier(nn.Module):
+    """DP fine-tuning of the pretrained encoder (``minilm-lora``): rank-8 LoRA adapters
+    on every attention projection and feed-forward layer of the frozen MiniLM encoder,
+    and a linear head on its unit-length mean-pooled embedding. Only the adapters and
+    the head train (per-example clipped by the book-keeping engine: they are Linear
+    layers) and travel; the pretrained base is never noised, never sent."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        from common.features import lora_encoder
+
+        self.spec = spec
+        self.encoder = lora_encoder()
+        self.head = nn.Linear(EMBED_DIM, spec.num_classes)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        w = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * w).sum(1) / w.sum(1).clamp(min=1.0)
+        return self.head(F.normalize(pooled, dim=-1))  # type: ignore[no-any-return]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        if set(state) != set(own):
+            missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            raise ValueError(f"model state mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                if tuple(value.shape) != tuple(own[name].shape):
+                    raise ValueError(
+                        f"model state {name}: shape {tuple(value.shape)}, "
+                        f"expected {tuple(own[name].shape)}"
+                    )
+                own[name].copy_(value)
+
+
+Classifier = TextClassifier | ProbeClassifier | LoraClassifier
 
 
 def build_model(spec: ModelSpec, *, seed: int | None = None) -> Classifier:
@@ -301,6 +342,11 @@ def build_model(spec: ModelSpec, *, seed: int | None = None) -> Classifier:
     """
     if spec.kind == "minilm-probe":
         return ProbeClassifier(spec)
+    if spec.kind == "minilm-lora":
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return LoraClassifier(spec)
     if spec.d_model > EMBED_DIM:
         raise ValueError(f"d_model {spec.d_model} exceeds the embedding width {EMBED_DIM}")
     with torch.random.fork_rng(devices=[]):
