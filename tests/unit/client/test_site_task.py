@@ -19,7 +19,8 @@ from common.pki import DeployError
 from common.privacy.ledger import LEDGER_FILE
 from common.task import TASKS_DIR, Task, bundled_task, run_task
 from server import deploy as coordinator
-from tests.support.deploy_folders import site_folder
+from tests.support.deploy_folders import make_site_data, site_folder
+from tests.support.sites import deployed_node
 
 NEWS = """name = "news-topics"
 labels = ["earn", "acq", "crude"]
@@ -158,3 +159,26 @@ def test_a_site_refuses_to_advertise_in_a_secure_round_of_another_task(tmp_path:
 
     assert "is not the task this site agreed to" in reply.error and not reply.blobs
     assert not (tmp_path / "sites").exists()  # no identity made, no roster enrolled
+
+
+def test_a_deployed_site_that_agreed_to_no_task_refuses_one_it_does_not_know(
+    tmp_path: Path,
+) -> None:
+    # Before: such a site read its file with whatever labels the plan's task named, so
+    # a coordinator could send a label set of its choosing and learn, from the round
+    # failing on the file's content after the charge, whether the site held a label.
+    data = make_site_data(tmp_path / "site.csv", rows=50)
+    node = deployed_node(data, tmp_path / "state", site_id="desk", epsilon=4.0, data_size=50,
+                         **{"secagg-required": False})  # fmt: skip
+    own = Task(name="probe-labels", labels=("rotten", "secret-label"))
+    cfg = RunConfig(num_server_rounds=1, max_length=16, batch_size=32)
+    settings = SiteSettings.from_node_config(node, cfg)
+    arrays = build_model(model_spec(own)).trainable_state()
+
+    reply, _ = train_round(
+        TrainRequest(RoundPlan(1, cfg, own), arrays), settings, SiteState(), run_id="r"
+    )
+
+    assert reply.report.status == "refused"
+    assert "is not a bundled one, and this site agreed to no task" in reply.report.reason
+    assert not (tmp_path / "state" / LEDGER_FILE).exists()  # nothing charged
