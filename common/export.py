@@ -35,7 +35,14 @@ from torch import nn
 
 from common.config import RunConfig
 from common.data import TextDataset, load_builtin, load_site_file
-from common.model import Classifier, ModelSpec, ProbeClassifier, TextClassifier, build_model
+from common.model import (
+    Classifier,
+    LoraClassifier,
+    ModelSpec,
+    ProbeClassifier,
+    TextClassifier,
+    build_model,
+)
 from common.model_card import EXPORT_VERSION, ModelCard
 from common.outputs import (
     MODEL_FILE,
@@ -198,14 +205,13 @@ def export_run(
     """Write the fp32 and int8 models, model.json and the model card; return the card."""
     run = load_run(run_dir)
     summary, spec, labels = run.summary, run.model.spec, run.model.label_names
-    if spec.kind == "minilm-lora":
-        raise ExportError(
-            f"{run.run_dir}: exporting a minilm-lora run (merging its adapters into the "
-            "encoder) is not built yet; its adapters and head are in model/model.safetensors"
-        )
+
     cfg = summary.run_config
     task = run_task_of(summary)
     model = rebuild(run)
+    if isinstance(model, LoraClassifier):  # its adapters merged: a probe's architecture
+        model = model.merged()
+        spec = model.spec
     test = _public_test(cfg, task)
     cpu = torch.device("cpu")
     int8 = quantize_int8(model)

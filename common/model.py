@@ -17,7 +17,7 @@ Why this shape (docs/model.md has the measurements):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, Literal, cast
 
@@ -329,6 +329,18 @@ class LoraClassifier(nn.Module):
                         f"expected {tuple(own[name].shape)}"
                     )
                 own[name].copy_(value)
+
+    def merged(self) -> ProbeClassifier:
+        """The same function as a probe: the adapters merged into the encoder's weights
+        (W + B A scaling; post-processing, no privacy cost) and the head, so export and
+        predict treat a fine-tuned model as they treat a probe. The adapters are copied,
+        this model is left as it was."""
+        import copy
+
+        probe = ProbeClassifier(replace(self.spec, kind="minilm-probe"))
+        probe._encoder = copy.deepcopy(self.encoder).merge_and_unload()
+        probe.head.load_state_dict(self.head.state_dict())
+        return probe.eval()
 
 
 Classifier = TextClassifier | ProbeClassifier | LoraClassifier

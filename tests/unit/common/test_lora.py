@@ -2,9 +2,12 @@
 gives every adapter and head parameter its per-example clipped gradient (against
 per-example autograd, one example at a time) and its noise; the frozen base gets
 neither; and a few DP steps on a small task lower the loss (Opacus issue 820's silent
-failure was LoRA that did not learn while epsilon looked normal)."""
+failure was LoRA that did not learn while epsilon looked normal); and Opacus's hooks
+give the same update (the cross-check)."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,9 @@ from tests.unit.common.test_dp_engine import (
     _check_clipped_sum,
     _engine,
     _losses,
+    _max_diff,
+    _naive,
+    _opacus_update,
 )
 
 LORA = ModelSpec.preset("minilm-lora", num_classes=3, max_length=12)
@@ -83,3 +89,38 @@ def test_a_few_dp_lora_steps_lower_the_loss() -> None:
         device=torch.device("cpu"),
     )  # fmt: skip
     assert loss() < start - 0.5, (start, loss())  # 1.099 to about 0.23
+
+
+def test_the_update_equals_opacus_hooks_update_on_the_lora_model() -> None:
+    # Opacus is the cross-check: its per-sample hooks and DPOptimizer on the same adapters,
+    # in train mode (Opacus records activations only there), with the same dropout masks.
+    model = _lora()
+    inputs = _batch(8, 3, length=12)
+    _, norms = _naive(model, inputs, clip=1e9)
+    clip, lr = float(norms.median()), 0.5
+    ours, theirs = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+
+    torch.manual_seed(5)
+    _engine(ours, clip, 1.0, expected_batch=8, learning_rate=lr).step(_losses(ours, inputs))
+    torch.manual_seed(5)
+    _opacus_update(theirs, inputs, clip, 1.0, lr, seed=0)
+
+    start = list(model.trainable_state().values())
+    diff, scale = _max_diff(
+        [a - s for a, s in zip(ours.trainable_state().values(), start, strict=True)],
+        [b - s for b, s in zip(theirs.trainable_state().values(), start, strict=True)],
+    )
+    assert scale > 0 and diff <= 1e-5 * max(1.0, scale), (diff, scale)
+
+
+def test_merging_the_adapters_gives_a_probe_that_computes_the_same_function() -> None:
+    # What export does with a minilm-lora run: W + B A scaling in the encoder, same head.
+    model = _lora(scale=0.2)
+    ids, mask, _ = _batch(5, 3, length=12)
+    probe = model.merged()
+
+    with torch.no_grad():
+        assert torch.allclose(probe(ids, mask), model(ids, mask), atol=1e-3)  # float32 merge
+        assert not torch.allclose(probe(ids, mask), build_model(LORA, seed=0)(ids, mask))
+    assert probe.spec.kind == "minilm-probe"
+    assert any(".lora_A." in n for n, _ in model.named_parameters())  # left as it was
