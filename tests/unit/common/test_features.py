@@ -55,3 +55,11 @@ def test_the_probe_scores_token_ids_as_the_head_scores_cached_features(tmp_path:
         from_ids = model(torch.from_numpy(enc.ids), torch.from_numpy(enc.mask))
     assert torch.allclose(from_features, from_ids, atol=1e-4)
     assert not any(p.requires_grad for p in model.encoder().parameters())
+
+
+def test_a_damaged_cache_entry_is_computed_again(tmp_path: Path) -> None:
+    first = cached(TEXTS, 32, tmp_path)
+    [stored] = list(tmp_path.glob("*.npy"))
+    stored.write_bytes(b"not a numpy file")
+    assert torch.equal(cached(TEXTS, 32, tmp_path), first)
+    assert np.array_equal(np.load(stored), first.numpy())
