@@ -30,7 +30,6 @@ from client.round import (
     LOCK_FILE,
     Refused,
     _charge,
-    _exclusive,
     _keys,
     _model,
     _refusal,
@@ -47,6 +46,7 @@ from common.evaluation import (
 )
 from common.messages import RoundPlan, SiteReport
 from common.privacy.budget import RunPlan, check_delta, one_run_budget
+from common.privacy.identity import exclusive
 from common.privacy.ledger import EVAL_SCOPE, LEDGER_FILE, Ledger, dataset_fingerprint, file_digest
 from common.secure_random import SecureRandom
 from common.training import default_device
@@ -130,7 +130,7 @@ def evaluate_round(
                     f"site's evaluation budget {cap:g} ('eval-epsilon')"
                 )
             check_delta(settings.delta, size)
-            with _exclusive(settings.state_dir / LOCK_FILE):
+            with exclusive(settings.state_dir / LOCK_FILE):
                 entry, frozen, _ = _charge(
                     replace(plan, round=index),
                     settings,

@@ -14,12 +14,9 @@ and the evaluation refuses rather than compose unsoundly.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +24,7 @@ from client.data import Holdout
 from client.settings import SiteConfigError, SiteSettings
 from common.evaluation import evaluation_modes
 from common.messages import RoundPlan
-from common.privacy.identity import fsync_dir
+from common.privacy.identity import exclusive, fsync_dir
 from common.privacy.ledger import EVAL_SCOPE, LedgerEntry
 
 HOLDOUT_FILE = "holdout.json"
@@ -80,7 +77,7 @@ def site_holdout(
         return SiteHoldout(Holdout(hashlib.sha256(b"no-holdout").digest(), 0.0), False)
     column = settings.text_column if settings.deployed else plan.task.text_column
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(settings.state_dir / (HOLDOUT_FILE + ".lock")):
+    with exclusive(settings.state_dir / (HOLDOUT_FILE + ".lock")):  # one pin at a time
         return _pin(settings, settings.state_dir / HOLDOUT_FILE, asked, column, key, entries)
 
 
@@ -118,14 +115,3 @@ def _pin(
     late = any(e.budget_scope != EVAL_SCOPE for e in entries)
     _write(path, asked, late and bool(asked), column)
     return SiteHoldout(Holdout(key, asked), late and bool(asked))
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One pin at a time per site (two runs sharing a sites folder)."""
-    with path.open("a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -18,12 +18,9 @@ docs/threat-model.md):
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -49,7 +46,7 @@ from common.privacy.budget import (
     one_run_budget,
 )
 from common.privacy.errors import PrivacyError
-from common.privacy.identity import SiteKeys, init_state, open_state
+from common.privacy.identity import SiteKeys, exclusive, init_state, open_state
 from common.privacy.ledger import (
     LEDGER_FILE,
     Ledger,
@@ -90,17 +87,6 @@ class SiteState:
             return cls()
         raw = json.loads(text)
         return cls(noise_free_steps=int(raw.get("noise_free_steps", 0)))
-
-
-@contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def code_version() -> str:
@@ -236,7 +222,7 @@ def run_round(
         )
     # One charge at a time per site: the budget read and the entry are one critical
     # section, so two concurrent runs cannot both spend the last of a budget.
-    with _exclusive(settings.state_dir / LOCK_FILE):
+    with exclusive(settings.state_dir / LOCK_FILE):
         try:
             entry, frozen, before = _charge(
                 plan,

@@ -92,10 +92,15 @@ def embed(ids: torch.Tensor, mask: torch.Tensor, *, batch_size: int = 128) -> to
         i = ids[start : start + batch_size].to(device)
         m = mask[start : start + batch_size].to(device)
         hidden = encoder(input_ids=i, attention_mask=m.long()).last_hidden_state
-        w = m.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * w).sum(1) / w.sum(1).clamp(min=1.0)
-        out.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu())
+        out.append(sentence_embedding(hidden, m).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, FEATURE_DIM)
+
+
+def sentence_embedding(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MiniLM's sentence embedding: the mean of the hidden states over the real tokens,
+    normalised to unit length (the probe's features, LoRA's pooled output)."""
+    w = mask.unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * w).sum(1) / w.sum(1).clamp(min=1.0), dim=-1)
 
 
 def _key(texts: Sequence[str], max_length: int) -> str:

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from torch import nn
 
 from common.config import Preset
+from common.features import load_encoder, lora_encoder, sentence_embedding
 from common.task import Task
 from common.text import VOCAB_SIZE, pretrained_file
 
@@ -189,19 +190,7 @@ class TextClassifier(nn.Module):
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load exactly the trainable parameters; any missing/extra/misshaped is an error."""
-        own = dict(self.named_parameters())
-        expected = {n for n, p in own.items() if p.requires_grad}
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(f"model state mismatch: missing {missing}, unexpected {extra}")
-        with torch.no_grad():
-            for name, value in state.items():
-                if tuple(value.shape) != tuple(own[name].shape):
-                    raise ValueError(
-                        f"model state {name}: shape {tuple(value.shape)}, "
-                        f"expected {tuple(own[name].shape)}"
-                    )
-                own[name].copy_(value)
+        load_exactly({n: p for n, p in self.named_parameters() if p.requires_grad}, state)
 
 
 @lru_cache(maxsize=1)
@@ -242,6 +231,22 @@ def projected_embedding(d_model: int) -> torch.Tensor:
     return (table @ weight.T + bias).contiguous()
 
 
+def load_exactly(own: dict[str, nn.Parameter], state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the parameters ``own``: exactly those names and shapes, else a
+    ``ValueError`` naming the difference (the weights a coordinator sends are checked)."""
+    if set(state) != set(own):
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        raise ValueError(f"model state mismatch: missing {missing[:8]}, unexpected {extra[:8]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            if tuple(value.shape) != tuple(own[name].shape):
+                raise ValueError(
+                    f"model state {name}: shape {tuple(value.shape)}, "
+                    f"expected {tuple(own[name].shape)}"
+                )
+            own[name].copy_(value)
+
+
 class ProbeClassifier(nn.Module):
     """The pretrained MiniLM encoder, frozen, as a feature extractor, then a trainable
     linear head (``minilm-probe``). Sites train the head on features computed once
@@ -258,8 +263,6 @@ class ProbeClassifier(nn.Module):
 
     def encoder(self) -> nn.Module:
         if self._encoder is None:  # its own copy: export quantizes and loads it
-            from common.features import load_encoder
-
             self._encoder = load_encoder()
         return self._encoder
 
@@ -267,27 +270,14 @@ class ProbeClassifier(nn.Module):
         """``x``: features (n, 384, float), or token ids (n, length) with their mask."""
         if not x.is_floating_point():
             hidden = self.encoder()(input_ids=x, attention_mask=mask.long()).last_hidden_state
-            w = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * w).sum(1) / w.sum(1).clamp(min=1.0)
-            x = F.normalize(pooled, dim=-1)
+            x = sentence_embedding(hidden, mask)
         return self.head(x)  # type: ignore[no-any-return]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.head.named_parameters(prefix="head")}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        own = dict(self.head.named_parameters(prefix="head"))
-        if set(state) != set(own):
-            missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-            raise ValueError(f"model state mismatch: missing {missing}, unexpected {extra}")
-        with torch.no_grad():
-            for name, value in state.items():
-                if tuple(value.shape) != tuple(own[name].shape):
-                    raise ValueError(
-                        f"model state {name}: shape {tuple(value.shape)}, "
-                        f"expected {tuple(own[name].shape)}"
-                    )
-                own[name].copy_(value)
+        load_exactly(dict(self.head.named_parameters(prefix="head")), state)
 
 
 class LoraClassifier(nn.Module):
@@ -299,8 +289,6 @@ class LoraClassifier(nn.Module):
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        from common.features import lora_encoder
-
         self.spec = spec
         self.encoder = lora_encoder()
         self.head = nn.Linear(EMBED_DIM, spec.num_classes)
@@ -309,26 +297,13 @@ class LoraClassifier(nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        w = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * w).sum(1) / w.sum(1).clamp(min=1.0)
-        return self.head(F.normalize(pooled, dim=-1))  # type: ignore[no-any-return]
+        return self.head(sentence_embedding(hidden, mask))  # type: ignore[no-any-return]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        if set(state) != set(own):
-            missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-            raise ValueError(f"model state mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
-        with torch.no_grad():
-            for name, value in state.items():
-                if tuple(value.shape) != tuple(own[name].shape):
-                    raise ValueError(
-                        f"model state {name}: shape {tuple(value.shape)}, "
-                        f"expected {tuple(own[name].shape)}"
-                    )
-                own[name].copy_(value)
+        load_exactly({n: p for n, p in self.named_parameters() if p.requires_grad}, state)
 
     def merged(self) -> ProbeClassifier:
         """The same function as a probe: the adapters merged into the encoder's weights

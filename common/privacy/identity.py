@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,21 @@ class SiteKeys:
 
     identity: SiteIdentity
     fingerprint_key: bytes
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (made with its folder if missing): one writer
+    at a time in a site's state folder (the ledger's charge, the held-out pin)."""
+    import fcntl  # POSIX; imported here so that the auditor's imports stay portable
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def fsync_dir(directory: Path) -> None:
