@@ -32,6 +32,13 @@ huge pages for large CPU tensors (THP_MEM_ALLOC_ENABLE=1, read once at startup).
     .venv/bin/python benchmarks/dp_step.py             # everything
     .venv/bin/python benchmarks/dp_step.py --threads 1 --no-attempts   # the 1-thread table only
     .venv/bin/python benchmarks/dp_step.py --compile   # adds torch.compile (slow to compile)
+    .venv/bin/python benchmarks/dp_step.py --model minilm-lora   # P1 for DP-LoRA (below)
+
+``--model minilm-lora``: the pretrained MiniLM encoder with rank-8 LoRA adapters and a
+linear head (73,728 + 770 trainable of 22.7M parameters), batch 32 (and 8), the modes
+non-private, hooks and book-keeping only (its equivalence with Opacus is a unit test,
+tests/unit/common/test_lora.py); ``--device cuda`` times it on a GPU
+(benchmarks/gpu_check.sh does).
 
 Wall time depends on the machine's load: 6 to 9 minutes were measured at load 7-10 on
 2 cores, most of it in the rows with torch's default 2 threads, which other processes
@@ -62,9 +69,10 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
+from common.config import Preset
 from common.data import load_builtin
 from common.dp_engine import BookkeepingDPSGD
-from common.model import ModelSpec, TextClassifier, build_model
+from common.model import LoraClassifier, ModelSpec, TextClassifier, build_model
 from common.secure_random import SecureRandom
 from common.text import encode
 
@@ -89,20 +97,29 @@ def real_batch(size: int) -> Batch:
     pick = np.random.default_rng(0).choice(len(train.texts), size=size, replace=False)
     enc = encode([train.texts[i] for i in pick], MAX_LENGTH)
     labels = torch.tensor(np.asarray(train.labels)[pick], dtype=torch.long)
-    return torch.from_numpy(enc.ids), torch.from_numpy(enc.mask), labels
+    return (
+        torch.from_numpy(enc.ids).to(DEVICE),
+        torch.from_numpy(enc.mask).to(DEVICE),
+        labels.to(DEVICE),
+    )
 
 
-def base_model(scale: float = 0.02) -> TextClassifier:
-    """The ``tiny`` preset, its trainable weights nudged off their zero initialisation
-    so that every layer has a gradient (a model some rounds into training)."""
-    model = build_model(ModelSpec.preset("tiny", num_classes=2, max_length=MAX_LENGTH), seed=0)
-    assert isinstance(model, TextClassifier)
+PRESET: Preset = "tiny"  # --model
+DEVICE = torch.device("cpu")  # --device
+
+
+def base_model(scale: float = 0.02) -> TextClassifier | LoraClassifier:
+    """The ``tiny`` preset (or ``--model``), its trainable weights nudged off their zero
+    initialisation so that every layer has a gradient (a model some rounds into
+    training: LoRA's B and the head start at zero)."""
+    model = build_model(ModelSpec.preset(PRESET, num_classes=2, max_length=MAX_LENGTH), seed=0)
+    assert isinstance(model, TextClassifier | LoraClassifier)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model.train()
+    return model.to(DEVICE).train()
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -154,7 +171,7 @@ def opacus_hooks(
         max_grad_norm=clip,
         expected_batch_size=len(y),
         loss_reduction=reduction,
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator(device=DEVICE).manual_seed(0),
     )
 
     def step() -> None:
@@ -177,7 +194,7 @@ def opacus_ghost(model: nn.Module, batch: Batch, sigma: float, clip: float = CLI
         max_grad_norm=clip,
         expected_batch_size=len(y),
         loss_reduction="mean",
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator(device=DEVICE).manual_seed(0),
     )
     criterion = DPLossFastGradientClipping(gsm, opt, nn.CrossEntropyLoss(), "mean")
 
@@ -250,7 +267,7 @@ def engine_at(rev: str) -> Builder:
             engine = module.BookkeepingDPSGD(model, rng=TorchNoise(), **kw)
         except TypeError:
             engine = module.BookkeepingDPSGD(
-                model, generator=torch.Generator().manual_seed(0), **kw
+                model, generator=torch.Generator(device=DEVICE).manual_seed(0), **kw
             )
 
         def step() -> None:
@@ -285,6 +302,8 @@ def interleaved(steps: dict[str, Step], *, reps: int, warmup: int) -> dict[str, 
         for name in names[k:] + names[:k]:
             t0 = time.perf_counter()
             steps[name]()
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             if r >= warmup:
                 times[name].append(dt)
@@ -444,6 +463,7 @@ def compile_attempt(batch: Batch, reps: int, warmup: int) -> None:
     Opacus hooks (the hooked Linear/LayerNorm modules sit inside them)."""
     torch.set_num_threads(1)
     model = base_model()
+    assert isinstance(model, TextClassifier)
     compiled = copy.deepcopy(model)
     compiled.forward = torch.compile(compiled.forward)  # type: ignore[method-assign]
     hooked = copy.deepcopy(model)
@@ -484,19 +504,29 @@ def main() -> None:
         help="also time common/dp_engine.py as of git revision REV (torch noise), to tell "
         "a change of the code from a change of the machine",
     )
+    ap.add_argument("--model", choices=("tiny", "minilm-lora"), default="tiny")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--thp-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.thp_child:
         thp_child(a.reps, a.warmup)
         return
+    global PRESET, DEVICE
+    PRESET = "minilm-lora" if a.model == "minilm-lora" else "tiny"
+    DEVICE = torch.device(a.device)
+    lora = a.model == "minilm-lora"
     started = time.perf_counter()
     default_threads = torch.get_num_threads()
-    print(f"{os.cpu_count()} cores, torch {torch.__version__}, load average {load()} (1/5/15 min)")
-    big = real_batch(256)
-    batches: dict[int, Batch] = {256: big, 64: (big[0][:64], big[1][:64], big[2][:64])}
+    print(
+        f"{os.cpu_count()} cores, torch {torch.__version__}, model {a.model} on {DEVICE}, "
+        f"load average {load()} (1/5/15 min)"
+    )
+    sizes = (32, 8) if lora and DEVICE.type == "cpu" else (256, 64)
+    big = real_batch(sizes[0])
+    batches: dict[int, Batch] = {n: (big[0][:n], big[1][:n], big[2][:n]) for n in sizes}
     model = base_model()
     rows = []
-    modes = dict(MODES)
+    modes = {k: MODES[k] for k in ("non-private", "hooks", BK)} if lora else dict(MODES)
     if a.against:
         modes[f"bookkeeping @{a.against[:8]}"] = engine_at(a.against)
     counts = [default_threads if t == "default" else int(t) for t in a.threads.split(",")]
@@ -518,6 +548,9 @@ def main() -> None:
     )
     for threads, size, name, ms, iqr, ratio in rows:
         print(f"P1 {threads:>7} {size:>5}  {name:<29} {ms:8.1f} {iqr:6.1f} {ratio:13.2f}x")
+    if lora:  # equivalence with Opacus: tests/unit/common/test_lora.py
+        print(f"\n{time.perf_counter() - started:.0f} s in all, load average {load()}")
+        return
     equivalence(batches[64])
     if not a.no_attempts:
         attempts(big, reps=a.attempt_reps, warmup=a.warmup)

@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# One short check on a GPU machine: which device the sites pick, one 2-site round of
-# the real simulation (Flower Simulation Engine, DP on), and the DP-SGD step time of
-# the sites' own training loop (common/training.py) on the GPU against the CPU.
-# Prints the figures; exits non-zero when no CUDA device is visible (ALLOW_CPU=1 runs
-# it anyway, to check the script itself).
+# One short prepared check on a GPU machine (time on one is scarce: run it once):
+#   1. which device the sites pick;
+#   2. the CUDA tests (pytest -m cuda: the DP step on the GPU is the CPU's step in exact
+#      float32, TF32 switched off; DP-LoRA learns there; features match the CPU's);
+#   3. one 2-site round of the real simulation (Flower Simulation Engine, DP on);
+#   4. a short minilm-lora federation (DP-LoRA on the pretrained encoder, secure
+#      aggregation; scenario rt-lora, LORA_ROUNDS rounds): accuracy and time per round;
+#   5. examples/s of the sites' own DP training loop (common/training.py train_dp) for
+#      the tiny model and minilm-lora, on the GPU against the CPU;
+#   6. P1 for minilm-lora on the GPU: DP step / non-private step, book-keeping and
+#      Opacus hooks (benchmarks/dp_step.py --model minilm-lora --device cuda).
+# Prints the figures; exits non-zero when no CUDA device is visible or a step fails
+# (ALLOW_CPU=1 runs it anyway on the CPU, to check the script itself; then set
+# LORA_ROUNDS=1 LORA_SITES=4, or the federation takes most of an hour).
 #
-#   make setup && benchmarks/gpu_check.sh            # about 1-2 minutes on a GPU machine
+#   make setup && benchmarks/gpu_check.sh            # a few minutes on a GPU machine
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -37,6 +46,11 @@ if [[ $status -ne 0 && "${ALLOW_CPU:-0}" != 1 ]]; then
   echo "no CUDA device visible; set ALLOW_CPU=1 to run the check on the CPU" >&2
   exit 1
 fi
+LORA_ROUNDS=${LORA_ROUNDS:-5}
+LORA_SITES=${LORA_SITES:-10}
+
+echo "== CUDA tests (pytest -m cuda; skipped without a device)"
+"$PY" -m pytest -q -p no:cacheprovider -m cuda -rs tests/unit 2>&1 | tail -15
 
 echo "== 2-site simulation, 1 round (fedsilo simulate)"
 start=$(date +%s.%N)
@@ -56,41 +70,65 @@ print(
 )
 EOF
 
-echo "== DP-SGD step time (the sites' train_dp, default model, batch 256)"
+echo "== minilm-lora federation: scenario rt-lora, $LORA_SITES sites, $LORA_ROUNDS rounds"
+start=$(date +%s.%N)
+"$VENV/bin/fedsilo" simulate --scenario rt-lora --rounds "$LORA_ROUNDS" --sites "$LORA_SITES" \
+  --out "$OUT/lora" > "$OUT/lora.log" 2>&1 || { tail -40 "$OUT/lora.log"; exit 1; }
+end=$(date +%s.%N)
+"$PY" - "$OUT/lora/summary.json" "$start" "$end" <<'EOF'
+import json
+import sys
+
+summary = json.load(open(sys.argv[1]))
+for r in summary["rounds"]:
+    print(
+        f"round {r['round']}: {r['trained']}/{r['sites_asked']} sites, accuracy {r['accuracy']:.4f}, "
+        f"round {r['seconds']:.1f} s, {r['upload_kib']:.1f} KiB/site, epsilon max {r['epsilon_max']:.3f}"
+    )
+print(f"final accuracy {summary['final']['accuracy']:.4f}; whole command "
+      f"{float(sys.argv[3]) - float(sys.argv[2]):.1f} s")
+EOF
+
+echo "== DP-SGD examples/s of the sites' train_dp (batch 256, 48 tokens)"
 "$PY" - <<'EOF'
 import time
 
 import torch
 
-from common.config import RunConfig
-from common.model import build_model
+from common.model import ModelSpec, build_model
+from common.secure_random import SecureRandom
 from common.text import VOCAB_SIZE
 from common.training import Batchable, train_dp
 
-cfg = RunConfig()
-spec = cfg.model_spec(2)
-n = 4096
+n, batch, length = 4096, 256, 48
 g = torch.Generator().manual_seed(0)
-ids = torch.randint(1000, VOCAB_SIZE, (n, cfg.max_length), generator=g)
+ids = torch.randint(1000, VOCAB_SIZE, (n, length), generator=g)
 data = Batchable(ids, torch.ones_like(ids, dtype=torch.bool), torch.randint(0, 2, (n,), generator=g))
 devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-for name in devices:
-    device = torch.device(name)
-    steps = 20 if name == "cuda" else 5
-    for sigma in (0.0, 1.0):
-        model = build_model(spec, seed=0)
-        gen = torch.Generator(device=device).manual_seed(1)
-        kwargs = dict(sample_rate=cfg.batch_size / n, noise_multiplier=sigma, clip_norm=cfg.clip_norm,
-                      learning_rate=cfg.learning_rate, generator=gen, device=device)
-        train_dp(model, data, steps=2, **kwargs)  # warm-up (kernels, allocator)
-        if name == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        train_dp(model, data, steps=steps, **kwargs)
-        if name == "cuda":
-            torch.cuda.synchronize()
-        dt = (time.perf_counter() - t) / steps
-        print(f"{name:4s} sigma {sigma:.1f}: {dt * 1000:7.1f} ms/step, "
-              f"{cfg.batch_size / dt:8.0f} examples/s")
+for preset in ("tiny", "minilm-lora"):
+    for name in devices:
+        device = torch.device(name)
+        steps = 10 if name == "cuda" else (3 if preset == "tiny" else 1)
+        for sigma in (0.0, 1.0):
+            model = build_model(ModelSpec.preset(preset, num_classes=2, max_length=length), seed=0)
+            kwargs = dict(sample_rate=batch / n, noise_multiplier=sigma, clip_norm=1.5,
+                          learning_rate=1.0, device=device)
+            train_dp(model, data, steps=1, rng=SecureRandom(bytes(32)), **kwargs)  # warm-up
+            if name == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            train_dp(model, data, steps=steps, rng=SecureRandom(bytes([1]) * 32), **kwargs)
+            if name == "cuda":
+                torch.cuda.synchronize()
+            dt = (time.perf_counter() - t) / steps
+            print(f"{preset:<12} {name:4s} sigma {sigma:.1f}: {dt * 1000:8.1f} ms/step, "
+                  f"{batch / dt:8.0f} examples/s")
 EOF
+
+if [[ "${ALLOW_CPU:-0}" != 1 ]]; then
+  echo "== P1 on the GPU: DP step / non-private step, minilm-lora and tiny"
+  "$PY" benchmarks/dp_step.py --model minilm-lora --device cuda --threads default --reps 10
+  "$PY" benchmarks/dp_step.py --device cuda --threads default --reps 10 --no-attempts 2>&1 \
+    | grep -E "^P1|cores"
+fi
 echo "outputs in $OUT"

@@ -305,7 +305,8 @@ def export_run(
         delta_max=max(deltas) if deltas else None,
         sites=sites,
         model={
-            "preset": summary.recorded("model-preset") or "unknown",
+            # the run's override, else its task's
+            "preset": summary.recorded("model-preset") or task.model_preset,
             "spec": asdict(spec),
             "parameters": sum(v.numel() for v in state.values()),
             "trainable_parameters": sum(v.numel() for v in run.model.arrays.values()),

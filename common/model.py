@@ -27,7 +27,7 @@ from safetensors import safe_open
 from torch import nn
 
 from common.config import Preset
-from common.features import load_encoder, lora_encoder, sentence_embedding
+from common.features import LORA_STEP, load_encoder, lora_encoder, sentence_embedding
 from common.task import Task
 from common.text import VOCAB_SIZE, pretrained_file
 
@@ -282,8 +282,8 @@ class ProbeClassifier(nn.Module):
 
 class LoraClassifier(nn.Module):
     """DP fine-tuning of the pretrained encoder (``minilm-lora``): rank-8 LoRA adapters
-    on every attention projection and feed-forward layer of the frozen MiniLM encoder,
-    and a linear head on its unit-length mean-pooled embedding. Only the adapters and
+    on the attention's query and value projections of the frozen MiniLM encoder, and a
+    linear head on its unit-length mean-pooled embedding. Only the adapters and
     the head train (per-example clipped by the book-keeping engine: they are Linear
     layers) and travel; the pretrained base is never noised, never sent."""
 
@@ -304,6 +304,11 @@ class LoraClassifier(nn.Module):
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         load_exactly({n: p for n, p in self.named_parameters() if p.requires_grad}, state)
+
+    @staticmethod
+    def learning_rate_factor(name: str) -> float:
+        """The head steps at the run's learning rate, the adapters at LORA_STEP of it."""
+        return 1.0 if name.startswith("head.") else LORA_STEP
 
     def merged(self) -> ProbeClassifier:
         """The same function as a probe: the adapters merged into the encoder's weights

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -37,6 +37,32 @@ Engine = Literal["bookkeeping", "opacus"]
 def default_device() -> torch.device:
     """CUDA when there is one, the CPU otherwise."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextmanager
+def full_fp32(device: torch.device) -> Iterator[None]:
+    """DP training runs in float32 with exact float32 matmuls on a GPU too: autocast off,
+    and TF32 (10-bit mantissa, which torch or the process may have switched on for
+    speed) off for the duration, through torch's fp32_precision settings, read back,
+    and restored on exit. Per-example norms decide the clipping that the sensitivity
+    rests on; in TF32 or half precision they are off by about 1e-3, so a clipped
+    gradient could exceed the clip norm the accountant assumes. (The environment
+    variable TORCH_ALLOW_TF32_CUBLAS_OVERRIDE overrides every setting: do not set it.)"""
+    if device.type != "cuda":
+        yield
+        return
+    knobs: tuple[Any, ...] = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    saved = [k.fp32_precision for k in knobs]
+    try:
+        for k in knobs:
+            k.fp32_precision = "ieee"
+        if any(k.fp32_precision != "ieee" for k in knobs):
+            raise RuntimeError("could not switch TF32 off for DP training on the GPU")
+        with torch.autocast("cuda", enabled=False):
+            yield
+    finally:
+        for k, value in zip(knobs, saved, strict=True):
+            k.fp32_precision = value
 
 
 @dataclass(frozen=True)
@@ -102,24 +128,36 @@ def train_dp(
     model.to(device).train()
     data = data.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
+    rates = step_sizes(model, learning_rate)
     if expected_batch is None:
         expected_batch = max(1, round(sample_rate * len(data)))
     if engine not in ("bookkeeping", "opacus"):
         raise ValueError(f"unknown DP engine {engine!r}; choose 'bookkeeping' or 'opacus'")
     stepper = _bookkeeping_steps if engine == "bookkeeping" else _opacus_steps
-    settings = _Settings(noise_multiplier, clip_norm, expected_batch, learning_rate, rng)
+    settings = _Settings(noise_multiplier, clip_norm, expected_batch, rates, rng)
     seen = 0
-    with stepper(model, params, data, settings) as dp_step:
+    with full_fp32(device), stepper(model, params, data, settings) as dp_step:
         for _ in range(steps):
             idx = rng.bernoulli(len(data), sample_rate).nonzero().squeeze(1).to(device)
             if idx.numel() == 0:
-                _noise_only_step(
-                    params, noise_multiplier * clip_norm / expected_batch, learning_rate, rng
-                )
+                _noise_only_step(params, noise_multiplier * clip_norm / expected_batch, rates, rng)
                 continue
             dp_step(idx)
             seen += int(idx.numel())
     return TrainResult(steps=steps, examples_seen=seen)
+
+
+def step_sizes(model: nn.Module, learning_rate: float) -> list[float]:
+    """Each trainable parameter's SGD step, in the model's order: the run's learning rate
+    times the model's own factor for it (``learning_rate_factor(name)``, if the model
+    has one: DP-LoRA's adapters step more finely than its head). A step size is applied
+    to the released noisy gradient: post-processing, no bearing on privacy."""
+    factor = getattr(model, "learning_rate_factor", None)
+    return [
+        learning_rate * (float(factor(name)) if factor is not None else 1.0)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    ]
 
 
 @dataclass(frozen=True)
@@ -127,7 +165,7 @@ class _Settings:
     noise_multiplier: float
     clip_norm: float
     expected_batch: int
-    learning_rate: float
+    learning_rates: list[float]
     rng: SecureRandom
 
 
@@ -176,7 +214,9 @@ def _opacus_steps(
     """Opacus hooks and DPOptimizer; yields a DP step on the examples ``idx``."""
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     optimizer = SecureNoiseDPOptimizer(
-        torch.optim.SGD(params, lr=s.learning_rate),
+        torch.optim.SGD(
+            [{"params": [p], "lr": lr} for p, lr in zip(params, s.learning_rates, strict=True)]
+        ),
         rng=s.rng,
         noise_multiplier=s.noise_multiplier,
         max_grad_norm=s.clip_norm,
@@ -210,7 +250,7 @@ def _bookkeeping_steps(
         clip_norm=s.clip_norm,
         noise_multiplier=s.noise_multiplier,
         expected_batch=s.expected_batch,
-        learning_rate=s.learning_rate,
+        learning_rate=s.learning_rates,
         rng=s.rng,
     )
 
@@ -226,13 +266,13 @@ def _bookkeeping_steps(
 
 @torch.no_grad()
 def _noise_only_step(
-    params: Sequence[torch.Tensor], std: float, learning_rate: float, rng: SecureRandom
+    params: Sequence[torch.Tensor], std: float, rates: Sequence[float], rng: SecureRandom
 ) -> None:
     """An empty Poisson batch still releases noise: the sum of no gradients plus the
     Gaussian noise, exactly the step the accountant counts (skipping it would reveal
     that the batch was empty)."""
-    for p, noise in zip(params, draw_noise(rng, params, std), strict=True):
-        p.add_(noise, alpha=-learning_rate)
+    for p, noise, lr in zip(params, draw_noise(rng, params, std), rates, strict=True):
+        p.add_(noise, alpha=-lr)
 
 
 @dataclass(frozen=True)

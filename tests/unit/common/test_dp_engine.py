@@ -129,8 +129,8 @@ class _Toy(nn.Module):
         super().__init__()
         self.emb = nn.Embedding(7, 6, padding_idx=0)
         self.ln = nn.LayerNorm(6)
-        self.seq = nn.Linear(6, 5)  # 4 tokens: 16 <= 30, ghost norm
-        self.wide = nn.Linear(5, 3)  # on (b, 2, 2, 5): 4 tokens, 16 > 15, per-example
+        self.seq = nn.Linear(6, 12)  # 4 tokens: 4 (6 + 12) <= 6 x 12, ghost norm
+        self.wide = nn.Linear(12, 3)  # on (b, 2, 2, 12): 4 (12 + 3) > 12 x 3, per-example
         self.ln2 = nn.LayerNorm((2, 3), bias=False)
         self.plain = nn.LayerNorm(3, elementwise_affine=False)
         self.frozen_conv = nn.Conv1d(4, 4, 1).requires_grad_(False)
@@ -140,7 +140,7 @@ class _Toy(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.seq(self.ln(self.emb(ids)))
-        x = self.wide(F.gelu(x).view(-1, 2, 2, 5))
+        x = self.wide(F.gelu(x).view(-1, 2, 2, 12))
         x = self.plain(self.ln2(x)).reshape(-1, 4, 3)
         x = self.frozen_conv(x).flatten(1)
         return self.head(torch.tanh(self.bias_only(x)))  # type: ignore[no-any-return]

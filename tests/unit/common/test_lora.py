@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from common.features import LORA_STEP
 from common.model import LoraClassifier, ModelSpec, build_model
 from common.secure_random import SecureRandom
 from common.text import encode
-from common.training import Batchable, train_dp
+from common.training import Batchable, Engine, train_dp
 from tests.unit.common.test_dp_engine import (
     _batch,
     _check_clipped_sum,
@@ -43,11 +45,12 @@ def _lora(scale: float = 0.05) -> LoraClassifier:
 def test_only_adapters_and_head_train_and_travel() -> None:
     model = _lora()
     names = list(model.trainable_state())
-    assert len(names) == 2 * 6 * 6 + 2  # A and B of 6 layers in each of 6 blocks, head
+    assert len(names) == 2 * 2 * 6 + 2  # A and B of query and value in 6 blocks, head
     assert all(".lora_A." in n or ".lora_B." in n or n.startswith("head.") for n in names)
+    assert all(".query." in n or ".value." in n for n in names if not n.startswith("head."))
     base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert base > 22_000_000 and trainable == 331_776 + 3 * 384 + 3
+    assert base > 22_000_000 and trainable == 73_728 + 3 * 384 + 3
     # what travels: under 0.02x the encoder's fp32 size
     assert trainable / base < 0.02
 
@@ -93,16 +96,14 @@ def test_a_few_dp_lora_steps_lower_the_loss() -> None:
 
 def test_the_update_equals_opacus_hooks_update_on_the_lora_model() -> None:
     # Opacus is the cross-check: its per-sample hooks and DPOptimizer on the same adapters,
-    # in train mode (Opacus records activations only there), with the same dropout masks.
+    # in train mode (Opacus records activations only there; the encoder has no dropout).
     model = _lora()
     inputs = _batch(8, 3, length=12)
     _, norms = _naive(model, inputs, clip=1e9)
     clip, lr = float(norms.median()), 0.5
     ours, theirs = copy.deepcopy(model).train(), copy.deepcopy(model).train()
 
-    torch.manual_seed(5)
     _engine(ours, clip, 1.0, expected_batch=8, learning_rate=lr).step(_losses(ours, inputs))
-    torch.manual_seed(5)
     _opacus_update(theirs, inputs, clip, 1.0, lr, seed=0)
 
     start = list(model.trainable_state().values())
@@ -124,3 +125,60 @@ def test_merging_the_adapters_gives_a_probe_that_computes_the_same_function() ->
         assert not torch.allclose(probe(ids, mask), build_model(LORA, seed=0)(ids, mask))
     assert probe.spec.kind == "minilm-probe"
     assert any(".lora_A." in n for n, _ in model.named_parameters())  # left as it was
+
+
+def test_training_mode_has_no_dropout() -> None:
+    # Each example's loss is a fixed function of the weights in training: the engine and
+    # Opacus (and a GPU and the CPU) compute the same per-example gradients.
+    model = _lora().train()
+    ids, mask, _ = _batch(4, 3, length=12)
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask), model(ids, mask))
+
+
+def _train(model: LoraClassifier, engine: Engine, sigma: float, steps: int = 2) -> None:
+    ids, mask, y = _batch(24, 3, length=12)
+    train_dp(
+        model, Batchable(ids, mask, y), steps=steps, sample_rate=0.5, noise_multiplier=sigma,
+        clip_norm=0.05, learning_rate=2.0, rng=SecureRandom(bytes([7]) * 32),
+        device=torch.device("cpu"), engine=engine,
+    )  # fmt: skip
+
+
+def test_the_adapters_step_at_their_fraction_of_the_heads_learning_rate() -> None:
+    # One noise-free step: the same clipped gradient, the adapters' step LORA_STEP of
+    # the head's (the model's learning_rate_factor), under both engines.
+    start = _lora()
+    engines: tuple[Engine, ...] = ("bookkeeping", "opacus")
+    for engine in engines:
+        ours, plain = copy.deepcopy(start), copy.deepcopy(start)
+        plain.learning_rate_factor = lambda name: 1.0  # type: ignore[method-assign]
+        _train(ours, engine, 0.0, steps=1)
+        _train(plain, engine, 0.0, steps=1)
+        before = start.trainable_state()
+        for name, p in ours.trainable_state().items():
+            moved, full = p - before[name], plain.trainable_state()[name] - before[name]
+            factor = 1.0 if name.startswith("head.") else LORA_STEP
+            assert full.abs().max() > 0, name
+            # float32 weights of about 0.05 resolve steps to about 4e-9
+            assert torch.allclose(moved, factor * full, rtol=1e-3, atol=2e-8), (engine, name)
+    assert LORA_STEP < 1.0
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.8])
+def test_train_dp_engines_agree_on_the_lora_model(sigma: float) -> None:
+    # The sites' loop with either engine, the per-parameter steps and the secure noise:
+    # the same weights after a few steps.
+    engines: tuple[Engine, ...] = ("bookkeeping", "opacus")
+    models = {engine: _lora().train() for engine in engines}
+    for engine, model in models.items():
+        _train(model, engine, sigma, steps=3)
+    start = list(_lora().trainable_state().values())
+    diff, scale = _max_diff(
+        [
+            a - s
+            for a, s in zip(models["bookkeeping"].trainable_state().values(), start, strict=True)
+        ],
+        [b - s for b, s in zip(models["opacus"].trainable_state().values(), start, strict=True)],
+    )
+    assert scale > 0 and diff <= 1e-4 * max(1.0, scale), (diff, scale)

@@ -9,8 +9,10 @@ from common.model import ModelSpec, build_model
 from common.secure_random import SecureRandom
 from common.training import (
     Batchable,
+    Engine,
     batches_per_epoch,
     evaluate,
+    full_fp32,
     sample_rate,
     train_dp,
     trainable_delta,
@@ -112,3 +114,40 @@ def test_batchable_checks_label_count() -> None:
 
     with pytest.raises(ValueError, match="labels"):
         Batchable.from_encoded(encode(["a", "b"], 4), [0])
+
+
+@pytest.mark.parametrize("engine", ["bookkeeping", "opacus"])
+def test_each_parameter_steps_by_its_own_factor_also_on_empty_batches(engine: Engine) -> None:
+    # A model that gives its parameters step factors (as minilm-lora does): every
+    # parameter moves by its own rate times the same noise, batch or no batch.
+    model = build_model(SPEC, seed=0)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    factors = {n: (0.25 if i % 2 else 1.0) for i, n in enumerate(names)}
+    model.learning_rate_factor = factors.__getitem__  # type: ignore[attr-defined]
+    before = {k: v.clone() for k, v in model.trainable_state().items()}
+    sigma, clip, lr = 2.0, 1.5, 0.5
+    train_dp(
+        model, _data(), steps=4, sample_rate=1e-9, noise_multiplier=sigma, clip_norm=clip,
+        learning_rate=lr, rng=SecureRandom(bytes([2]) * 32), device=CPU, engine=engine,
+    )  # fmt: skip
+    delta = trainable_delta(before, model.trainable_state())
+    for factor in (1.0, 0.25):
+        moved = torch.cat([delta[n].flatten() for n in names if factors[n] == factor])
+        assert moved.numel() > 500
+        expected = factor * lr * sigma * clip * 4**0.5  # expected batch rounds up to 1
+        assert moved.std().item() == pytest.approx(expected, rel=0.1), factor
+
+
+def test_full_fp32_switches_tf32_off_and_restores_it() -> None:
+    # The settings exist on a CPU-only build too: train_dp's guard for a GPU.
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.fp32_precision, cudnn.fp32_precision
+    matmul.fp32_precision = cudnn.fp32_precision = "tf32"
+    try:
+        with full_fp32(torch.device("cuda")):
+            assert matmul.fp32_precision == cudnn.fp32_precision == "ieee"
+        assert matmul.fp32_precision == cudnn.fp32_precision == "tf32"
+        with full_fp32(CPU):  # nothing to switch on the CPU
+            assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision, cudnn.fp32_precision = saved

@@ -7,11 +7,12 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from common.config import RunConfig
 from common.data import load_builtin
-from common.outputs import CENTRAL_MODE, read_summary
+from common.outputs import CENTRAL_MODE, read_model, read_summary
 from simulations.central import (
     CentralReporter,
     central_config,
@@ -76,3 +77,19 @@ def test_central_config_names_the_keys_it_ignores() -> None:
     )
     assert ignored == ["dp", "epsilon", "num-sites"]
     assert cfg.max_length == 16 and cfg.seed == 4
+
+
+@pytest.mark.parametrize("preset", ["minilm-probe", "minilm-lora"])
+def test_central_trains_each_pretrained_preset(tmp_path: Path, preset: str) -> None:
+    # --mode central for the pretrained presets (issue 15): the probe on the encoder's
+    # cached features, DP-free LoRA through the encoder; the saved model is the preset's.
+    cfg = RunConfig().with_overrides(
+        {**TINY, "num-server-rounds": 1, "model-preset": preset, "max-length": 12}
+    )
+    summary = train_central(cfg, tmp_path, _quiet()[0], max_train=96, learning_rates=[1e-3])
+    assert summary.final.accuracy is not None and 0.0 <= summary.final.accuracy <= 1.0
+    saved = read_model(tmp_path / "model" / "model.safetensors")
+    assert saved.spec.kind == preset
+    adapters = [name for name in saved.arrays if ".lora_A." in name or ".lora_B." in name]
+    assert set(saved.arrays) - set(adapters) == {"head.weight", "head.bias"}
+    assert len(adapters) == (24 if preset == "minilm-lora" else 0)

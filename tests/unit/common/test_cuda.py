@@ -1,0 +1,110 @@
+"""The CUDA path (issue 15): sites train on the GPU when there is one, and the DP step
+there is the CPU's step. Skipped without a CUDA device (this development machine has
+none); benchmarks/gpu_check.sh runs them on a GPU machine (`pytest -m cuda`)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.features import embed, load_encoder, sentence_embedding
+from common.model import LoraClassifier, ModelSpec, build_model
+from common.secure_random import SecureRandom
+from common.text import encode
+from common.training import Batchable, default_device, train_dp
+from tests.unit.common.test_dp_engine import _batch, _engine, _losses, _max_diff
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+LORA = ModelSpec.preset("minilm-lora", num_classes=3, max_length=12)
+
+
+def _lora() -> LoraClassifier:
+    model = build_model(LORA, seed=0)
+    assert isinstance(model, LoraClassifier)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B and the head off zero: every adapter has a gradient
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def test_sites_pick_the_gpu() -> None:
+    assert default_device().type == "cuda"
+
+
+def test_lora_clipped_sum_on_cuda_is_the_cpu_sum() -> None:
+    model, inputs = _lora(), _batch(16, 3, length=12)
+    cpu = _engine(model, 0.5).clipped_sum(_losses(model, inputs))[0]
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu = _engine(gpu_model, 0.5).clipped_sum(_losses(gpu_model, tuple(t.cuda() for t in inputs)))[
+        0
+    ]
+    diff, scale = _max_diff([g.cpu() for g in gpu], cpu)
+    assert diff <= 1e-4 * max(1.0, scale), (diff, scale)
+
+
+def test_a_dp_step_on_cuda_is_exact_float32_even_with_tf32_switched_on() -> None:
+    # train_dp turns TF32 off for its duration: per-example norms in TF32 are off by
+    # about 1e-3, and the clipping the accountant assumes rests on them.
+    model, (ids, mask, y) = _lora(), _batch(24, 3, length=12)
+    data = Batchable(ids, mask, y)
+    kwargs = dict(steps=2, sample_rate=0.5, noise_multiplier=0.0, clip_norm=0.05,
+                  learning_rate=1.0)  # fmt: skip
+    on_cpu, on_gpu = copy.deepcopy(model), copy.deepcopy(model)
+    train_dp(on_cpu, data, rng=SecureRandom(bytes(32)), device=torch.device("cpu"), **kwargs)
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        train_dp(on_gpu, data, rng=SecureRandom(bytes(32)), device=torch.device("cuda"), **kwargs)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # restored afterwards
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
+    start = list(model.trainable_state().values())
+    diff, scale = _max_diff(
+        [a.cpu() - s for a, s in zip(on_gpu.trainable_state().values(), start, strict=True)],
+        [b - s for b, s in zip(on_cpu.trainable_state().values(), start, strict=True)],
+    )
+    assert scale > 0 and diff <= 1e-4 * scale, (diff, scale)
+
+
+def test_dp_lora_learns_on_cuda() -> None:
+    texts = (
+        [f"great wonderful film {i}" for i in range(24)]
+        + [f"awful dull boring mess {i}" for i in range(24)]
+        + [f"the bank reported quarterly earnings {i}" for i in range(24)]
+    )
+    data = Batchable.from_encoded(encode(texts, 12), [0] * 24 + [1] * 24 + [2] * 24)
+    model = build_model(LORA, seed=0)
+
+    def loss() -> float:
+        with torch.no_grad():
+            d = data.to(torch.device("cuda"))
+            return float(F.cross_entropy(model(d.ids, d.mask), d.labels))
+
+    model.cuda()
+    start = loss()
+    train_dp(
+        model, data, steps=12, sample_rate=0.5, noise_multiplier=0.5, clip_norm=1.0,
+        learning_rate=1.0, rng=SecureRandom(bytes(32)), device=torch.device("cuda"),
+    )  # fmt: skip
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    assert loss() < start - 0.5, (start, loss())
+
+
+def test_features_computed_on_the_gpu_are_the_cpu_features() -> None:
+    # A site's cached features must not depend on where they were computed.
+    enc = encode(["a quietly moving film", "the bank reported earnings", "dull"], 16)
+    ids, mask = torch.from_numpy(enc.ids), torch.from_numpy(enc.mask)
+    on_gpu = embed(ids, mask)  # the GPU when there is one
+    with torch.no_grad():
+        hidden = load_encoder()(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        on_cpu = sentence_embedding(hidden, mask)
+    assert torch.allclose(on_gpu, on_cpu, atol=1e-4)
