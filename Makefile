@@ -29,9 +29,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	@touch $@
 
 run: $(STAMP)
-	$(BIN)/fedsilo simulate
+	$(BIN)/fedsilo simulate --scenario default
 
-# The same apps through Flower's own CLI (a local SuperLink, Simulation Engine).
+# The same apps through Flower's own CLI (a local SuperLink, Simulation Engine), with
+# pyproject.toml's run config: the bundled task's own model (tiny).
 flwr-run: $(STAMP)
 	@mkdir -p $(FLWR_HOME)
 	@test -f $(FLWR_HOME)/config.toml || cp docs/flwr-config.toml $(FLWR_HOME)/config.toml
@@ -45,11 +46,13 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
-# P1-P9 (docs/benchmarks.md). Not part of the tests; about an hour on 2 cores: run
-# it on a quiet machine. P4/P6 reuse finished runs in runs/bench-accuracy (delete it
-# to measure afresh).
+# P1-P9 (docs/benchmarks.md). Not part of the tests; about an hour and a half on 2
+# cores (DP-LoRA's federated and central runs take half an hour of it): run it on a
+# quiet machine. P4/P6 reuse finished runs in runs/bench-accuracy (delete it to
+# measure afresh). benchmarks/gpu_check.sh is the GPU machine's check.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/dp_step.py --threads 1
+	$(BIN)/python benchmarks/dp_step.py --model minilm-lora --threads 1
 	$(BIN)/python benchmarks/secagg.py --sites 5,20,50 --rounds 3
 	$(BIN)/python benchmarks/accuracy.py --out runs/bench-accuracy
 	$(BIN)/python benchmarks/scale.py --rounds 3

@@ -37,7 +37,9 @@ def test_missing_scenario_is_named() -> None:
         load_scenario("no-such-scenario")
 
 
-BUNDLED = ("default", "rt-dirichlet", "rt-iid", "20ng", "dropout", "large")
+BUNDLED = tuple(
+    sorted(f.stem for f in (Path(__file__).parents[3] / "simulations" / "scenarios").glob("*.toml"))
+)
 
 
 @pytest.mark.parametrize("name", BUNDLED)
@@ -56,8 +58,14 @@ def test_bundled_scenarios_say_what_the_issue_asks() -> None:
     assert large["num-sites"] == 1000 and 0.02 <= large["fraction-train"] <= 0.05
     assert ng["num-sites"] == 20 and ng["dirichlet-alpha"] == 0.3
     assert dropout["dropout-rate"] == 0.2
-    assert load_scenario("default") == {
+    assert load_scenario("rt-tiny") == {
         "num-sites": 10,
         "dataset": "rotten-tomatoes",
         "partition": "natural",
     }
+    # make run: the same federation with the pretrained encoder's features (issue 15)
+    assert load_scenario("default") == load_scenario("rt-tiny") | {
+        "model-preset": "minilm-probe",
+        "learning-rate": 8.0,
+    }
+    assert "--scenario default" in (Path(__file__).parents[3] / "Makefile").read_text()
