@@ -51,7 +51,7 @@ CENTRAL_KEYS = (
 GOAL_POINTS = 3.0
 # Central runs that deviate from the federated schedule, and why: LoRA through the whole
 # encoder trains at about 50 examples/s without DP on 2 cores, and --mode central trains
-# each learning-rate candidate and then the winner, so its 20 epochs would take hours;
+# each learning-rate candidate and then the winner, so its 10 epochs would take hours;
 # one epoch is its ceiling here (on a GPU drop this).
 CENTRAL_OVERRIDES: dict[str, dict[str, Any]] = {"rt-lora": {"num-server-rounds": 1}}
 

@@ -3,7 +3,8 @@
 #   1. which device the sites pick;
 #   2. the CUDA tests (pytest -m cuda: the DP step on the GPU is the CPU's step in exact
 #      float32, TF32 switched off; DP-LoRA learns there; features match the CPU's);
-#   3. one 2-site round of the real simulation (Flower Simulation Engine, DP on);
+#   3. one 3-site round of the real simulation (Flower Simulation Engine, DP on; sites
+#      join a secure sum of 3 or more);
 #   4. a short minilm-lora federation (DP-LoRA on the pretrained encoder, secure
 #      aggregation; scenario rt-lora, LORA_ROUNDS rounds): accuracy and time per round;
 #   5. examples/s of the sites' own DP training loop (common/training.py train_dp) for
@@ -12,7 +13,7 @@
 #      Opacus hooks (benchmarks/dp_step.py --model minilm-lora --device cuda).
 # Prints the figures; exits non-zero when no CUDA device is visible or a step fails
 # (ALLOW_CPU=1 runs it anyway on the CPU, to check the script itself; then set
-# LORA_ROUNDS=1 LORA_SITES=4, or the federation takes most of an hour).
+# LORA_ROUNDS=1 LORA_SITES=6 (3 a round), or the federation takes most of an hour).
 #
 #   make setup && benchmarks/gpu_check.sh            # a few minutes on a GPU machine
 set -euo pipefail
@@ -52,9 +53,9 @@ LORA_SITES=${LORA_SITES:-10}
 echo "== CUDA tests (pytest -m cuda; skipped without a device)"
 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs tests/unit 2>&1 | tail -15
 
-echo "== 2-site simulation, 1 round (fedsilo simulate)"
+echo "== 3-site simulation, 1 round (fedsilo simulate)"
 start=$(date +%s.%N)
-"$VENV/bin/fedsilo" simulate --sites 2 --rounds 1 --out "$OUT/sim" --set min-partition-size=20 \
+"$VENV/bin/fedsilo" simulate --sites 3 --rounds 1 --out "$OUT/sim" --set min-partition-size=20 \
   > "$OUT/simulate.log" 2>&1 || { tail -40 "$OUT/simulate.log"; exit 1; }
 end=$(date +%s.%N)
 "$PY" - "$OUT/sim/summary.json" "$start" "$end" <<'EOF'
@@ -68,6 +69,7 @@ print(
     f"loss {r['loss']:.4f}, round {r['seconds']:.1f} s, whole command "
     f"{float(sys.argv[3]) - float(sys.argv[2]):.1f} s, max site epsilon {summary['final']['epsilon_max']}"
 )
+sys.exit(0 if r["trained"] == r["sites_asked"] else f"only {r['trained']} sites trained: {r['reason']}")
 EOF
 
 echo "== minilm-lora federation: scenario rt-lora, $LORA_SITES sites, $LORA_ROUNDS rounds"
@@ -80,13 +82,18 @@ import json
 import sys
 
 summary = json.load(open(sys.argv[1]))
+def show(x, fmt=".4f"):
+    return "n/a" if x is None else format(x, fmt)
+
 for r in summary["rounds"]:
     print(
-        f"round {r['round']}: {r['trained']}/{r['sites_asked']} sites, accuracy {r['accuracy']:.4f}, "
-        f"round {r['seconds']:.1f} s, {r['upload_kib']:.1f} KiB/site, epsilon max {r['epsilon_max']:.3f}"
+        f"round {r['round']}: {r['trained']}/{r['sites_asked']} sites, accuracy {show(r['accuracy'])}, "
+        f"round {r['seconds']:.1f} s, {r['upload_kib']:.1f} KiB/site, epsilon max "
+        f"{show(r['epsilon_max'], '.3f')} {r['reason']}"
     )
-print(f"final accuracy {summary['final']['accuracy']:.4f}; whole command "
+print(f"final accuracy {show(summary['final']['accuracy'])}; whole command "
       f"{float(sys.argv[3]) - float(sys.argv[2]):.1f} s")
+sys.exit(0 if summary["final"]["rounds_completed"] == len(summary["rounds"]) else "a round failed")
 EOF
 
 echo "== DP-SGD examples/s of the sites' train_dp (batch 256, 48 tokens)"

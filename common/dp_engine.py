@@ -8,8 +8,8 @@ A step, for a model whose trainable parameters all sit in ``nn.Linear``,
    tensor hook the gradient ``g`` of its output (one backward of the summed loss).
 2. Per-example squared gradient norms, layer by layer, from ``a`` and ``g``: ghost
    norms ``<a a^T, g g^T>`` for sequence Linear layers (or the per-example gradient
-   where that costs fewer multiply-adds), ``[i_t = i_s] <g_t, g_s>`` for Embedding, the small
-   per-example gradients for LayerNorm and biases.
+   where that costs fewer multiply-adds), ``[i_t = i_s] <g_t, g_s>`` for Embedding,
+   the small per-example gradients for LayerNorm and biases.
 3. Clip factors exactly as Opacus's DPOptimizer: ``min(1, C / (norm + 1e-6))``.
 4. The clipped sum per parameter from the same ``a`` and ``g`` (one matmul per Linear),
    Gaussian noise of std ``noise_multiplier * C`` from the site's cryptographically
