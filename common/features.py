@@ -67,7 +67,7 @@ def load_encoder() -> Any:
 
 
 # The encoder's layers LoRA adapts (minilm-lora): the attention's query and value
-# projections of each of the 6 blocks (as LoRA's and DP-LoRA's authors chose; 73,728
+# projections of each of the 6 blocks (as in the LoRA paper's experiments; 73,728
 # adapter coordinates). Every coordinate gets DP noise of the same size, so fewer give a
 # site's update less noise for the same signal: adapting all 36 projection and
 # feed-forward layers (331,776 coordinates) learned no better and its loss climbed as
