@@ -1,0 +1,81 @@
+"""One-run auditing statistics (issue 16, first step): the Steinke-Nasr-Jagielski
+p-value and epsilon lower bound, against known answers, their monotonicity, and
+randomized response of known epsilon (the bound must exceed the truth in at most
+beta of the trials, and come close to it with many canaries)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import binom
+
+from common.privacy.empirical import epsilon_lower_bound, p_value
+
+
+def test_all_of_100_guesses_right_without_delta_certifies_3_4929() -> None:
+    # The issue's known answer: q^100 = 0.05, eps = log(q / (1 - q))
+    assert epsilon_lower_bound(100, 100, 100, delta=0.0, beta=0.05) == pytest.approx(
+        3.4929, abs=1e-4
+    )
+    q = 0.05 ** (1 / 100)
+    assert epsilon_lower_bound(1000, 100, 100, delta=0.0) == pytest.approx(
+        math.log(q / (1 - q)), abs=1e-6
+    )
+
+
+def test_the_p_value_without_delta_is_the_binomial_tail() -> None:
+    q = 1 / (1 + math.exp(-2.0))
+    assert p_value(500, 200, 170, 2.0, 0.0) == pytest.approx(float(binom.sf(169, 200, q)))
+
+
+def test_the_delta_term_only_weakens_the_bound() -> None:
+    # The paper's delta term (commented out in some public copies) raises the p-value.
+    assert p_value(1000, 100, 95, 2.0, 1e-5) > p_value(1000, 100, 95, 2.0, 0.0)
+    bounds = [epsilon_lower_bound(1000, 100, 95, delta=d) for d in (0, 1e-8, 1e-5, 1e-3, 1e-2)]
+    assert all(a >= b for a, b in itertools.pairwise(bounds)), bounds
+    assert bounds[0] > bounds[-1]
+
+
+def test_more_correct_guesses_never_lower_the_bound() -> None:
+    bounds = [epsilon_lower_bound(1000, 200, v, delta=1e-5) for v in range(100, 201, 5)]
+    assert all(a <= b for a, b in itertools.pairwise(bounds)), bounds
+    assert bounds[0] == 0.0 and bounds[-1] > 3.0  # a coin toss certifies nothing
+
+
+def test_bad_counts_are_refused_with_the_numbers() -> None:
+    with pytest.raises(ValueError, match="guesses"):
+        epsilon_lower_bound(10, 20, 5, delta=0.0)
+    with pytest.raises(ValueError, match="beta"):
+        epsilon_lower_bound(10, 10, 5, delta=0.0, beta=1.0)
+    with pytest.raises(ValueError, match="delta"):
+        p_value(10, 10, 5, 1.0, 2.0)
+
+
+def _randomized_response(epsilon: float, canaries: int, trials: int, seed: int) -> np.ndarray:
+    """Correct guesses of an auditor that guesses every coin from randomized response
+    of known epsilon: each guess right with probability e^eps / (1 + e^eps)."""
+    q = 1 / (1 + math.exp(-epsilon))
+    return np.random.default_rng(seed).binomial(canaries, q, size=trials)
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 1.0, 2.0])
+def test_on_randomized_response_the_bound_exceeds_the_truth_in_at_most_beta(
+    epsilon: float,
+) -> None:
+    trials, canaries, beta = 1000, 1000, 0.05
+    correct = _randomized_response(epsilon, canaries, trials, seed=int(epsilon * 10))
+    bounds = {v: epsilon_lower_bound(canaries, canaries, int(v), delta=0.0, beta=beta)
+              for v in set(correct.tolist())}  # fmt: skip
+    exceed = sum(bounds[int(v)] > epsilon for v in correct)
+    # at most beta of the trials, within binomial tolerance (4 standard deviations)
+    assert exceed <= trials * beta + 4 * math.sqrt(trials * beta * (1 - beta)), exceed
+
+
+def test_with_ten_thousand_canaries_the_bound_comes_within_90_percent_at_epsilon_1() -> None:
+    correct = _randomized_response(1.0, 10_000, trials=20, seed=7)
+    bounds = [epsilon_lower_bound(10_000, 10_000, int(v), delta=0.0) for v in correct]
+    assert float(np.median(bounds)) >= 0.9
+    assert max(bounds) <= 1.2  # and not far above it either
