@@ -18,6 +18,7 @@ advance (no search over r on the same scores).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from scipy.stats import binom
 
@@ -76,3 +77,44 @@ def epsilon_lower_bound(m: int, r: int, v: int, *, delta: float, beta: float = 0
         else:
             high = mid
     return low
+
+
+def guess_counts(
+    scores: Sequence[float], included: Sequence[bool], k_plus: int, k_minus: int
+) -> tuple[int, int]:
+    """(guesses, correct) of the auditor that guesses "included" for the k_plus highest
+    scores and "excluded" for the k_minus lowest, abstaining on the rest; k_plus and
+    k_minus are fixed before the scores are seen. Ties are broken by position, which
+    the scores cannot depend on."""
+    m = len(scores)
+    if len(included) != m:
+        raise ValueError(f"{m} scores for {len(included)} canaries")
+    if k_plus < 0 or k_minus < 0 or k_plus + k_minus > m:
+        raise ValueError(f"k+ ({k_plus}) and k- ({k_minus}) must be >= 0 with k+ + k- <= {m}")
+    order = sorted(range(m), key=lambda i: (scores[i], i))  # ascending
+    correct = sum(1 for i in order[m - k_plus :] if included[i]) if k_plus else 0
+    correct += sum(1 for i in order[:k_minus] if not included[i])
+    return k_plus + k_minus, correct
+
+
+def bonferroni_lower_bound(
+    scores: Sequence[float],
+    included: Sequence[bool],
+    grid: Sequence[tuple[int, int]],
+    *,
+    delta: float,
+    beta: float = 0.05,
+) -> tuple[float, tuple[int, int]]:
+    """The best lower bound over a grid of (k+, k-) declared in advance, each at level
+    beta / len(grid) (Bonferroni), so the largest is valid at level beta; and the
+    (k+, k-) that gave it."""
+    if not grid:
+        raise ValueError("declare at least one (k+, k-) pair")
+    m = len(scores)
+    best = (0.0, grid[0])
+    for k_plus, k_minus in grid:
+        r, v = guess_counts(scores, included, k_plus, k_minus)
+        bound = epsilon_lower_bound(m, r, v, delta=delta, beta=beta / len(grid))
+        if bound > best[0]:
+            best = (bound, (k_plus, k_minus))
+    return best

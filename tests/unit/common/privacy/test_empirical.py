@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from common.privacy.empirical import epsilon_lower_bound, p_value
+from common.privacy.empirical import (
+    bonferroni_lower_bound,
+    epsilon_lower_bound,
+    guess_counts,
+    p_value,
+)
 
 
 def test_all_of_100_guesses_right_without_delta_certifies_3_4929() -> None:
@@ -79,3 +84,29 @@ def test_with_ten_thousand_canaries_the_bound_comes_within_90_percent_at_epsilon
     bounds = [epsilon_lower_bound(10_000, 10_000, int(v), delta=0.0) for v in correct]
     assert float(np.median(bounds)) >= 0.9
     assert max(bounds) <= 1.2  # and not far above it either
+
+
+def test_guesses_take_the_highest_and_lowest_scores() -> None:
+    scores = [0.9, 0.1, 0.5, 0.8, 0.2, 0.3]
+    included = [True, False, True, False, False, True]
+    assert guess_counts(scores, included, 2, 2) == (4, 3)  # in: 0, 3 (1 right); out: 1, 4
+    assert guess_counts(scores, included, 0, 0) == (0, 0)
+    with pytest.raises(ValueError, match="k\\+"):
+        guess_counts(scores, included, 4, 3)
+
+
+def test_choosing_k_over_a_declared_grid_keeps_the_bound_valid() -> None:
+    # Randomized response scores (noisy coins) of known epsilon; the bound, the best of
+    # 4 declared (k+, k-) pairs at beta / 4 each, exceeds the truth in at most beta of
+    # the trials.
+    epsilon, m, trials, beta = 1.0, 500, 400, 0.05
+    grid = [(50, 50), (100, 100), (250, 250), (25, 0)]
+    rng = np.random.default_rng(11)
+    exceed = 0
+    for _ in range(trials):
+        included = rng.random(m) < 0.5
+        # a score: the coin seen through the Laplace mechanism of epsilon (an eps-DP view)
+        scores = included + rng.laplace(0.0, 1.0 / epsilon, m)
+        bound, _ = bonferroni_lower_bound(scores.tolist(), included.tolist(), grid, delta=0.0)
+        exceed += bound > epsilon
+    assert exceed <= trials * beta + 4 * math.sqrt(trials * beta * (1 - beta)), exceed
