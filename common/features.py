@@ -74,10 +74,10 @@ def load_encoder() -> Any:
 # the adapters' noise accumulated (docs/model.md).
 LORA_TARGETS = r".*encoder\.layer\.\d+\.attention\.self\.(query|value)$"
 LORA_RANK = 8
-# The adapters' output scale (lora_alpha / r) and their step as a fraction of the run's
-# learning rate, which is the head's: at the head's step the adapters' noise would
-# swamp the update (docs/model.md).
-LORA_SCALE = 1.0
+# lora_alpha: the adapters' output scale lora_alpha / r is 1. LORA_STEP: their step as
+# a fraction of the run's learning rate, which is the head's: at the head's step the
+# adapters' noise would swamp the update (docs/model.md).
+LORA_ALPHA = LORA_RANK
 LORA_STEP = 1 / 8
 
 
@@ -87,7 +87,7 @@ def lora_encoder() -> Any:
     from peft import LoraConfig, get_peft_model  # type: ignore[attr-defined]
 
     config = LoraConfig(
-        r=LORA_RANK, lora_alpha=round(LORA_SCALE * LORA_RANK), target_modules=LORA_TARGETS, lora_dropout=0.0,
+        r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS, lora_dropout=0.0,
         bias="none",
     )  # fmt: skip
     return get_peft_model(load_encoder(), config)

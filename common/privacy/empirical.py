@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 from scipy.stats import binom
 
 # Bisection steps of the lower bound: the bracket [0, eps_max] halves 40 times.
@@ -48,11 +49,9 @@ def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     beta = float(binom.sf(v - 1, r, q))  # P[Binomial(r, q) >= v]
     alpha = 0.0
     if delta > 0 and v > 0:
-        below = 0.0  # P[v > Binomial(r, q) >= v - i]
-        pmf = binom.pmf(range(v - 1, -1, -1), r, q)  # v-1, v-2, ..., 0
-        for i, mass in enumerate(pmf, start=1):
-            below += float(mass)
-            alpha = max(alpha, below / i)
+        # P[v > Binomial(r, q) >= v - i] for i = 1..v, each divided by i
+        below = np.cumsum(binom.pmf(np.arange(v - 1, -1, -1), r, q))
+        alpha = float(np.max(below / np.arange(1, v + 1)))
     return min(1.0, beta + alpha * delta * 2 * m)
 
 

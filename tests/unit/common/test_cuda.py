@@ -8,32 +8,18 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from common.features import embed, load_encoder, sentence_embedding
-from common.model import LoraClassifier, ModelSpec, build_model
 from common.secure_random import SecureRandom
 from common.text import encode
 from common.training import Batchable, default_device, train_dp
 from tests.unit.common.test_dp_engine import _batch, _engine, _losses, _max_diff
+from tests.unit.common.test_lora import _lora, few_dp_steps
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-
-LORA = ModelSpec.preset("minilm-lora", num_classes=3, max_length=12)
-
-
-def _lora() -> LoraClassifier:
-    model = build_model(LORA, seed=0)
-    assert isinstance(model, LoraClassifier)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # B and the head off zero: every adapter has a gradient
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
 
 
 def test_sites_pick_the_gpu() -> None:
@@ -76,27 +62,9 @@ def test_a_dp_step_on_cuda_is_exact_float32_even_with_tf32_switched_on() -> None
 
 
 def test_dp_lora_learns_on_cuda() -> None:
-    texts = (
-        [f"great wonderful film {i}" for i in range(24)]
-        + [f"awful dull boring mess {i}" for i in range(24)]
-        + [f"the bank reported quarterly earnings {i}" for i in range(24)]
-    )
-    data = Batchable.from_encoded(encode(texts, 12), [0] * 24 + [1] * 24 + [2] * 24)
-    model = build_model(LORA, seed=0)
-
-    def loss() -> float:
-        with torch.no_grad():
-            d = data.to(torch.device("cuda"))
-            return float(F.cross_entropy(model(d.ids, d.mask), d.labels))
-
-    model.cuda()
-    start = loss()
-    train_dp(
-        model, data, steps=12, sample_rate=0.5, noise_multiplier=0.5, clip_norm=1.0,
-        learning_rate=1.0, rng=SecureRandom(bytes(32)), device=torch.device("cuda"),
-    )  # fmt: skip
+    start, end, model = few_dp_steps(torch.device("cuda"))
     assert all(p.device.type == "cuda" for p in model.parameters())
-    assert loss() < start - 0.5, (start, loss())
+    assert end < start - 0.5, (start, end)
 
 
 def test_features_computed_on_the_gpu_are_the_cpu_features() -> None:

@@ -71,27 +71,34 @@ def test_noise_reaches_every_trainable_parameter_and_nothing_else() -> None:
         assert moved == p.requires_grad, name
 
 
-def test_a_few_dp_lora_steps_lower_the_loss() -> None:
+def few_dp_steps(device: torch.device) -> tuple[float, float, LoraClassifier]:
+    """12 DP-LoRA steps (sigma 0.5) of the sites' loop on a 3-class toy task: the loss
+    before and after, and the model (also run on a GPU by test_cuda.py)."""
     texts = (
         [f"great wonderful film {i}" for i in range(24)]
         + [f"awful dull boring mess {i}" for i in range(24)]
         + [f"the bank reported quarterly earnings {i}" for i in range(24)]
     )
-    labels = [0] * 24 + [1] * 24 + [2] * 24
-    data = Batchable.from_encoded(encode(texts, 12), labels)
-    model = build_model(LORA, seed=0)
+    data = Batchable.from_encoded(encode(texts, 12), [0] * 24 + [1] * 24 + [2] * 24)
+    model = build_model(LORA, seed=0).to(device)
+    assert isinstance(model, LoraClassifier)
 
     def loss() -> float:
         with torch.no_grad():
-            return float(F.cross_entropy(model(data.ids, data.mask), data.labels))
+            on = data.to(device)
+            return float(F.cross_entropy(model(on.ids, on.mask), on.labels))
 
     start = loss()
     train_dp(
         model, data, steps=12, sample_rate=0.5, noise_multiplier=0.5, clip_norm=1.0,
-        learning_rate=1.0, rng=SecureRandom(bytes(32)), engine="bookkeeping",
-        device=torch.device("cpu"),
+        learning_rate=1.0, rng=SecureRandom(bytes(32)), engine="bookkeeping", device=device,
     )  # fmt: skip
-    assert loss() < start - 0.5, (start, loss())  # 1.099 to about 0.23
+    return start, loss(), model
+
+
+def test_a_few_dp_lora_steps_lower_the_loss() -> None:
+    start, end, _ = few_dp_steps(torch.device("cpu"))
+    assert end < start - 0.5, (start, end)  # 1.099 to about 0.2
 
 
 def test_the_update_equals_opacus_hooks_update_on_the_lora_model() -> None:
