@@ -13,14 +13,26 @@ The delta term is the paper's own (its Algorithm 2's ``alpha * delta * 2m``); so
 public copies of the code comment it out, which overstates the bound when delta > 0.
 Guesses must be fixed before the scores are seen, or chosen by a rule declared in
 advance (no search over r on the same scores).
+
+The f-DP bound (Mahloujifar, Melis and Chaudhuri, "Auditing f-Differential Privacy in
+One Run", ICML 2025, their ``audit_rh_with_cap``; jax_privacy's auditing.py) is
+tighter: it tests the claim "the mechanism's trade-off curve is at least the Gaussian
+one G_mu with the claimed (epsilon, delta)" and reports the largest epsilon whose mu it
+rejects. That claim is stronger than (epsilon, delta)-DP: DP-SGD's curve is close to
+Gaussian over many steps (central limit), but a mechanism that is (epsilon, delta)-DP
+need not be G_mu-DP, so the Steinke bound, valid for every (epsilon, delta)-DP
+mechanism, is reported beside it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
+from scipy.optimize import brentq
+from scipy.special import log_ndtr, ndtr, ndtri
 from scipy.stats import binom
 
 # Bisection steps of the lower bound: the bracket [0, eps_max] halves 40 times.
@@ -78,6 +90,81 @@ def epsilon_lower_bound(m: int, r: int, v: int, *, delta: float, beta: float = 0
     return low
 
 
+def gaussian_delta(epsilon: float, mu: float) -> float:
+    """The delta of the Gaussian trade-off curve G_mu at epsilon (Dong, Roth, Su 2022,
+    Corollary 2.13; Balle and Wang 2018): Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2),
+    the second term in logs so that a large epsilon does not overflow."""
+    if mu <= 0:
+        return 0.0
+    head = float(ndtr(-epsilon / mu + mu / 2))
+    tail = math.exp(epsilon + float(log_ndtr(-epsilon / mu - mu / 2)))
+    return max(0.0, head - tail)
+
+
+def gaussian_mu(epsilon: float, delta: float) -> float:
+    """The mu of the Gaussian trade-off curve that is (epsilon, delta)-DP and no more
+    (delta is increasing in mu); 1 / mu is the noise multiplier of the Gaussian mechanism
+    calibrated to (epsilon, delta)."""
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        raise ValueError(f"epsilon must be finite and non-negative, got {epsilon}")
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"the Gaussian curve needs 0 < delta < 1, got {delta}")
+    high = 1.0
+    while gaussian_delta(epsilon, high) < delta:
+        high *= 2
+    return float(brentq(lambda mu: gaussian_delta(epsilon, mu) - delta, 0.0, high, xtol=1e-12))
+
+
+def fdp_rejects(m: int, r: int, v: int, mu: float, beta: float) -> bool:
+    """Whether v correct guesses out of r (about m canaries) reject "the mechanism is
+    G_mu-DP" at level beta (Mahloujifar et al. 2025, the recursion of their
+    ``audit_rh_with_cap``): starting from the mass beta v / m of correct and
+    beta (r - v) / m of wrong guesses, each step down in correct guesses must pay the
+    trade-off curve's price; if the mass needed exceeds the r / m guessed, an attack
+    that good has probability below beta under the claim."""
+    _check(m, r, v, 0.0)
+    if r == 0:
+        return False
+    blow_up = 0.0  # the inverse of the curve's blow-up: Phi(Phi^-1(x) - mu)
+    right, wrong = beta * v / m, beta * (r - v) / m
+    for i in range(v - 1, -1, -1):
+        blow_up = float(ndtr(ndtri(min(right, 1.0)) - mu))
+        if blow_up <= wrong:
+            break  # neither mass changes again
+        right = min(right + i / (r - i) * (blow_up - wrong), 1.0)
+        wrong = blow_up
+    return right + wrong > r / m
+
+
+def fdp_lower_bound(m: int, r: int, v: int, *, delta: float, beta: float = 0.05) -> float:
+    """The largest epsilon whose Gaussian curve (mu = ``gaussian_mu(epsilon, delta)``)
+    v correct guesses out of r reject at level beta; 0 when none is rejected. The
+    curve only widens with epsilon, so the rejected epsilons are an interval from 0."""
+    _check(m, r, v, delta)
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be in (0, 1), got {beta}")
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"the f-DP bound needs 0 < delta < 1, got {delta}")
+
+    def rejected(eps: float) -> bool:
+        return fdp_rejects(m, r, v, gaussian_mu(eps, delta), beta)
+
+    if not rejected(0.0):
+        return 0.0
+    low, high = 0.0, 1.0
+    while rejected(high):
+        low, high = high, 2 * high
+        if high > _EPS_CEILING:
+            return _EPS_CEILING
+    for _ in range(_BISECTION_STEPS):
+        mid = (low + high) / 2
+        if rejected(mid):
+            low = mid
+        else:
+            high = mid
+    return low
+
+
 def guess_counts(
     scores: Sequence[float], included: Sequence[bool], k_plus: int, k_minus: int
 ) -> tuple[int, int]:
@@ -103,17 +190,21 @@ def bonferroni_lower_bound(
     *,
     delta: float,
     beta: float = 0.05,
+    method: Literal["steinke", "fdp"] = "steinke",
 ) -> tuple[float, tuple[int, int]]:
     """The best lower bound over a grid of (k+, k-) declared in advance, each at level
     beta / len(grid) (Bonferroni), so the largest is valid at level beta; and the
-    (k+, k-) that gave it."""
+    (k+, k-) that gave it. ``method``: the Steinke bound or the f-DP (Gaussian) one."""
     if not grid:
         raise ValueError("declare at least one (k+, k-) pair")
+    if method not in ("steinke", "fdp"):
+        raise ValueError(f"unknown bound {method!r}; choose 'steinke' or 'fdp'")
+    bound_of = epsilon_lower_bound if method == "steinke" else fdp_lower_bound
     m = len(scores)
     best = (0.0, grid[0])
     for k_plus, k_minus in grid:
         r, v = guess_counts(scores, included, k_plus, k_minus)
-        bound = epsilon_lower_bound(m, r, v, delta=delta, beta=beta / len(grid))
+        bound = bound_of(m, r, v, delta=delta, beta=beta / len(grid))
         if bound > best[0]:
             best = (bound, (k_plus, k_minus))
     return best

@@ -1,12 +1,14 @@
-"""One-run auditing statistics (issue 16, first step): the Steinke-Nasr-Jagielski
-p-value and epsilon lower bound, against known answers, their monotonicity, and
-randomized response of known epsilon (the bound must exceed the truth in at most
-beta of the trials, and come close to it with many canaries)."""
+"""One-run auditing statistics (issue 16): the Steinke-Nasr-Jagielski p-value and
+epsilon lower bound, against known answers, their monotonicity, and randomized response
+of known epsilon (the bound must exceed the truth in at most beta of the trials, and
+come close to it with many canaries); the f-DP (Gaussian) bound of Mahloujifar et al.,
+its curve against Google's dp_accounting, and the Gaussian mechanism of known mu."""
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -15,6 +17,8 @@ from scipy.stats import binom
 from common.privacy.empirical import (
     bonferroni_lower_bound,
     epsilon_lower_bound,
+    fdp_lower_bound,
+    gaussian_mu,
     guess_counts,
     p_value,
 )
@@ -110,3 +114,80 @@ def test_choosing_k_over_a_declared_grid_keeps_the_bound_valid() -> None:
         bound, _ = bonferroni_lower_bound(scores.tolist(), included.tolist(), grid, delta=0.0)
         exceed += bound > epsilon
     assert exceed <= trials * beta + 4 * math.sqrt(trials * beta * (1 - beta)), exceed
+
+
+# ---- the f-DP (Gaussian trade-off) bound ---------------------------------------------
+
+
+@pytest.mark.parametrize(("epsilon", "delta"), [(0.5, 1e-6), (1.0, 1e-5), (2.0, 1e-3), (8.0, 1e-5)])
+def test_the_gaussian_curve_matches_google_dp_accounting(epsilon: float, delta: float) -> None:
+    # An independent reference: the noise multiplier of the calibrated Gaussian mechanism.
+    dp_accounting = pytest.importorskip("dp_accounting")
+    sigma = dp_accounting.get_sigma_gaussian(epsilon, delta)
+    assert gaussian_mu(epsilon, delta) == pytest.approx(1 / sigma, rel=1e-8)
+
+
+def _gaussian_epsilon(mu: float, delta: float) -> float:
+    """The epsilon of G_mu at delta, from Google's dp_accounting (independent of ours)."""
+    dp_accounting = pytest.importorskip("dp_accounting")
+    return float(dp_accounting.get_epsilon_gaussian(1 / mu, delta))
+
+
+def test_the_fdp_bound_only_grows_with_correct_guesses_and_shrinks_with_delta() -> None:
+    bounds = [fdp_lower_bound(1000, 200, v, delta=1e-5) for v in range(100, 201, 10)]
+    assert all(a <= b for a, b in itertools.pairwise(bounds)), bounds
+    assert bounds[0] == 0.0 and bounds[-1] > 4.0
+    by_delta = [fdp_lower_bound(1000, 100, 95, delta=d) for d in (1e-8, 1e-5, 1e-3, 1e-2)]
+    assert all(a >= b for a, b in itertools.pairwise(by_delta)), by_delta
+    with pytest.raises(ValueError, match="delta"):
+        fdp_lower_bound(1000, 100, 95, delta=0.0)  # no Gaussian curve is (eps, 0)-DP
+
+
+def _gaussian_audits(
+    mu: float, m: int, trials: int, seed: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per trial: coins, and scores that see each coin through the Gaussian mechanism
+    N(mu * coin, 1), whose trade-off curve is exactly G_mu."""
+    rng = np.random.default_rng(seed)
+    for _ in range(trials):
+        included = rng.random(m) < 0.5
+        yield included, included * mu + rng.standard_normal(m)
+
+
+@pytest.mark.parametrize("mu", [0.5, 1.0, 2.0])
+def test_on_the_gaussian_mechanism_the_fdp_bound_exceeds_the_truth_in_at_most_beta(
+    mu: float,
+) -> None:
+    # k fixed in advance (100 guesses each way out of 1,000 canaries): 1,000 trials.
+    delta, beta, trials = 1e-5, 0.05, 1000
+    truth = _gaussian_epsilon(mu, delta)
+    cache: dict[tuple[int, int], float] = {}
+    bounds = []
+    for included, scores in _gaussian_audits(mu, 1000, trials, seed=int(mu * 100)):
+        r, v = guess_counts(scores.tolist(), included.tolist(), 100, 100)
+        if (r, v) not in cache:
+            cache[r, v] = fdp_lower_bound(1000, r, v, delta=delta, beta=beta)
+        bounds.append(cache[r, v])
+    exceed = sum(b > truth for b in bounds)
+    assert exceed <= trials * beta + 4 * math.sqrt(trials * beta * (1 - beta)), exceed
+    assert float(np.median(bounds)) >= 0.45 * truth  # and it has power: about half the truth
+
+
+def test_the_fdp_bound_over_a_declared_grid_stays_valid_and_beats_steinke() -> None:
+    mu, delta, beta, trials = 2.0, 1e-5, 0.05, 200
+    truth = _gaussian_epsilon(mu, delta)
+    grid = [(25, 25), (50, 50), (100, 100), (250, 250)]
+    exceed, fdp, steinke = 0, [], []
+    for included, scores in _gaussian_audits(mu, 1000, trials, seed=3):
+        bound, _ = bonferroni_lower_bound(
+            scores.tolist(), included.tolist(), grid, delta=delta, method="fdp"
+        )
+        exceed += bound > truth
+        fdp.append(bound)
+        if len(steinke) < 20:
+            steinke.append(
+                bonferroni_lower_bound(scores.tolist(), included.tolist(), grid, delta=delta)[0]
+            )
+    assert exceed <= trials * beta + 4 * math.sqrt(trials * beta * (1 - beta)), exceed
+    # the point of it: tighter than the Steinke bound on the same runs
+    assert float(np.median(fdp[:20])) > 1.2 * float(np.median(steinke))
