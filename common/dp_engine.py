@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -70,6 +71,54 @@ def draw_noise(rng: SecureRandom, like: Sequence[torch.Tensor], std: float) -> l
         part.view(t.shape).to(t.device, t.dtype)
         for part, t in zip(torch.split(flat, sizes), like, strict=True)
     ]
+
+
+@dataclass(frozen=True)
+class SparseRows:
+    """Extra examples of a step whose per-example gradients are given, not computed: row
+    i has ``value[i]`` at flat position ``coord[i]`` of trainable parameter
+    ``param[i]`` (in the model's order) and zeros elsewhere. Only the local empirical
+    audit makes them (its Dirac gradient canaries, simulations/empirical_audit.py):
+    they are clipped by the same rule as every other example, summed and noised with
+    them, so a broken clip or noise shows in the audit. Nothing a coordinator sends
+    can create them."""
+
+    param: torch.Tensor
+    coord: torch.Tensor
+    value: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.value.shape[0])
+
+    def norms(self) -> torch.Tensor:
+        return self.value.abs()
+
+    def take(self, which: torch.Tensor) -> SparseRows:
+        return SparseRows(self.param[which], self.coord[which], self.value[which])
+
+    def dense(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The rows as per-example gradients, one (rows, *shape) tensor per parameter
+        (Opacus's ``grad_sample`` layout)."""
+        out = []
+        for i, p in enumerate(params):
+            dense = torch.zeros(len(self), p.numel(), dtype=p.dtype, device=p.device)
+            hit = (self.param == i).nonzero().squeeze(1)
+            dense[hit.to(p.device), self.coord[hit].to(p.device)] = self.value[hit].to(dense)
+            out.append(dense.view(len(self), *p.shape))
+        return out
+
+    def summed(self, params: Sequence[torch.Tensor], factor: torch.Tensor) -> Grads:
+        """Each row times its clip factor, summed into one tensor per parameter it hits."""
+        out: Grads = {}
+        for i in torch.unique(self.param).tolist():
+            hit = self.param == i
+            p = params[i]
+            flat = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+            rows = (self.value[hit] * factor[hit]).to(p.dtype)
+            out[p] = flat.index_add_(0, self.coord[hit].to(p.device), rows.to(p.device)).view(
+                p.shape
+            )
+        return out
 
 
 class UnsupportedModelError(TypeError):
@@ -135,15 +184,34 @@ class BookkeepingDPSGD:
         self.rng = rng
 
     def clipped_sum(
-        self, per_example_loss: Callable[[], torch.Tensor]
+        self,
+        per_example_loss: Callable[[], torch.Tensor] | None,
+        rows: SparseRows | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The clipped per-example gradients summed, one per trainable parameter in
-        order, and the per-example gradient norms. ``per_example_loss()`` runs the
-        model's forward and returns the (batch,) losses."""
+        order, and the per-example gradient norms (the model's examples, then ``rows``).
+        ``per_example_loss()`` runs the model's forward and returns the (batch,) losses;
+        None when the step holds only ``rows``."""
         if [id(p) for p in self.model.parameters() if p.requires_grad] != self._ids:
             raise RuntimeError(
                 "the model's trainable parameters changed since the engine was built"
             )
+        if per_example_loss is None:
+            grads, norms = [torch.zeros_like(p) for p in self.params], self.params[0].new_zeros(0)
+        else:
+            grads, norms = self._model_sum(per_example_loss)
+        if rows is not None and len(rows):
+            with torch.no_grad():
+                extra = rows.norms().to(norms)
+                for p, v in rows.summed(self.params, self._factors(extra)).items():
+                    i = self._ids.index(id(p))
+                    grads[i] = grads[i] + v
+                norms = torch.cat([norms, extra])
+        return grads, norms
+
+    def _model_sum(
+        self, per_example_loss: Callable[[], torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         with self._recording() as saved:
             loss = per_example_loss()
             if loss.dim() != 1:
@@ -170,11 +238,15 @@ class BookkeepingDPSGD:
             raise RuntimeError(f"no clipped gradient for trainable parameters {missing}")
         return [grads[p] for p in self.params], norms
 
-    def _sums(self, rules: list[Rule], norms: torch.Tensor) -> Grads:
-        """The clipped sums: factor min(1, C / (norm + 1e-6)), 0 where a norm is not
-        finite (the example counts as not sampled)."""
+    def _factors(self, norms: torch.Tensor) -> torch.Tensor:
+        """Clip factors min(1, C / (norm + 1e-6)), 0 where a norm is not finite (the
+        example counts as not sampled)."""
         factor = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
-        factor = torch.where(torch.isfinite(norms), factor, 0.0).to(norms.dtype)
+        return torch.where(torch.isfinite(norms), factor, 0.0).to(norms.dtype)
+
+    def _sums(self, rules: list[Rule], norms: torch.Tensor) -> Grads:
+        """The clipped sums, by the clip factors of ``_factors``."""
+        factor = self._factors(norms)
         grads: Grads = {}
         for _, summed in rules:
             grads.update(summed(factor))
@@ -206,11 +278,13 @@ class BookkeepingDPSGD:
         return exact, [(n2, _cast(summed, dtype)) for n2, summed in built]
 
     @torch.no_grad()
-    def step(self, per_example_loss: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def step(
+        self, per_example_loss: Callable[[], torch.Tensor] | None, rows: SparseRows | None = None
+    ) -> torch.Tensor:
         """One DP-SGD step (Opacus's DPOptimizer update, mean loss); returns the
         per-example gradient norms."""
         with torch.enable_grad():
-            sums, norms = self.clipped_sum(per_example_loss)
+            sums, norms = self.clipped_sum(per_example_loss, rows)
         noises = draw_noise(self.rng, self.params, self.noise_multiplier * self.clip_norm)
         for p, summed, noise, lr in zip(
             self.params, sums, noises, self.learning_rates, strict=True

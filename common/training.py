@@ -27,7 +27,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
-from common.dp_engine import BookkeepingDPSGD, draw_noise
+from common.dp_engine import BookkeepingDPSGD, SparseRows, draw_noise
 from common.secure_random import SecureRandom
 from common.text import Encoded
 
@@ -115,6 +115,7 @@ def train_dp(
     device: torch.device,
     engine: Engine = "bookkeeping",
     expected_batch: int | None = None,
+    canaries: SparseRows | None = None,
 ) -> TrainResult:
     """``steps`` DP-SGD steps with plain SGD; the mechanism is exactly
     SubsampledGaussianEvent(noise_multiplier, sample_rate, steps) with either engine.
@@ -124,7 +125,12 @@ def train_dp(
     here), so the gap to it is the cost of the noise alone.
 
     ``expected_batch`` divides the noisy sum (default: ``sample_rate * len(data)``); a
-    site passes the one of its declared public size, so nothing depends on its count."""
+    site passes the one of its declared public size, so nothing depends on its count.
+
+    ``canaries`` (the local empirical audit only, simulations/empirical_audit.py): extra
+    examples with given gradients, after the data in the Poisson draw, so the same
+    sampler picks them with the same probability and the engine clips them with the
+    rest."""
     model.to(device).train()
     data = data.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -135,14 +141,17 @@ def train_dp(
         raise ValueError(f"unknown DP engine {engine!r}; choose 'bookkeeping' or 'opacus'")
     stepper = _bookkeeping_steps if engine == "bookkeeping" else _opacus_steps
     settings = _Settings(noise_multiplier, clip_norm, expected_batch, rates, rng)
-    seen = 0
+    seen, n = 0, len(data)
+    population = n + (len(canaries) if canaries is not None else 0)
     with full_fp32(device), stepper(model, params, data, settings) as dp_step:
         for _ in range(steps):
-            idx = rng.bernoulli(len(data), sample_rate).nonzero().squeeze(1).to(device)
-            if idx.numel() == 0:
+            chosen = rng.bernoulli(population, sample_rate).nonzero().squeeze(1)
+            idx = chosen[chosen < n].to(device)
+            rows = canaries.take(chosen[chosen >= n] - n) if canaries is not None else None
+            if idx.numel() == 0 and (rows is None or len(rows) == 0):
                 _noise_only_step(params, noise_multiplier * clip_norm / expected_batch, rates, rng)
                 continue
-            dp_step(idx)
+            dp_step(idx, rows)
             seen += int(idx.numel())
     return TrainResult(steps=steps, examples_seen=seen)
 
@@ -204,7 +213,8 @@ class SecureNoiseDPOptimizer(DPOptimizer):  # type: ignore[misc]
             _mark_as_processed(s)
 
 
-Stepper = Iterator[Callable[[torch.Tensor], None]]
+# A DP step on the data's examples ``idx`` and the given rows (audit canaries).
+Stepper = Iterator[Callable[[torch.Tensor, SparseRows | None], None]]
 
 
 @contextmanager
@@ -223,10 +233,15 @@ def _opacus_steps(
         expected_batch_size=s.expected_batch,
     )
 
-    def step(idx: torch.Tensor) -> None:
+    def step(idx: torch.Tensor, rows: SparseRows | None) -> None:
         optimizer.zero_grad(set_to_none=True)
-        logits = gsm(data.ids[idx], data.mask[idx])
-        F.cross_entropy(logits, data.labels[idx]).backward()  # type: ignore[no-untyped-call]
+        if idx.numel():
+            logits = gsm(data.ids[idx], data.mask[idx])
+            F.cross_entropy(logits, data.labels[idx]).backward()  # type: ignore[no-untyped-call]
+        if rows is not None and len(rows):  # more per-sample rows, clipped by Opacus
+            for p, dense in zip(params, rows.dense(params), strict=True):
+                before = p.grad_sample if idx.numel() else dense[:0]  # type: ignore[attr-defined]
+                p.grad_sample = torch.cat([before, dense])  # type: ignore[attr-defined]
         optimizer.step()
 
     try:
@@ -254,11 +269,16 @@ def _bookkeeping_steps(
         rng=s.rng,
     )
 
-    def step(idx: torch.Tensor) -> None:
+    def step(idx: torch.Tensor, rows: SparseRows | None) -> None:
         engine.step(
-            lambda: F.cross_entropy(
-                model(data.ids[idx], data.mask[idx]), data.labels[idx], reduction="none"
+            (
+                lambda: F.cross_entropy(
+                    model(data.ids[idx], data.mask[idx]), data.labels[idx], reduction="none"
+                )
             )
+            if idx.numel()
+            else None,
+            rows,
         )
 
     yield step

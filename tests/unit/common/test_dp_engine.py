@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from opacus import GradSampleModule
 from torch import nn
 
-from common.dp_engine import BookkeepingDPSGD, UnsupportedModelError
+from common.dp_engine import BookkeepingDPSGD, SparseRows, UnsupportedModelError
 from common.model import ModelSpec, TextClassifier, build_model
 from common.secure_random import SecureRandom
 from common.training import Batchable, Engine, SecureNoiseDPOptimizer, train_dp
@@ -260,6 +260,63 @@ def test_train_dp_engines_agree(sigma: float) -> None:
             engine=engine,
         )
         assert result.examples_seen > 0
+    start = _state(_model())
+    diff, scale = _max_diff(
+        [a - s for a, s in zip(_state(models["bookkeeping"]), start, strict=True)],
+        [b - s for b, s in zip(_state(models["opacus"]), start, strict=True)],
+    )
+    assert scale > 0 and diff <= 1e-4 * max(1.0, scale), (diff, scale)
+
+
+def _canaries(model: nn.Module, count: int, value: float, seed: int = 5) -> SparseRows:
+    """Dirac rows on distinct coordinates spread over every trainable parameter."""
+    sizes = torch.tensor([p.numel() for p in _trainable(model)])
+    flat = torch.randperm(int(sizes.sum()), generator=torch.Generator().manual_seed(seed))[:count]
+    starts = torch.cumsum(sizes, 0) - sizes
+    param = torch.searchsorted(torch.cumsum(sizes, 0), flat, right=True)
+    return SparseRows(param, flat - starts[param], torch.full((count,), value))
+
+
+def test_given_rows_are_clipped_and_summed_with_the_examples() -> None:
+    # The audit's Dirac canaries: one above the clip norm (clipped to it), one below.
+    model, inputs = _model(), _batch(6)
+    clip = 0.8
+    rows = _canaries(model, 2, 1.0)
+    rows = SparseRows(rows.param, rows.coord, torch.tensor([5 * clip, 0.3 * clip]))
+    expected, ref_norms = _naive(model, inputs, clip)
+    for i in range(2):  # by hand: min(1, C / (|v| + 1e-6)) v at the row's coordinate
+        v = float(rows.value[i])
+        expected[int(rows.param[i])].view(-1)[int(rows.coord[i])] += min(1, clip / (v + 1e-6)) * v
+    got, norms = _engine(model, clip).clipped_sum(_losses(model, inputs), rows)
+    torch.testing.assert_close(norms, torch.cat([ref_norms, rows.value]), rtol=1e-5, atol=1e-6)
+    diff, scale = _max_diff(got, expected)
+    assert diff <= 1e-5 * max(1.0, scale), (diff, scale)
+    alone, _ = _engine(model, clip).clipped_sum(None, rows)  # a step of canaries only
+    assert sum(float(t.abs().sum()) for t in alone) == pytest.approx(clip + 0.3 * clip, rel=1e-5)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.7])
+def test_train_dp_engines_agree_with_canaries(sigma: float) -> None:
+    # 4 examples at rate 0.3: some steps draw canaries only. Opacus clips the canaries'
+    # rows appended to its per-sample gradients; both engines give the same weights.
+    ids, mask, y = _batch(4)
+    models = {}
+    for engine in ("bookkeeping", "opacus"):
+        models[engine] = _model()
+        train_dp(
+            models[engine],
+            Batchable(ids, mask, y),
+            steps=6,
+            sample_rate=0.3,
+            noise_multiplier=sigma,
+            clip_norm=1.1,
+            learning_rate=1.0,
+            rng=SecureRandom(bytes([9]) * 32),
+            device=torch.device("cpu"),
+            engine=engine,  # type: ignore[arg-type]
+            expected_batch=2,
+            canaries=_canaries(models[engine], 30, 4.0),
+        )
     start = _state(_model())
     diff, scale = _max_diff(
         [a - s for a, s in zip(_state(models["bookkeeping"]), start, strict=True)],
