@@ -13,6 +13,7 @@ import typer
 
 from cli.audit import audit
 from cli.deploy import coordinator_app, roster_app, site_app
+from cli.options import parse_set
 from common.config import ConfigError
 from common.data.dataset import DataValidationError
 from common.outputs import RunOutputError
@@ -30,21 +31,6 @@ cli = typer.Typer(
 @cli.callback()
 def _root() -> None:
     """Federated, differentially private text classification on Flower."""
-
-
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    import tomllib
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = value  # a bare string
-    return out
 
 
 @cli.command()
@@ -108,7 +94,7 @@ def simulate(
     options.update({k: v for k, v in flags.items() if v is not None})
     if no_dp:
         options["dp"] = False
-    options.update(_parse_set(set_ or []))
+    options.update(parse_set(set_ or []))
     if mode == "central":
         from simulations.central import run_central
 
@@ -148,7 +134,7 @@ def sweep(
     options: dict[str, Any] = load_scenario(scenario) if scenario else {}
     flags = {"num-server-rounds": rounds, "num-sites": sites}
     options.update({k: v for k, v in flags.items() if v is not None})
-    options.update(_parse_set(set_ or []))
+    options.update(parse_set(set_ or []))
     run_sweep(
         options,
         epsilons,

@@ -50,6 +50,7 @@ PACKAGES = ("common", "client", "server", "simulations", "cli")
         ("common/config.py", "import server.report", "Layers"),
         ("client/settings.py", "import server.deploy", "Layers"),
         ("server/report.py", "import server.federation", "No import cycles"),
+        ("simulations/runner.py", "import simulations.empirical_audit", "empirical audit"),
     ],
 )
 def test_a_forbidden_import_breaks_a_contract(
@@ -115,6 +116,28 @@ def test_every_import_a_contract_ignores_is_a_lazy_one() -> None:
         ]
         assert matches, f"{rule}: no such import"
         assert all(matches), f"{rule}: imported at module level, not only inside a function"
+
+
+def test_only_the_local_audit_gives_training_canaries() -> None:
+    # The audit's canaries (given per-example gradients) and broken mechanisms must not
+    # be reachable from anything a coordinator can send: no site, server or simulation
+    # code outside the audit passes canaries to train_dp or builds SparseRows, and no
+    # run-config key names a canary or a break.
+    offenders = []
+    for package in ("client", "server", "simulations", "common"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.name in ("empirical_audit.py", "dp_engine.py", "training.py"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.keyword) and node.arg == "canaries":
+                    offenders.append(f"{path}: canaries=")
+                if isinstance(node, ast.Name | ast.Attribute) and "SparseRows" in ast.unparse(node):
+                    offenders.append(f"{path}: SparseRows")
+    assert not offenders
+    from common.config import RunConfig
+
+    keys = " ".join(RunConfig.model_fields)
+    assert "canar" not in keys and "break" not in keys
 
 
 def test_fedsilo_help_loads_no_torch() -> None:
