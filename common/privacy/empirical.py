@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -67,6 +68,7 @@ def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     return min(1.0, beta + alpha * delta * 2 * m)
 
 
+@lru_cache(maxsize=4096)
 def epsilon_lower_bound(m: int, r: int, v: int, *, delta: float, beta: float = 0.05) -> float:
     """The largest epsilon that v correct guesses out of r (about m canaries) reject at
     level beta: with probability at least 1 - beta the mechanism is not
@@ -136,6 +138,7 @@ def fdp_rejects(m: int, r: int, v: int, mu: float, beta: float) -> bool:
     return right + wrong > r / m
 
 
+@lru_cache(maxsize=4096)
 def fdp_lower_bound(m: int, r: int, v: int, *, delta: float, beta: float = 0.05) -> float:
     """The largest epsilon whose Gaussian curve (mu = ``gaussian_mu(epsilon, delta)``)
     v correct guesses out of r reject at level beta; 0 when none is rejected. The
