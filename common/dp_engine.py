@@ -94,7 +94,11 @@ class SparseRows:
         return self.value.abs()
 
     def take(self, which: torch.Tensor) -> SparseRows:
+        which = which.to(self.value.device)
         return SparseRows(self.param[which], self.coord[which], self.value[which])
+
+    def to(self, device: torch.device) -> SparseRows:
+        return SparseRows(self.param.to(device), self.coord.to(device), self.value.to(device))
 
     def dense(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The rows as per-example gradients, one (rows, *shape) tensor per parameter
@@ -114,10 +118,9 @@ class SparseRows:
             hit = self.param == i
             p = params[i]
             flat = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-            rows = (self.value[hit] * factor[hit]).to(p.dtype)
-            out[p] = flat.index_add_(0, self.coord[hit].to(p.device), rows.to(p.device)).view(
-                p.shape
-            )
+            rows = self.value[hit].to(factor.device) * factor[hit.to(factor.device)]
+            coord = self.coord[hit].to(p.device)
+            out[p] = flat.index_add_(0, coord, rows.to(p.device, p.dtype)).view(p.shape)
         return out
 
 

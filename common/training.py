@@ -128,9 +128,9 @@ def train_dp(
     site passes the one of its declared public size, so nothing depends on its count.
 
     ``canaries`` (the local empirical audit only, simulations/empirical_audit.py): extra
-    examples with given gradients, after the data in the Poisson draw, so the same
-    sampler picks them with the same probability and the engine clips them with the
-    rest."""
+    examples with given gradients, at random places among the data in the Poisson draw
+    (one shuffle from the secure source, so no sampler bug that depends on the place
+    spares them), picked by the same sampler and clipped by the engine with the rest."""
     model.to(device).train()
     data = data.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -142,10 +142,16 @@ def train_dp(
     stepper = _bookkeeping_steps if engine == "bookkeeping" else _opacus_steps
     settings = _Settings(noise_multiplier, clip_norm, expected_batch, rates, rng)
     seen, n = 0, len(data)
-    population = n + (len(canaries) if canaries is not None else 0)
+    population, order = n, None
+    if canaries is not None:
+        canaries = canaries.to(device)
+        population += len(canaries)
+        order = torch.argsort(rng.uniform(population))  # who sits at each place
     with full_fp32(device), stepper(model, params, data, settings) as dp_step:
         for _ in range(steps):
             chosen = rng.bernoulli(population, sample_rate).nonzero().squeeze(1)
+            if order is not None:
+                chosen = order[chosen]
             idx = chosen[chosen < n].to(device)
             rows = canaries.take(chosen[chosen >= n] - n) if canaries is not None else None
             if idx.numel() == 0 and (rows is None or len(rows) == 0):

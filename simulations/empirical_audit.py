@@ -11,20 +11,27 @@ one). A bound above the claim means the code leaks more than the accountant says
 Modes (what the auditor sees, and the canaries):
 - ``whitebox``: every model the site's DP-SGD steps through. Canaries are Dirac
   gradients (``CANARY_SCALE`` times the clip norm on one trainable coordinate each,
-  distinct coordinates): extra examples after the data in the site's own Poisson draw
-  (``train_dp``), clipped by the engine with the real examples, then noised. Score: the
-  coordinate's total movement over the site's steps (divided by its step size).
+  distinct coordinates, independent of the coins): extra examples at random places among
+  the data in the site's own Poisson draw (``train_dp``), clipped by the engine's clip
+  factors with the real examples, summed, noised. Score: the coordinate's total
+  movement over the site's steps (divided by its step size).
 - ``pipeline``: the coordinator's true view, the same canaries scored from the decoded
   secure sum of each round: the site's delta clipped, rotated and quantized by the
   real encoder (``common.quantize.encode``), summed in the ring with the encodings of
-  two sites the coordinator registered itself (zero updates: the strongest position
-  the threat model allows), and decoded by the coordinator's ``decode_sum``. SecAgg+'s
-  masks cancel exactly (tests/unit/common/secagg: the unmasked total equals the ring
-  sum bit for bit), so the ring sum is computed directly, without the key agreement.
+  two roster members colluding with the coordinator (zero updates: the strongest
+  position the threat model allows) through a real SecAgg+ round (``secure_sum``: the
+  common/secagg state machines), and decoded by the coordinator's ``decode_sum``.
 - ``blackbox``: only the final model. Canaries are crafted texts of public, rare
   wordpieces with random labels, added to the site's rows; score: minus the final
   model's loss on them. Expect weak bounds (a near 0 bound says the attack is weak,
   not that the model is private).
+
+What the canaries test. With ``dp-engine = "opacus"`` their rows join Opacus's
+per-sample gradients, so its norms, clip, sum and noise all act on them. With the
+book-keeping engine they share the sampler, the clip factors (``_factors``), the sum,
+the noise and the step, but not the layer rules that compute real examples' norms (a
+Dirac row's norm is its value): those rules are checked against per-example autograd
+and Opacus in tests/unit/common/test_dp_engine.py, not by this audit.
 
 The site is simulated site ``site`` of the configuration (bundled or own data), with
 its public size, sample rate, steps and the noise its plan calibrates. Across rounds it
@@ -59,7 +66,9 @@ from common.config import ConfigError, RunConfig
 from common.dp_engine import SparseRows
 from common.model import Classifier, build_model, model_spec
 from common.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
+from common.privacy.budget import check_delta
 from common.privacy.empirical import bonferroni_lower_bound, guess_counts
+from common.privacy.errors import PrivacyError
 from common.privacy.events import SubsampledGaussianEvent
 from common.secure_random import SecureRandom
 from common.task import Task, run_task
@@ -74,8 +83,9 @@ from common.training import (
 
 Mode = Literal["whitebox", "pipeline", "blackbox"]
 MODES: tuple[Mode, ...] = ("whitebox", "pipeline", "blackbox")
-# A Dirac canary's gradient, in clip norms: above 1, so the clip must bite.
-CANARY_SCALE = 4.0
+# A Dirac canary's gradient, in clip norms: well above 1, so a clip that does not bite
+# lets ten times the signal through.
+CANARY_SCALE = 10.0
 # The guesses, declared before any score is seen: (k+, k-) = (f m / 2, f m / 2) for each
 # fraction f, the best bound of the grid at level beta / len(grid) (Bonferroni).
 GUESS_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.5)
@@ -203,13 +213,22 @@ class AuditResult:
 
     @property
     def above_claim(self) -> bool:
-        return max(self.steinke.epsilon, self.fdp.epsilon) > self.epsilon_claim
+        """The verdict: the Steinke bound, valid for every (epsilon, delta)-DP
+        mechanism, above the claim (a 5% false alarm at beta = 0.05)."""
+        return self.steinke.epsilon > self.epsilon_claim
+
+    @property
+    def fdp_above_claim(self) -> bool:
+        """The f-DP bound above the claim: the Gaussian-curve claim is rejected. DP-SGD's
+        curve is close to Gaussian, so this is a strong hint, but not the verdict."""
+        return self.fdp.epsilon > self.epsilon_claim
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["breaks"] = {"noise": self.breaks.noise, "sample-rate": self.breaks.sample_rate}
         out["epsilon_claim"] = self.epsilon_claim
         out["above_claim"] = self.above_claim
+        out["fdp_above_claim"] = self.fdp_above_claim
         out["confidence"] = 1 - self.beta
         return out
 
@@ -225,7 +244,20 @@ def guess_grid(m: int) -> list[tuple[int, int]]:
 
 
 def coin_rng(seed: int) -> np.random.Generator:
+    """The secret coins; independent of every other stream of the audit."""
     return np.random.default_rng(np.random.SeedSequence([seed, 16]))
+
+
+def design_rng(seed: int) -> np.random.Generator:
+    """The canaries themselves (coordinates, crafted texts and labels), fixed before
+    and independently of the coins."""
+    return np.random.default_rng(np.random.SeedSequence([seed, 17]))
+
+
+def encoder_rng(seed: int) -> np.random.Generator:
+    """The pipeline's rotation seeds and stochastic rounding (OS entropy at a real
+    site; here from the seed, so that an audit can be run again exactly)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, 18]))
 
 
 def site_rng(seed: int) -> SecureRandom:
@@ -243,6 +275,11 @@ def audited_task(cfg: RunConfig, mode: Mode, canaries: int) -> tuple[Task, str]:
     if have >= canaries:
         return task, ""
     fallback = task.with_overrides(max_length=task.max_length, model_preset=FALLBACK_PRESET)
+    if task.model_preset == FALLBACK_PRESET or trainable_coordinates(fallback) < canaries:
+        raise ConfigError(
+            f"{canaries:,} canaries need {canaries:,} trainable coordinates; the model has "
+            f"{have:,}: use fewer canaries"
+        )
     return fallback, (
         f"the run's preset {task.model_preset} has {have:,} trainable coordinates, fewer than "
         f"{canaries:,} canaries: audited with {FALLBACK_PRESET} "
@@ -290,7 +327,8 @@ def dirac_canaries(
     model: Classifier, m: int, clip_norm: float, rng: np.random.Generator
 ) -> tuple[SparseRows, np.ndarray]:
     """``m`` Dirac gradient canaries on distinct trainable coordinates chosen uniformly
-    (before any coin), and each canary's parameter and flat index as an (m, 2) array."""
+    (from ``design_rng``, independent of the coins), and each canary's parameter and
+    flat index as an (m, 2) array."""
     sizes = np.array([p.numel() for p in model.parameters() if p.requires_grad])
     if sizes.sum() < m:
         raise ConfigError(
@@ -352,15 +390,18 @@ def run_audit(
     if note:
         say(note)
     data = site_data(cfg, task, site, num_sites)
+    try:
+        check_delta(cfg.delta, len(data))  # what client/round.py checks first
+    except PrivacyError as err:
+        raise ConfigError(f"delta: {err}") from None
     mech = mechanism(cfg, len(data), breaks)
-    coins = coin_rng(seed)
-    included = coins.random(canaries) < 0.5
+    included = coin_rng(seed).random(canaries) < 0.5
     model = build_model(model_spec(task), seed=cfg.seed)
     device = default_device()
     if mode == "blackbox":
-        scores = _blackbox_scores(cfg, task, model, data, mech, included, coins, seed, device)
+        scores = _blackbox_scores(cfg, task, model, data, mech, included, seed, device)
     else:
-        scores = _dirac_scores(cfg, mode, model, data, mech, included, coins, seed, device)
+        scores = _dirac_scores(cfg, mode, model, data, mech, included, seed, device)
     grid = guess_grid(canaries)
     bounds = {}
     for method in ("steinke", "fdp"):
@@ -424,11 +465,10 @@ def _dirac_scores(
     data: Batchable,
     mech: Mechanism,
     included: np.ndarray,
-    coins: np.random.Generator,
     seed: int,
     device: torch.device,
 ) -> np.ndarray:
-    rows, where = dirac_canaries(model, len(included), mech.clip_norm, coins)
+    rows, where = dirac_canaries(model, len(included), mech.clip_norm, design_rng(seed))
     rows = rows.take(torch.from_numpy(included))
     rates: np.ndarray = np.array(step_sizes(model, cfg.learning_rate))[where[:, 0]]
     rng = site_rng(seed)
@@ -438,7 +478,10 @@ def _dirac_scores(
             _train(cfg, model, data, mech, rng, device, rows)
         descent: np.ndarray = (start - canary_values(model, where)) / rates
         return descent  # the total descent of each canary's coordinate
-    seen: np.ndarray = _pipeline_scores(cfg, model, data, mech, rows, where, rng, device) / rates
+    seen: np.ndarray = (
+        _pipeline_scores(cfg, model, data, mech, rows, where, rng, device, encoder_rng(seed))
+        / rates
+    )
     return seen
 
 
@@ -451,6 +494,7 @@ def _pipeline_scores(
     where: np.ndarray,
     rng: SecureRandom,
     device: torch.device,
+    rounding: np.random.Generator,
 ) -> np.ndarray:
     """Per canary, minus the sum over rounds of its coordinate in the sum the
     coordinator decodes (the site's encoding and ``SYBILS`` zero updates of its own)."""
@@ -469,15 +513,15 @@ def _pipeline_scores(
         start += state[name].numel()
     flat_at = np.array([offsets[names[i]] + j for i, j in where])
     weight = site_weight(cfg, mech.examples)
-    encoder_rng = np.random.default_rng(secrets.randbits(128))  # the site's rounding
     total_view = np.zeros(len(where))
     for _ in range(mech.rounds):
         before = {k: v.clone() for k, v in model.trainable_state().items()}
         _train(cfg, model, data, mech, rng, device, rows)
         vector = flatten(trainable_delta(before, model.trainable_state()))
-        spec = encoding_spec(cfg, num_sites=1 + SYBILS, seed=secrets.randbits(62), dim=vector.size)
-        inputs = [encode(vector, spec, encoder_rng, weight=weight).values]
-        inputs += [encode(np.zeros_like(vector), spec, encoder_rng).values for _ in range(SYBILS)]
+        rotation = int(rounding.integers(0, 2**62))  # the coordinator's pick
+        spec = encoding_spec(cfg, num_sites=1 + SYBILS, seed=rotation, dim=vector.size)
+        inputs = [encode(vector, spec, rounding, weight=weight).values]
+        inputs += [encode(np.zeros_like(vector), spec, rounding).values for _ in range(SYBILS)]
         total = secure_sum(inputs, spec.ring_bits, min_sites=1 + SYBILS)
         mean, total_weight = decode_sum(total, spec, 1 + SYBILS)
         decoded = mean * (total_weight / spec.weight_bound)  # the weighted sum
@@ -543,7 +587,6 @@ def _blackbox_scores(
     data: Batchable,
     mech: Mechanism,
     included: np.ndarray,
-    coins: np.random.Generator,
     seed: int,
     device: torch.device,
 ) -> np.ndarray:
@@ -551,9 +594,9 @@ def _blackbox_scores(
     as rows of the site (after its data, under the same sampler)."""
     from common.features import batchable
 
-    m = len(included)
-    texts = crafted_texts(m, coins)
-    labels = coins.integers(0, len(task.labels), size=m)
+    m, design = len(included), design_rng(seed)
+    texts = crafted_texts(m, design)
+    labels = design.integers(0, len(task.labels), size=m)
     crafted = batchable(
         texts, labels, max_length=task.max_length, preset=task.model_preset, cache=None
     )
@@ -599,7 +642,12 @@ def run_audits(
 
 
 def result_line(r: AuditResult) -> str:
-    verdict = "ABOVE THE CLAIM" if r.above_claim else "within the claim"
+    if r.above_claim:
+        verdict = "ABOVE THE CLAIM"
+    elif r.fdp_above_claim:
+        verdict = "f-DP above the claim (its Gaussian curve rejected; Steinke within)"
+    else:
+        verdict = "within the claim"
     return (
         f"epsilon claimed {r.epsilon_claim:.3f}: Steinke >= {r.steinke.epsilon:.3f}, "
         f"f-DP >= {r.fdp.epsilon:.3f} ({1 - r.beta:.0%}; {r.fdp.correct} of "

@@ -27,7 +27,7 @@ mechanism, is reported beside it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Literal
 
@@ -76,16 +76,22 @@ def epsilon_lower_bound(m: int, r: int, v: int, *, delta: float, beta: float = 0
     _check(m, r, v, delta)
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta must be in (0, 1), got {beta}")
-    if p_value(m, r, v, 0.0, delta) >= beta:
+    return _largest_rejected(lambda eps: p_value(m, r, v, eps, delta) < beta)
+
+
+def _largest_rejected(rejected: Callable[[float], bool]) -> float:
+    """The largest epsilon in [0, _EPS_CEILING] that ``rejected`` (true on an interval
+    from 0) holds for, by doubling then bisection; 0 when it holds for none."""
+    if not rejected(0.0):
         return 0.0
     low, high = 0.0, 1.0
-    while p_value(m, r, v, high, delta) < beta:  # p grows with epsilon
-        low, high = high, 2 * high
-        if high > _EPS_CEILING:
+    while rejected(high):
+        if high >= _EPS_CEILING:
             return _EPS_CEILING
+        low, high = high, min(2 * high, _EPS_CEILING)
     for _ in range(_BISECTION_STEPS):
         mid = (low + high) / 2
-        if p_value(m, r, v, mid, delta) < beta:
+        if rejected(mid):
             low = mid
         else:
             high = mid
@@ -149,23 +155,7 @@ def fdp_lower_bound(m: int, r: int, v: int, *, delta: float, beta: float = 0.05)
     if not 0.0 < delta < 1.0:
         raise ValueError(f"the f-DP bound needs 0 < delta < 1, got {delta}")
 
-    def rejected(eps: float) -> bool:
-        return fdp_rejects(m, r, v, gaussian_mu(eps, delta), beta)
-
-    if not rejected(0.0):
-        return 0.0
-    low, high = 0.0, 1.0
-    while rejected(high):
-        low, high = high, 2 * high
-        if high > _EPS_CEILING:
-            return _EPS_CEILING
-    for _ in range(_BISECTION_STEPS):
-        mid = (low + high) / 2
-        if rejected(mid):
-            low = mid
-        else:
-            high = mid
-    return low
+    return _largest_rejected(lambda eps: fdp_rejects(m, r, v, gaussian_mu(eps, delta), beta))
 
 
 def guess_counts(

@@ -76,3 +76,31 @@ def test_features_computed_on_the_gpu_are_the_cpu_features() -> None:
         hidden = load_encoder()(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         on_cpu = sentence_embedding(hidden, mask)
     assert torch.allclose(on_gpu, on_cpu, atol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["bookkeeping", "opacus"])
+def test_audit_canaries_on_cuda_give_the_cpu_weights(engine: str) -> None:
+    # The empirical audit's Dirac canaries (issue 16) on the GPU: the same draws, the
+    # same clipped rows, the same update as on the CPU.
+    from tests.unit.common.test_dp_engine import _canaries, _model, _state
+
+    ids, mask, y = _batch(8)
+    out = {}
+    for device in ("cpu", "cuda"):
+        model = _model()
+        train_dp(
+            model,
+            Batchable(ids, mask, y),
+            steps=4,
+            sample_rate=0.4,
+            noise_multiplier=0.5,
+            clip_norm=1.0,
+            learning_rate=1.0,
+            rng=SecureRandom(bytes([3]) * 32),
+            device=torch.device(device),
+            engine=engine,  # type: ignore[arg-type]
+            canaries=_canaries(model, 20, 5.0),
+        )
+        out[device] = [t.cpu() for t in _state(model)]
+    diff, scale = _max_diff(out["cuda"], out["cpu"])
+    assert diff <= 1e-4 * max(1.0, scale), (diff, scale)

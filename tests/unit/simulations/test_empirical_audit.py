@@ -36,7 +36,7 @@ def _audit(breaks: Breaks | None = None, mode: str = "whitebox", **extra: object
     return run_audit(
         cfg,
         mode=mode,
-        canaries=400,
+        canaries=1000,
         breaks=breaks,
         seed=5,
         num_sites=sites,
@@ -82,7 +82,7 @@ def test_an_intact_mechanism_stays_within_its_claim_and_a_broken_clip_does_not(
 ) -> None:
     intact = _audit()
     assert intact.fdp.epsilon <= intact.epsilon_claim and not intact.above_claim
-    # The engine's clip broken (every factor 1): the canaries' 4C gradients pass whole.
+    # The engine's clip broken (every factor 1): the canaries' 10 C gradients pass whole.
     monkeypatch.setattr(BookkeepingDPSGD, "_factors", lambda self, norms: torch.ones_like(norms))
     broken = _audit()
     assert broken.above_claim, (broken.steinke, broken.fdp)
@@ -140,3 +140,7 @@ def test_bad_audits_are_refused_with_the_reason() -> None:
         run_audit(cfg, site=12, num_sites=sites, canaries=20, say=lambda _: None)
     with pytest.raises(ConfigError, match="--mode"):
         run_audit(cfg, mode="greybox", num_sites=sites)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="delta"):  # the site's own check: delta < 1/n
+        run_audit(cfg.with_overrides({"delta": 0.5}), num_sites=sites, canaries=20)
+    with pytest.raises(ConfigError, match="use fewer canaries"):  # tiny has 135,042 here
+        run_audit(cfg, canaries=200_000, num_sites=sites, say=lambda _: None)
