@@ -16,6 +16,10 @@ A step, for a model whose trainable parameters all sit in ``nn.Linear``,
    secure source (common/secure_random.py: one draw for all parameters, split in
    ``model.parameters()`` order), division by the expected batch, plain SGD.
 
+The local empirical audit's canaries (``SparseRows``: given Dirac gradients on Linear
+weights) are recorded as examples of their layer before step 2, so they are sized,
+clipped and summed by the same rules.
+
 Privacy rests on two things checked here: each example's contribution to the sum has
 norm at most C because norm and sum come from the same per-example quantities; and
 dim 0 of every trainable layer's input is the batch (checked against the loss), with
@@ -77,11 +81,12 @@ def draw_noise(rng: SecureRandom, like: Sequence[torch.Tensor], std: float) -> l
 class SparseRows:
     """Extra examples of a step whose per-example gradients are given, not computed: row
     i has ``value[i]`` at flat position ``coord[i]`` of trainable parameter
-    ``param[i]`` (in the model's order) and zeros elsewhere. Only the local empirical
-    audit makes them (its Dirac gradient canaries, simulations/empirical_audit.py):
-    they are clipped by the same rule as every other example, summed and noised with
-    them, so a broken clip or noise shows in the audit. Nothing a coordinator sends
-    can create them."""
+    ``param[i]`` (in the model's order; a Linear weight for this engine) and zeros
+    elsewhere. Only the local empirical audit makes them (its Dirac gradient canaries,
+    simulations/empirical_audit.py): they are recorded as examples of their own at their
+    layer, and the layer rules compute their norms and clipped sums with the model's
+    examples, so a broken norm, clip or noise shows in the audit. Nothing a
+    coordinator sends can create them."""
 
     param: torch.Tensor
     coord: torch.Tensor
@@ -89,9 +94,6 @@ class SparseRows:
 
     def __len__(self) -> int:
         return int(self.value.shape[0])
-
-    def norms(self) -> torch.Tensor:
-        return self.value.abs()
 
     def take(self, which: torch.Tensor) -> SparseRows:
         which = which.to(self.value.device)
@@ -109,18 +111,6 @@ class SparseRows:
             hit = (self.param == i).nonzero().squeeze(1)
             dense[hit.to(p.device), self.coord[hit].to(p.device)] = self.value[hit].to(dense)
             out.append(dense.view(len(self), *p.shape))
-        return out
-
-    def summed(self, params: Sequence[torch.Tensor], factor: torch.Tensor) -> Grads:
-        """Each row times its clip factor, summed into one tensor per parameter it hits."""
-        out: Grads = {}
-        for i in torch.unique(self.param).tolist():
-            hit = self.param == i
-            p = params[i]
-            flat = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-            rows = self.value[hit].to(factor.device) * factor[hit.to(factor.device)]
-            coord = self.coord[hit].to(p.device)
-            out[p] = flat.index_add_(0, coord, rows.to(p.device, p.dtype)).view(p.shape)
         return out
 
 
@@ -194,34 +184,26 @@ class BookkeepingDPSGD:
         """The clipped per-example gradients summed, one per trainable parameter in
         order, and the per-example gradient norms (the model's examples, then ``rows``).
         ``per_example_loss()`` runs the model's forward and returns the (batch,) losses;
-        None when the step holds only ``rows``."""
+        None when the step holds only ``rows``. Each row (an audit canary on a Linear
+        weight) is recorded as one more example (``_record_rows``), so the same layer
+        rules compute its norm and its clipped share of the sum."""
         if [id(p) for p in self.model.parameters() if p.requires_grad] != self._ids:
             raise RuntimeError(
                 "the model's trainable parameters changed since the engine was built"
             )
-        if per_example_loss is None:
-            grads, norms = [torch.zeros_like(p) for p in self.params], self.params[0].new_zeros(0)
-        else:
-            grads, norms = self._model_sum(per_example_loss)
-        if rows is not None and len(rows):
-            with torch.no_grad():
-                extra = rows.norms().to(norms)
-                for p, v in rows.summed(self.params, self._factors(extra)).items():
-                    i = self._ids.index(id(p))
-                    grads[i] = grads[i] + v
-                norms = torch.cat([norms, extra])
-        return grads, norms
-
-    def _model_sum(
-        self, per_example_loss: Callable[[], torch.Tensor]
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        batch = 0
         with self._recording() as saved:
-            loss = per_example_loss()
-            if loss.dim() != 1:
-                raise ValueError(f"expected per-example losses (batch,), got {tuple(loss.shape)}")
-            loss.sum().backward()  # type: ignore[no-untyped-call]
-        batch = loss.shape[0]
+            if per_example_loss is not None:
+                loss = per_example_loss()
+                if loss.dim() != 1:
+                    raise ValueError(
+                        f"expected per-example losses (batch,), got {tuple(loss.shape)}"
+                    )
+                loss.sum().backward()  # type: ignore[no-untyped-call]
+                batch = loss.shape[0]
         with torch.no_grad():  # flags restored: requires_grad says again what trains
+            if rows is not None and len(rows):
+                batch = self._record_rows(saved, rows, batch)
             rules = [self._rule(name, m, saved.get(m, []), batch) for name, m in self.layers]
             norms = torch.stack([n2 for n2, _ in rules]).sum(0).clamp(min=0).sqrt()
             dtype = norms.dtype
@@ -240,6 +222,38 @@ class BookkeepingDPSGD:
         if missing:
             raise RuntimeError(f"no clipped gradient for trainable parameters {missing}")
         return [grads[p] for p in self.params], norms
+
+    def _record_rows(
+        self, saved: dict[nn.Module, list[torch.Tensor]], rows: SparseRows, batch: int
+    ) -> int:
+        """Appends each row as one example of its own to every layer's records: at the
+        Linear layer whose weight it sits on, input ``value / _ROW_EPS`` at column j and
+        output gradient ``_ROW_EPS`` at row i of its first token, so the weight gradient
+        the layer rule computes is ``value`` at [i, j] (a trained bias gets _ROW_EPS at
+        i); zeros elsewhere. Returns the batch with
+        them."""
+        k = len(rows)
+        weights = {id(m.weight): m for _, m in self.layers if isinstance(m, nn.Linear)}
+        owners = [self._ids[i] for i in rows.param.tolist()]
+        if any(pid not in weights for pid in owners):
+            raise ValueError("given gradient rows must sit on trainable Linear weights")
+        for _, m in self.layers:
+            record = saved.get(m) or _empty_record(m)
+            if len(record) != 2:
+                continue  # _rule names the missing record
+            a, g = record
+            extra_a = a.new_zeros((k, *a.shape[1:]))
+            extra_g = g.new_zeros((k, *g.shape[1:]))
+            if isinstance(m, nn.Linear):
+                hit = torch.tensor([pid == id(m.weight) for pid in owners], device=a.device)
+                sel = hit.nonzero().squeeze(1)
+                coord = rows.coord.to(a.device)[sel]
+                out_i, in_j = coord // m.in_features, coord % m.in_features
+                values = rows.value.to(a.device, a.dtype)[sel]
+                extra_a.view(k, -1, m.in_features)[sel, 0, in_j] = values / _ROW_EPS
+                extra_g.view(k, -1, m.out_features)[sel, 0, out_i] = _ROW_EPS
+            saved[m] = [torch.cat([a, extra_a]), torch.cat([g, extra_g])]
+        return batch + k
 
     def _factors(self, norms: torch.Tensor) -> torch.Tensor:
         """Clip factors min(1, C / (norm + 1e-6)), 0 where a norm is not finite (the
@@ -341,6 +355,27 @@ class BookkeepingDPSGD:
             return _layer_norm(m, a, g)
         assert isinstance(m, nn.Embedding)
         return _embedding(m, a, g)
+
+
+# A given row's output gradient (its input carries value / _ROW_EPS): small, so that the
+# bias it also touches gets 1e-6 (and 1e-12 in the row's squared norm); the weight
+# gradient is their product, value, in float32 without overflow for any value below
+# 1e25.
+_ROW_EPS = 1e-6
+
+
+def _empty_record(m: nn.Module) -> list[torch.Tensor]:
+    """A layer's records of a step with no model examples (only given rows)."""
+    if isinstance(m, nn.Linear):
+        w = m.weight
+        return [w.new_zeros((0, m.in_features)), w.new_zeros((0, m.out_features))]
+    if isinstance(m, nn.LayerNorm):
+        like = next(m.parameters())
+        shape = tuple(m.normalized_shape)
+        return [like.new_zeros((0, *shape)), like.new_zeros((0, *shape))]
+    assert isinstance(m, nn.Embedding)
+    w = m.weight
+    return [torch.zeros((0, 1), dtype=torch.long, device=w.device), w.new_zeros((0, 1, w.shape[1]))]
 
 
 def _all_finite(grads: Grads) -> bool:

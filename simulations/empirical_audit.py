@@ -11,9 +11,9 @@ one). A bound above the claim means the code leaks more than the accountant says
 Modes (what the auditor sees, and the canaries):
 - ``whitebox``: every model the site's DP-SGD steps through. Canaries are Dirac
   gradients (``CANARY_SCALE`` times the clip norm on one trainable coordinate each,
-  distinct coordinates, independent of the coins): extra examples at random places among
-  the data in the site's own Poisson draw (``train_dp``), clipped by the engine's clip
-  factors with the real examples, summed, noised. Score: the coordinate's total
+  distinct coordinates of Linear weights, independent of the coins): extra examples at
+  random places among the data in the site's own Poisson draw (``train_dp``), sized,
+  clipped and summed by the engine with the real examples, then noised. Score: the coordinate's total
   movement over the site's steps (divided by its step size).
 - ``pipeline``: the coordinator's true view, the same canaries scored from the decoded
   secure sum of each round: the site's delta clipped, rotated and quantized by the
@@ -26,21 +26,23 @@ Modes (what the auditor sees, and the canaries):
   model's loss on them. Expect weak bounds (a near 0 bound says the attack is weak,
   not that the model is private).
 
-What the canaries test. With ``dp-engine = "opacus"`` their rows join Opacus's
-per-sample gradients, so its norms, clip, sum and noise all act on them. With the
-book-keeping engine they share the sampler, the clip factors (``_factors``), the sum,
-the noise and the step, but not the layer rules that compute real examples' norms (a
-Dirac row's norm is its value): those rules are checked against per-example autograd
-and Opacus in tests/unit/common/test_dp_engine.py, not by this audit.
+What the canaries test. With the book-keeping engine each is recorded as an example of
+the Linear layer its coordinate belongs to (``common.dp_engine`` ``_record_rows``), so
+the layer rule that sizes real examples sizes it, and the clip factors, the sum, the
+noise and the step follow; with ``dp-engine = "opacus"`` their rows join Opacus's
+per-sample gradients before its clip. They do not share the forward and backward
+passes that produce real examples' layer records (checked against per-example autograd
+and Opacus in tests/unit/common/test_dp_engine.py).
 
 The site is simulated site ``site`` of the configuration (bundled or own data), with
 its public size, sample rate, steps and the noise its plan calibrates. Across rounds it
 continues from its own model (white-box) or the decoded sums (pipeline): the
 coordinator may send any global model, and DP holds for every choice.
 
-White-box and pipeline need at least ``m`` trainable coordinates; a preset with fewer
-(``minilm-probe``: 770 on two classes) is audited with ``tiny`` (139,138), whose DP
-mechanism (sample rate, steps, noise, clip) is the same: the result says so.
+White-box and pipeline need a coordinate of a trainable Linear weight per canary (the
+book-keeping engine records each canary as an example of that layer); a preset with
+fewer (``minilm-probe``: 768 on two classes) is audited with ``tiny`` (131,328), whose
+DP mechanism (sample rate, steps, noise, clip) is the same: the result says so.
 
 ``Breaks`` exist only here, never as run-config keys: ``noise=F`` trains with F times
 the calibrated noise, ``sample-rate=F`` samples at F times the rate the accountant is
@@ -277,22 +279,31 @@ def audited_task(cfg: RunConfig, mode: Mode, canaries: int) -> tuple[Task, str]:
     fallback = task.with_overrides(max_length=task.max_length, model_preset=FALLBACK_PRESET)
     if task.model_preset == FALLBACK_PRESET or trainable_coordinates(fallback) < canaries:
         raise ConfigError(
-            f"{canaries:,} canaries need {canaries:,} trainable coordinates; the model has "
+            f"{canaries:,} canaries need {canaries:,} trainable Linear weight coordinates; the "
+            "model has "
             f"{have:,}: use fewer canaries"
         )
     return fallback, (
-        f"the run's preset {task.model_preset} has {have:,} trainable coordinates, fewer than "
+        f"the run's preset {task.model_preset} has {have:,} trainable weight coordinates, fewer than "
         f"{canaries:,} canaries: audited with {FALLBACK_PRESET} "
         f"({trainable_coordinates(fallback):,}), the same DP mechanism"
     )
 
 
 def trainable_coordinates(task: Task) -> int:
+    """The coordinates that can host a canary: the trainable Linear weights."""
     spec = model_spec(task)
     if spec.kind == "minilm-probe":  # a linear head on the 384-wide embedding
-        return (spec.d_model + 1) * spec.num_classes
-    model = build_model(spec, seed=0)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return spec.d_model * spec.num_classes
+    return int(sum(canary_hosts(build_model(spec, seed=0)).values()))
+
+
+def canary_hosts(model: Classifier) -> dict[int, int]:
+    """Trainable parameter index (the model's order) -> size, for the trainable Linear
+    weights: where the book-keeping engine records a given row as an example."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return {i: p.numel() for i, p in enumerate(trainable) if id(p) in linear}
 
 
 def site_data(cfg: RunConfig, task: Task, site: int, num_sites: int) -> Batchable:
@@ -326,18 +337,21 @@ def site_data(cfg: RunConfig, task: Task, site: int, num_sites: int) -> Batchabl
 def dirac_canaries(
     model: Classifier, m: int, clip_norm: float, rng: np.random.Generator
 ) -> tuple[SparseRows, np.ndarray]:
-    """``m`` Dirac gradient canaries on distinct trainable coordinates chosen uniformly
-    (from ``design_rng``, independent of the coins), and each canary's parameter and
-    flat index as an (m, 2) array."""
-    sizes = np.array([p.numel() for p in model.parameters() if p.requires_grad])
+    """``m`` Dirac gradient canaries on distinct coordinates of the trainable Linear
+    weights, chosen uniformly (from ``design_rng``, independent of the coins), and each
+    canary's parameter and flat index as an (m, 2) array."""
+    hosts = canary_hosts(model)
+    sizes = np.array(list(hosts.values()))
     if sizes.sum() < m:
         raise ConfigError(
-            f"{m} canaries need {m} trainable coordinates, the model has {sizes.sum()}"
+            f"{m} canaries need {m} trainable Linear weight coordinates, the model has "
+            f"{sizes.sum()}"
         )
     flat = rng.choice(int(sizes.sum()), size=m, replace=False)
     ends = np.cumsum(sizes)
-    param = np.searchsorted(ends, flat, side="right")
-    coord = flat - (ends - sizes)[param]
+    host = np.searchsorted(ends, flat, side="right")
+    param = np.array(list(hosts))[host]
+    coord = flat - (ends - sizes)[host]
     rows = SparseRows(
         torch.from_numpy(param), torch.from_numpy(coord), torch.full((m,), CANARY_SCALE * clip_norm)
     )
@@ -345,7 +359,8 @@ def dirac_canaries(
 
 
 def canary_values(model: Classifier, where: np.ndarray) -> np.ndarray:
-    """The trainable coordinates at ``where`` ((m, 2): parameter, flat index)."""
+    """The values of the trainable parameters at ``where`` ((m, 2): parameter index in
+    the model's order, flat index)."""
     params = [p.detach().cpu().reshape(-1) for p in model.parameters() if p.requires_grad]
     return np.array([float(params[i][j]) for i, j in where], dtype=np.float64)
 

@@ -269,12 +269,16 @@ def test_train_dp_engines_agree(sigma: float) -> None:
 
 
 def _canaries(model: nn.Module, count: int, value: float, seed: int = 5) -> SparseRows:
-    """Dirac rows on distinct coordinates spread over every trainable parameter."""
-    sizes = torch.tensor([p.numel() for p in _trainable(model)])
+    """Dirac rows on distinct coordinates spread over the trainable Linear weights."""
+    weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    params = _trainable(model)
+    hosts = [i for i, p in enumerate(params) if id(p) in weights]
+    sizes = torch.tensor([params[i].numel() for i in hosts])
     flat = torch.randperm(int(sizes.sum()), generator=torch.Generator().manual_seed(seed))[:count]
-    starts = torch.cumsum(sizes, 0) - sizes
-    param = torch.searchsorted(torch.cumsum(sizes, 0), flat, right=True)
-    return SparseRows(param, flat - starts[param], torch.full((count,), value))
+    ends = torch.cumsum(sizes, 0)
+    host = torch.searchsorted(ends, flat, right=True)
+    param = torch.tensor(hosts)[host]
+    return SparseRows(param, flat - (ends - sizes)[host], torch.full((count,), value))
 
 
 def test_given_rows_are_clipped_and_summed_with_the_examples() -> None:
@@ -293,6 +297,18 @@ def test_given_rows_are_clipped_and_summed_with_the_examples() -> None:
     assert diff <= 1e-5 * max(1.0, scale), (diff, scale)
     alone, _ = _engine(model, clip).clipped_sum(None, rows)  # a step of canaries only
     assert sum(float(t.abs().sum()) for t in alone) == pytest.approx(clip + 0.3 * clip, rel=1e-5)
+
+
+def test_given_rows_sit_on_linear_weights_only() -> None:
+    model = _model()
+    norm = next(i for i, (n, _) in enumerate(_named_trainable(model)) if "norm" in n)
+    rows = SparseRows(torch.tensor([norm]), torch.tensor([0]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="Linear weights"):
+        _engine(model, 1.0).clipped_sum(None, rows)
+
+
+def _named_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 @pytest.mark.parametrize("sigma", [0.0, 0.7])
