@@ -230,8 +230,7 @@ class BookkeepingDPSGD:
         Linear layer whose weight it sits on, input ``value / _ROW_EPS`` at column j and
         output gradient ``_ROW_EPS`` at row i of its first token, so the weight gradient
         the layer rule computes is ``value`` at [i, j] (a trained bias gets _ROW_EPS at
-        i); zeros elsewhere. Returns the batch with
-        them."""
+        i); zeros elsewhere. Returns the batch with them."""
         k = len(rows)
         weights = {id(m.weight): m for _, m in self.layers if isinstance(m, nn.Linear)}
         owners = [self._ids[i] for i in rows.param.tolist()]
@@ -359,8 +358,9 @@ class BookkeepingDPSGD:
 
 # A given row's output gradient (its input carries value / _ROW_EPS): small, so that the
 # bias it also touches gets 1e-6 (and 1e-12 in the row's squared norm); the weight
-# gradient is their product, value, in float32 without overflow for any value below
-# 1e25.
+# gradient is their product, value. The ghost norm squares the input: float32 holds it
+# for values up to about 1e13 (the audit's are 10 clip norms); beyond, the engine's
+# float64 recompute takes over as for any example.
 _ROW_EPS = 1e-6
 
 
