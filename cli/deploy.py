@@ -5,19 +5,19 @@ ConfigError), which ``fedsilo`` prints as one ``error:`` line with exit code 2."
 
 from __future__ import annotations
 
-import os
 import shlex
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 coordinator_app = typer.Typer(
-    help="Coordinator: CA, SuperLink certificate and command, site registration.",
+    help="Coordinator: CA, SuperLink certificate and command, site registration, status.",
     no_args_is_help=True,
 )
 site_app = typer.Typer(
-    help="Data site: keys and node config, roster, local checks, start the SuperNode.",
+    help="Data site: keys and node config, roster, checks, start and stop the SuperNode.",
     no_args_is_help=True,
 )
 roster_app = typer.Typer(
@@ -59,16 +59,47 @@ def coordinator_start(
         ),
     ] = "0.0.0.0",
 ) -> None:
-    """Start the SuperLink with TLS, node authentication and a persistent database
-    (this process becomes flower-superlink; runs are written under DIR/runs/)."""
-    from common.flower_cli import flower_env
-    from server.deploy import Coordinator, start_coordinator
+    """Start the SuperLink with TLS, node authentication and a persistent database, as
+    a child whose output passes through and whose PID is in DIR/superlink.pid (runs are
+    written under DIR/runs/); SIGTERM/SIGINT are passed on, its exit status is ours."""
+    from common.flower_cli import exit_as
+    from server.deploy import (
+        Coordinator,
+        claim_superlink,
+        run_superlink,
+        start_coordinator,
+    )
 
     cmd = start_coordinator(directory, bind=bind)
     coord = Coordinator.load(directory)
+    pid_file = claim_superlink(coord)
     print(shlex.join(cmd), flush=True)
-    os.chdir(coord.directory)
-    os.execve(cmd[0], cmd, flower_env(coord.flwr_home))
+    ended = run_superlink(coord, cmd, pid_file)
+    if ended.cause:
+        print(f"error: {ended.cause}", file=sys.stderr, flush=True)
+    exit_as(ended.returncode)
+
+
+@coordinator_app.command("stop")
+def coordinator_stop(
+    directory: Annotated[Path, typer.Argument(help="coordinator folder")] = Path("."),
+) -> None:
+    """Stop the SuperLink DIR/superlink.pid names (SIGTERM, only if it is this folder's
+    flower-superlink) and wait until it is gone."""
+    from server.deploy import stop_coordinator
+
+    print(stop_coordinator(directory))
+
+
+@coordinator_app.command("status")
+def coordinator_status(
+    directory: Annotated[Path, typer.Option("--dir", help="coordinator folder")] = Path("."),
+) -> None:
+    """The sites registered in DIR/sites.json: node id, online or not (from the running
+    SuperLink), and the budget each reported in its newest run (DIR/runs/*/summary.json)."""
+    from server.deploy import coordinator_status as status
+
+    print("\n".join(status(directory)))
 
 
 @coordinator_app.command("register")
@@ -210,10 +241,10 @@ def site_roster(
     print(roster_summary(install_site_roster(directory, file)))
 
 
-def _print_report(directory: Path) -> list[str]:
+def _print_report(directory: Path, *, connect: bool = False) -> list[str]:
     from client.deploy import check_site
 
-    report = check_site(directory)
+    report = check_site(directory, connect=connect)
     for line in report.lines:
         print(line)
     return report.problems
@@ -222,12 +253,21 @@ def _print_report(directory: Path) -> list[str]:
 @site_app.command("check")
 def site_check(
     directory: Annotated[Path, typer.Argument(help="site folder")] = Path("."),
+    connect: Annotated[
+        bool,
+        typer.Option(
+            "--connect",
+            help="then meet the SuperLink: a TLS handshake checked against ca.crt, and "
+            "whether it knows this node's key (the node is not brought online)",
+        ),
+    ] = False,
 ) -> None:
     """Keys, CA, node config, ledger, and the data file loaded by the ClientApp's own
-    loader; prints counts only, nothing leaves the machine."""
+    loader; prints counts only, nothing leaves the machine (with --connect: a TLS
+    handshake and one signed request to the SuperLink, no data)."""
     from common.pki import DeployError
 
-    problems = _print_report(directory)
+    problems = _print_report(directory, connect=connect)
     if problems:
         raise DeployError(f"site check failed: {problems[0]}" + _more(problems))
     print("site check passed")
@@ -245,18 +285,41 @@ def site_start(
         typer.Option(help="local runtime API port (default: a free one)"),
     ] = None,
 ) -> None:
-    """Run the checks, then become flower-supernode (TLS, node key, node config, a
-    local runtime port of its own)."""
-    from client.deploy import exec_supernode, prepare_start
+    """Run the checks, then flower-supernode (TLS, node key, node config, a local
+    runtime port of its own) as a child: its output passes through, its PID is in
+    DIR/supernode.pid, SIGTERM/SIGINT are passed on, its exit status is ours, and when
+    it fails the cause is said in one `error:` line."""
+    from client.deploy import Site, claim_supernode, prepare_start, run_supernode
+    from common.flower_cli import exit_as
     from common.pki import DeployError
 
-    report, cmd, env = prepare_start(directory, port=port)
-    for line in report.lines:
-        print(line)
-    if report.problems:
-        raise DeployError(f"not starting: {report.problems[0]}" + _more(report.problems))
+    pid_file = claim_supernode(Site.load(directory))  # one SuperNode per folder
+    try:
+        report, cmd, env = prepare_start(directory, port=port)
+        for line in report.lines:
+            print(line)
+        if report.problems:
+            raise DeployError(f"not starting: {report.problems[0]}" + _more(report.problems))
+        site = Site.load(directory)
+    except BaseException:
+        pid_file.release()
+        raise
     print(shlex.join(cmd), flush=True)
-    exec_supernode(cmd, env)
+    ended = run_supernode(site, cmd, env, pid_file)
+    if ended.cause:
+        print(f"error: {ended.cause}", file=sys.stderr, flush=True)
+    exit_as(ended.returncode)
+
+
+@site_app.command("stop")
+def site_stop(
+    directory: Annotated[Path, typer.Argument(help="site folder")] = Path("."),
+) -> None:
+    """Stop the SuperNode DIR/supernode.pid names (SIGTERM, only if it is this folder's
+    flower-supernode): it tells the SuperLink it leaves, so it can start again at once."""
+    from client.deploy import stop_supernode
+
+    print(stop_supernode(directory))
 
 
 @roster_app.command("make")

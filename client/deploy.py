@@ -11,28 +11,42 @@ What ``site init`` writes into the site folder ``DIR`` (mode 0700):
 | ``node-config.toml`` | the node config the ClientApp reads (``client/settings.py`` ``SiteSettings``): site id, data path, the site's own budget, ledger folder, columns |
 | ``state/identity.key`` (0600), ``identity.pub``, ``fingerprint.key`` (0600), ``site-state.json``, ``ledger.jsonl`` | the signed privacy ledger, its key, the secret that keys its data fingerprints, and the marker without which a deployed site refuses to start a ledger (``common/privacy/identity.py``, ``ledger.py``) |
 | ``state/roster.json`` | the federation's roster (``site roster``, or ``site init --roster``): the sites' identity keys, agreed out of band; without it the site refuses every secure round (``client/roster.py``) |
+| ``supernode.pid`` | the running SuperNode's PID while ``site start`` runs it (``site stop`` reads it) |
 
 ``site check`` loads the data file with the loader the ClientApp uses and prints
-only counts; ``site start`` runs the checks, then replaces itself with
-``flower-supernode`` (TLS root certificate, node key, node config, a free local
-runtime port), so the process id a supervisor holds is the SuperNode's.
+only counts; with ``--connect`` it also meets the SuperLink as the SuperNode will: a TLS
+handshake checked against ``ca.crt``, and a signed question that tells whether the node
+key is registered without bringing the node online. ``site start`` runs the checks, then
+runs ``flower-supernode`` (TLS root certificate, node key, node config, a free local
+runtime port) as its child: Flower's log passes through, SIGTERM/SIGINT are passed on,
+``supernode.pid`` names it while it runs (``site stop`` reads it), and when it fails the
+cause is said in words (Flower's own exit status is 1 for every failure).
 """
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
+import http.client
+import json
 import math
-import os
+import re
 import shlex
+import signal
 import socket
+import ssl
+import struct
 import sys
+import threading
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import tomli_w
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.roster import (
     Installed,
@@ -67,10 +81,19 @@ from client.settings import (
 )
 from common.config import ConfigError, RunConfig
 from common.data import BUILTIN_DATASETS, DataValidationError, TextDataset, load_site_file
-from common.flower_cli import FLWR_HOME_DIR, executable, flower_env
+from common.flower_cli import (
+    FLWR_HOME_DIR,
+    FlowerProcess,
+    PidFile,
+    executable,
+    flower_env,
+    run_child,
+    stop_process,
+)
 from common.pki import (
     CA_CERT,
     DeployError,
+    ca_fingerprint_text,
     load_ca_certificate,
     load_node_key,
     new_node_key,
@@ -98,6 +121,7 @@ TASK_FILE = "task.toml"  # the task the site agreed to (`site init --task`)
 NODE_CONFIG_FILE = "node-config.toml"
 NODE_KEY = "node.key"
 NODE_PUB = "node.pub"
+SUPERNODE_PID = "supernode.pid"  # the running SuperNode's PID (`site start` keeps it)
 DEFAULT_EPSILON = 8.0
 STATE_DIR = "state"  # the site's identity key and privacy ledger
 
@@ -394,6 +418,10 @@ def init_summary(site: Site) -> str:
         if min_sites < 3
         else ""
     )
+    try:
+        ca = ca_fingerprint_text(load_ca_certificate(d / CA_CERT))
+    except DeployError as err:
+        ca = f"unreadable: {err}"
     roster_file = d / STATE_DIR / ROSTER_FILE
     try:
         roster = f"{roster_file}: {Roster.load(roster_file).fingerprint()}"
@@ -413,7 +441,7 @@ def init_summary(site: Site) -> str:
   public size   {cfg[DATA_SIZE_KEY]} examples: the coordinator learns this number (sample rate, weight), never the file's count
   secure sums   with at least {min_sites} sites of its roster, itself included (secagg-min-sites){pair}
   roster        {roster}
-  SuperLink     {site.superlink} (TLS checked against {d / CA_CERT})
+  SuperLink     {site.superlink}: TLS will be checked against {d / CA_CERT} (CA {ca}); `fedsilo site check --connect` tries it
 
 hand this public key to the coordinator (file {d / NODE_PUB}):
 {pub}
@@ -437,12 +465,27 @@ class CheckReport:
         self.lines.append(f"FAIL  {text}")
         self.problems.append(text)
 
+    def note(self, text: str) -> None:
+        """Something not checked, said so; not a problem."""
+        self.lines.append(f"note  {text}")
 
-def check_site(directory: Path) -> CheckReport:
+
+def check_site(
+    directory: Path, *, connect: bool = False, timeout: float | None = None
+) -> CheckReport:
     """Everything ``site start`` needs, checked locally; nothing leaves the machine and
-    no text of the data is printed."""
+    no text of the data is printed. With ``connect``, then the SuperLink as the
+    SuperNode will meet it (``check_connection``): its TLS certificate against the
+    site's CA, and whether the node key is registered."""
     report = CheckReport()
     site = Site.load(directory)
+    _check_local(report, site)
+    if connect:
+        check_connection(report, site, timeout=CONNECT_TIMEOUT if timeout is None else timeout)
+    return report
+
+
+def _check_local(report: CheckReport, site: Site) -> None:
     d = site.directory
     try:
         key = load_node_key(site.node_key)
@@ -460,7 +503,10 @@ def check_site(directory: Path) -> CheckReport:
         report.fail(str(err))
     try:
         ca = load_ca_certificate(site.ca_cert)
-        report.ok(f"CA certificate {site.ca_cert} (valid until {ca.not_valid_after_utc:%Y-%m-%d})")
+        report.ok(
+            f"CA certificate {site.ca_cert} ({ca_fingerprint_text(ca)}, valid until "
+            f"{ca.not_valid_after_utc:%Y-%m-%d})"
+        )
     except DeployError as err:
         report.fail(str(err))
     try:
@@ -471,7 +517,7 @@ def check_site(directory: Path) -> CheckReport:
         settings = SiteSettings.from_node_config(site.node_config, config)
     except (SiteConfigError, ConfigError, ValueError) as err:
         report.fail(f"{site.node_config_file}: {err}")
-        return report
+        return
     report.ok(
         f"node config {site.node_config_file}: site {settings.site_id}, budget epsilon "
         f"{settings.epsilon:g}, delta {settings.delta:g}"
@@ -480,11 +526,10 @@ def check_site(directory: Path) -> CheckReport:
         report.fail(
             f"{site.node_config_file}: a deployed site needs '{DATA_PATH_KEY}' and '{STATE_DIR_KEY}'"
         )
-        return report
+        return
     _check_data(report, settings.data_path, settings, site.dataset)
     keys = _check_ledger(report, settings.state_dir, settings)
     _check_roster(report, d, settings, keys)
-    return report
 
 
 def _read_for(
@@ -662,8 +707,478 @@ def prepare_start(
     return report, cmd, supernode_env(site)
 
 
-def exec_supernode(cmd: list[str], env: dict[str, str]) -> None:
-    """Replace this process with the SuperNode (its PID is the one a supervisor holds)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(cmd[0], cmd, env)
+# ---- site check --connect: the SuperLink as the SuperNode will meet it -------------------
+
+CONNECT_TIMEOUT = 10.0  # seconds, to connect and again for each step after
+# Flower 1.42's SuperNode speaks the Fleet API as protobuf over HTTP/1.1 (httpx without
+# HTTP/2, to the SuperLink's uvicorn), so its TLS handshake offers ALPN "http/1.1" only;
+# this check offers the same (nginx, the docker fleet proxy, refuses a handshake that
+# offers only a protocol it does not serve).
+FLEET_ALPN = ("http/1.1",)
+ACTIVATE_PATH = "/v1/fleet/activate-node"
+# Flower's Fleet API error codes (flwr/supercore/error/base.py, ApiErrorCode).
+FLEET_INVALID_HEARTBEAT_INTERVAL = 2003
+FLEET_NODE_ACTIVATION_FAILED = 2004
+# Below Flower's minimum heartbeat interval (10 s): the SuperLink refuses the request
+# after it has looked the key up and before it activates anything. Were a later Flower
+# to activate anyway, the node would lapse to offline 2 s later (2 x the interval).
+PROBE_HEARTBEAT_INTERVAL = 1.0
+
+
+def tls_context(ca: Path) -> ssl.SSLContext:
+    """The SuperNode's view: the system's defaults, trusting only the site's CA."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(list(FLEET_ALPN))
+    return context
+
+
+def tls_handshake(host: str, port: int, ca: Path, *, timeout: float) -> None:
+    """A TLS handshake with ``host:port``, its certificate verified against ``ca`` for
+    the name ``host``; raises what the socket or ssl raised."""
+    with (
+        socket.create_connection((host, port), timeout=timeout) as raw,
+        tls_context(ca).wrap_socket(raw, server_hostname=host),
+    ):
+        pass
+
+
+def foreign_ca_words(ca: Path, ca_fingerprint: str) -> str:
+    return (
+        f"the SuperLink's certificate is not signed by this site's CA ({ca}, "
+        f"{ca_fingerprint}): get the coordinator's ca.crt again and compare its "
+        "fingerprint with the one the coordinator printed"
+    )
+
+
+def certificate_problem(message: str, host: str, ca: Path, ca_fingerprint: str) -> str:
+    """What a failed certificate verification means for a site, from OpenSSL's words
+    (``ssl.SSLCertVerificationError.verify_message``, or the text of Flower's log)."""
+    low = message.lower()
+    if "mismatch" in low:  # "Hostname mismatch" / "IP address mismatch"
+        return (
+            f"the SuperLink's certificate does not name {host!r} (its names are the "
+            "coordinator's `fedsilo coordinator init --host` values): put one of those "
+            f"names in site.toml (`fedsilo site init --force --superlink`), or ask the "
+            f"coordinator for a certificate that names {host!r}"
+        )
+    if "expired" in low:
+        return (
+            "the SuperLink's certificate (or the CA) has expired: the coordinator must "
+            "renew it; if it made a new CA, get its ca.crt and compare the fingerprint"
+        )
+    if "not yet valid" in low:
+        return "the SuperLink's certificate is not valid yet: check this machine's clock"
+    if "issuer" in low or "self-signed" in low or "self signed" in low:
+        return foreign_ca_words(ca, ca_fingerprint)
+    return (
+        f"the SuperLink's certificate failed verification against this site's CA ({ca}, "
+        f"{ca_fingerprint}): {message}"
+    )
+
+
+def nothing_listens_words(address: str) -> str:
+    return (
+        f"nothing listens at {address}: is the SuperLink started (`fedsilo coordinator "
+        "start`), and is this its address and port?"
+    )
+
+
+def unresolved_words(host: str, reason: str) -> str:
+    return (
+        f"the name {host!r} does not resolve ({reason}): check the SuperLink's address in "
+        "site.toml and this machine's DNS"
+    )
+
+
+def no_answer_words(address: str, timeout: float | None = None) -> str:
+    within = f" within {timeout:g} s" if timeout is not None else ""
+    return (
+        f"no answer from {address}{within}: a firewall drops the connection, or the "
+        "address is wrong"
+    )
+
+
+def connect_failure(
+    err: OSError, address: str, ca: Path, ca_fingerprint: str, *, timeout: float
+) -> str:
+    """Why a TLS connection to the SuperLink failed, in words, from what Python raised."""
+    host, _ = parse_superlink(address)
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return certificate_problem(str(err.verify_message or err), host, ca, ca_fingerprint)
+    if isinstance(err, ssl.SSLError):
+        return (
+            f"the TLS handshake with {address} failed ({err.reason or err}): is it the "
+            "SuperLink (or its Fleet proxy) that answers at that port?"
+        )
+    if isinstance(err, ConnectionRefusedError):
+        return nothing_listens_words(address)
+    if isinstance(err, socket.gaierror):
+        return unresolved_words(host, str(err.strerror or err))
+    if isinstance(err, TimeoutError):
+        return no_answer_words(address, timeout)
+    if isinstance(err, ConnectionResetError):
+        return (
+            f"{address} closed the connection during the TLS handshake: a proxy or "
+            "firewall in between refuses it"
+        )
+    return f"cannot reach {address} ({err.strerror or err})"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def activation_probe(
+    key: ec.EllipticCurvePrivateKey, when: dt.datetime
+) -> tuple[bytes, dict[str, str]]:
+    """The request a SuperNode sends to come online (Flower's ``ActivateNodeRequest``,
+    protobuf, signed as Flower's ``NodeAuthHttpInterceptor`` signs it: ECDSA-SHA256 over
+    the ISO timestamp), with a heartbeat interval the SuperLink refuses.
+
+    Flower 1.42's handler (flwr/superlink/servicer/fleet/fleet_handlers.py,
+    ``activate_node``) first looks the key up ("No SuperNode found with the given public
+    key." -> code 2004), then checks the interval (code 2003), and only then activates:
+    an unregistered key is answered 2004, a registered one 2003, and nothing changes
+    (the SuperLink logs the refusal)."""
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    body = (
+        _varint(1 << 3 | 2)  # public_key: bytes, field 1
+        + _varint(len(public))
+        + public
+        + _varint(2 << 3 | 1)  # heartbeat_interval: double, field 2
+        + struct.pack("<d", PROBE_HEARTBEAT_INTERVAL)
+    )
+    stamp = when.astimezone(dt.UTC).isoformat()
+    signature = key.sign(stamp.encode("ascii"), ec.ECDSA(hashes.SHA256()))
+    headers = {
+        "content-type": "application/protobuf",
+        "accept": "application/protobuf",
+        "flwr-public-key": base64.b64encode(public).decode("ascii"),
+        "flwr-timestamp": stamp,
+        "flwr-signature": base64.b64encode(signature).decode("ascii"),
+    }
+    return body, headers
+
+
+@dataclass(frozen=True)
+class ProbeAnswer:
+    """What the SuperLink's answer to ``activation_probe`` says about the node key."""
+
+    registered: bool | None  # None: the answer does not tell
+    status: int
+    detail: str  # the SuperLink's own words, for a message
+
+
+def read_probe_answer(status: int, body: bytes) -> ProbeAnswer:
+    """Flower's error payload is ``{"code": N, "detail": "..."}``
+    (flwr/supercore/error/http.py); the code tells registered (2003) from not (2004)."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        payload = None
+    code = payload.get("code") if isinstance(payload, dict) else None
+    detail = payload.get("detail") if isinstance(payload, dict) else None
+    text = str(detail) if detail is not None else body[:200].decode(errors="replace").strip()
+    if code == FLEET_INVALID_HEARTBEAT_INTERVAL:
+        return ProbeAnswer(True, status, text)
+    if code == FLEET_NODE_ACTIVATION_FAILED:
+        return ProbeAnswer(False, status, text)
+    if status == 200:  # activated after all (see PROBE_HEARTBEAT_INTERVAL)
+        return ProbeAnswer(True, status, "activated")
+    return ProbeAnswer(None, status, text)
+
+
+def probe_registration(
+    site: Site, key: ec.EllipticCurvePrivateKey, *, timeout: float = CONNECT_TIMEOUT
+) -> ProbeAnswer:
+    """Ask the SuperLink whether it knows this node's key (``activation_probe``)."""
+    host, port = parse_superlink(site.superlink)
+    body, headers = activation_probe(key, dt.datetime.now(dt.UTC))
+    conn = http.client.HTTPSConnection(
+        host, port, context=tls_context(site.ca_cert), timeout=timeout
+    )
+    try:
+        conn.request("POST", ACTIVATE_PATH, body=body, headers=headers)
+        response = conn.getresponse()
+        return read_probe_answer(response.status, response.read(65536))
+    finally:
+        conn.close()
+
+
+def not_registered_words(site: Site) -> str:
+    name = site.node_config.get(SITE_ID_KEY, "SITE")
+    return (
+        "this node's key is not registered at the coordinator (hand "
+        f"{site.directory / NODE_PUB} to the coordinator: `fedsilo coordinator register "
+        f"node.pub --name {name} --ledger-key identity.pub`)"
+    )
+
+
+STILL_ONLINE_WORDS = (
+    "the coordinator still holds this node as online (it stopped without saying "
+    "goodbye); wait about a minute and start again"
+)
+
+
+def check_connection(report: CheckReport, site: Site, *, timeout: float = CONNECT_TIMEOUT) -> None:
+    """``site check --connect``: a TLS handshake with the SuperLink checked against the
+    site's CA (the fingerprint printed in the coordinator's format), then whether it
+    knows the node key. Nothing is activated: the SuperLink keeps the node as it was."""
+    try:
+        ca_fp = ca_fingerprint_text(load_ca_certificate(site.ca_cert))
+    except DeployError:
+        report.note("no connection tried: the CA certificate is unusable (above)")
+        return
+    host, port = parse_superlink(site.superlink)
+    try:
+        tls_handshake(host, port, site.ca_cert, timeout=timeout)
+    except OSError as err:
+        report.fail(connect_failure(err, site.superlink, site.ca_cert, ca_fp, timeout=timeout))
+        return
+    report.ok(
+        f"TLS handshake with {site.superlink}: certificate verified against the CA, "
+        f"CA fingerprint {ca_fp}"
+    )
+    try:
+        key = load_node_key(site.node_key)
+    except DeployError:
+        report.note("registration not checked: the node key is unusable (above)")
+        return
+    try:
+        answer = probe_registration(site, key, timeout=timeout)
+    except (OSError, http.client.HTTPException) as err:
+        report.note(
+            f"registration not checked: the Fleet API at {site.superlink} did not answer ({err})"
+        )
+        return
+    if answer.registered is True:
+        report.ok(
+            f"node key registered at the coordinator (the SuperLink knows {site.directory / NODE_PUB}; "
+            "this check does not bring the node online, nor tells whether it is online now)"
+        )
+    elif answer.registered is False:
+        report.fail(not_registered_words(site))
+    elif answer.status == 401:
+        report.fail(
+            f"the SuperLink refused this node's signed request (HTTP 401, {answer.detail}): "
+            "every request carries this machine's time, which the SuperLink accepts from "
+            "5 s ahead to 5 min behind its own; check this machine's clock (NTP)"
+        )
+    elif answer.status in (403, 404):
+        report.fail(
+            f"{site.superlink} does not serve Flower's Fleet API ({ACTIVATE_PATH}: HTTP "
+            f"{answer.status}): a proxy in front of the SuperLink must forward /v1/fleet/"
+        )
+    else:
+        report.note(
+            f"registration not checked: the SuperLink answered HTTP {answer.status} "
+            f"({answer.detail}); `fedsilo site start` will say whether it is"
+        )
+
+
+# ---- site start / stop: the SuperNode as a child, and why it stopped ---------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_EXIT_CODE = re.compile(r"Exit Code: (\d+)\s*\n(.*)")
+# The line Flower's SuperNode logs while it cannot reach the SuperLink (it retries
+# without end unless started with --max-retries; flwr/supercore/retry/http_retry.py).
+RETRY_LINE = "Connection attempt failed, retrying"
+RETRY_SUCCESS = "Connection successful after"
+RETRY_HINT_SECONDS = 15.0
+_UNRESOLVED = (
+    "Name or service not known",
+    "Temporary failure in name resolution",
+    "nodename nor servname",
+    "No address associated with hostname",
+)
+
+
+def plain(output: str) -> str:
+    """Flower's log without its colour codes."""
+    return _ANSI.sub("", output)
+
+
+def activation_refused(output: str) -> bool:
+    """Whether the SuperNode's log ends with the SuperLink refusing to activate it:
+    ``[code: 2004] Failed to activate SuperNode.`` (flwr/supernode/
+    fleet_http_connection.py), the same words for a key that was never registered and
+    for a node the SuperLink still holds as online: only the SuperLink's own log tells
+    them apart, or ``probe_registration``."""
+    return f"[code: {FLEET_NODE_ACTIVATION_FAILED}]" in plain(output)
+
+
+def supernode_exit_cause(
+    returncode: int,
+    output: str,
+    site: Site,
+    *,
+    ca_fingerprint: str,
+    registered: bool | None = None,
+) -> str | None:
+    """Why ``flower-supernode`` stopped, in words, from its exit status and the end of
+    its log (Flower exits 1 for every failure; the cause is only in the log), and for a
+    refused activation whether the key is registered (``probe_registration``). None
+    when nothing went wrong: exit 0, or stopped by the signal we passed on."""
+    if returncode == 0:
+        return None
+    if returncode < 0:
+        sig = -returncode
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            return None
+        name = signal.Signals(sig).name if sig in signal.valid_signals() else str(sig)
+        return (
+            f"flower-supernode was killed by {name}: the coordinator holds the node as "
+            "online for about a minute more; wait before starting it again"
+        )
+    text = plain(output)
+    # Flower's last word is its exit message ("Exit Code: N", the reason, a help
+    # line): read from there, so an older line of a long log (a ClientApp's error)
+    # is not taken for the cause.
+    last = text.rfind("Exit Code:")
+    text = text[last:] if last >= 0 else text
+    host, _ = parse_superlink(site.superlink)
+    if activation_refused(text):
+        if registered is False:
+            return not_registered_words(site)
+        if registered is True:
+            return STILL_ONLINE_WORDS
+        return (
+            "the SuperLink refused to activate this node: either its key is not registered "
+            f"at the coordinator (hand {site.directory / NODE_PUB} to the coordinator) or the "
+            "coordinator still holds it as online (wait about a minute); `fedsilo site check "
+            "--connect` tells which"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        reason = text.split("certificate verify failed:", 1)[-1].split("\n", 1)[0]
+        return certificate_problem(reason, host, site.ca_cert, ca_fingerprint)
+    if "[SSL" in text or "SSL/TLS handshake error" in text:
+        return (
+            f"the TLS handshake with {site.superlink} failed (see Flower's log above): is it "
+            "the SuperLink (or its Fleet proxy) that answers at that port?"
+        )
+    if "Connection refused" in text:
+        return nothing_listens_words(site.superlink)
+    if any(words in text for words in _UNRESOLVED):
+        return unresolved_words(host, "name resolution failed")
+    if "timed out" in text.lower():
+        return no_answer_words(site.superlink)
+    found = _EXIT_CODE.findall(text)
+    if found:
+        code, first = found[-1]
+        return (
+            f"flower-supernode exited with status {returncode} (Flower exit code {code}: "
+            f"{first.strip()}); its log is above"
+        )
+    return f"flower-supernode exited with status {returncode}; its log is above"
+
+
+def supernode_process(site: Site) -> FlowerProcess:
+    """The SuperNode of this folder: the only one started with its node key."""
+    return FlowerProcess("flower-supernode", str(site.node_key))
+
+
+def claim_supernode(site: Site) -> PidFile:
+    """``DIR/supernode.pid``, or a refusal that names the SuperNode already running."""
+    return PidFile.claim(
+        site.directory / SUPERNODE_PID,
+        supernode_process(site),
+        stop_hint=f"stop it with `fedsilo site stop {shlex.quote(str(site.directory))}`",
+    )
+
+
+@dataclass(frozen=True)
+class SupernodeExit:
+    returncode: int  # the SuperNode's (negative: the signal that ended it)
+    cause: str | None  # why it failed, in words; None when it did not
+
+
+def run_supernode(
+    site: Site,
+    cmd: list[str],
+    env: Mapping[str, str],
+    pid_file: PidFile,
+    *,
+    say: Callable[[str], None] | None = None,
+    stdout: BinaryIO | None = None,
+    stderr: BinaryIO | None = None,
+    timeout: float = CONNECT_TIMEOUT,
+) -> SupernodeExit:
+    """Run the SuperNode until it exits; its status and, when it failed, why. A
+    refused activation is followed by ``probe_registration`` to tell an unregistered
+    key from a node the SuperLink still holds as online."""
+    tell = say if say is not None else _to_stderr
+    hint = (
+        f"fedsilo: the SuperNode has not reached the SuperLink at {site.superlink} for "
+        f"{RETRY_HINT_SECONDS:g} s and keeps retrying; `fedsilo site check --connect "
+        f"{shlex.quote(str(site.directory))}` tells why"
+    )
+    timers: list[threading.Timer] = []
+
+    def watch(line: str) -> None:
+        # The SuperExec logs the same retry line while its SuperNode shuts down: only a
+        # SuperNode still running, still retrying, a while later, gets the hint.
+        if RETRY_SUCCESS in line:
+            for timer in timers:
+                timer.cancel()
+            timers.clear()
+        elif RETRY_LINE in line and not timers:
+            timer = threading.Timer(RETRY_HINT_SECONDS, tell, args=(hint,))
+            timer.daemon = True
+            timers.append(timer)
+            timer.start()
+
+    try:
+        done = run_child(cmd, env, pid_file=pid_file, on_line=watch, stdout=stdout, stderr=stderr)
+    finally:
+        for timer in timers:
+            timer.cancel()
+    if done.returncode == 0:
+        return SupernodeExit(0, None)
+    registered: bool | None = None
+    if activation_refused(done.tail):
+        try:
+            registered = probe_registration(
+                site, load_node_key(site.node_key), timeout=timeout
+            ).registered
+        except (OSError, http.client.HTTPException, DeployError):
+            registered = None
+    try:
+        ca_fp = ca_fingerprint_text(load_ca_certificate(site.ca_cert))
+    except DeployError:
+        ca_fp = "unreadable"
+    cause = supernode_exit_cause(
+        done.returncode, done.tail, site, ca_fingerprint=ca_fp, registered=registered
+    )
+    return SupernodeExit(done.returncode, cause)
+
+
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def stop_supernode(directory: Path, *, timeout: float = 30.0) -> str:
+    """``fedsilo site stop``: SIGTERM to the SuperNode ``supernode.pid`` names (only if
+    it is this folder's flower-supernode), then wait until it is gone."""
+    site = Site.load(directory)
+    stopped = stop_process(
+        site.directory / SUPERNODE_PID,
+        supernode_process(site),
+        timeout=timeout,
+        no_file_hint=" (one started another way is stopped that way)",
+    )
+    if stopped.stale:
+        return (
+            f"flower-supernode (PID {stopped.pid}) was not running; removed the stale "
+            f"{site.directory / SUPERNODE_PID}"
+        )
+    return (
+        f"stopped flower-supernode (PID {stopped.pid}); it told the SuperLink it left, so "
+        "it can start again at once"
+    )

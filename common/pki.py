@@ -243,7 +243,15 @@ def load_ca_certificate(path: Path) -> x509.Certificate:
 
 
 def fingerprint(cert: x509.Certificate) -> str:
-    return cert.fingerprint(hashes.SHA256()).hex(":")
+    """The certificate's SHA-256 fingerprint, all 32 bytes, as ``AB:CD:...``: what
+    ``openssl x509 -noout -fingerprint -sha256`` prints. The coordinator and every site
+    print the CA's in this one form, so a person can compare the two."""
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def ca_fingerprint_text(cert: x509.Certificate) -> str:
+    """``SHA-256 AB:CD:...``: how both sides name the federation CA."""
+    return f"SHA-256 {fingerprint(cert)}"
 
 
 # ---- node keys ----------------------------------------------------------------------

@@ -12,6 +12,8 @@ What it writes into the coordinator folder ``DIR``:
 | ``coordinator.json`` | names, port, connection name: what the other commands read |
 | ``state/superlink.db`` | the SuperLink's persistent database (created by the SuperLink) |
 | ``sites.json`` | the site keys registered through this folder |
+| ``superlink.pid`` | the running SuperLink's PID (``coordinator start`` keeps it, ``stop`` reads it) |
+| ``runs/<timestamp>/`` | each run's outputs (``summary.json``: what ``coordinator status`` reads) |
 
 Private keys are created with mode 0600 and never replaced unless ``--force``
 (common/pki.py makes and writes them). Nothing here imports flwr: Flower is driven
@@ -23,23 +25,36 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import re
 import shlex
+import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import tomli_w
 
-from common.flower_cli import FLWR_HOME_DIR, executable, flower_env
+from common.flower_cli import (
+    FLWR_HOME_DIR,
+    FlowerProcess,
+    PidFile,
+    executable,
+    flower_env,
+    process_args,
+    read_pid,
+    run_child,
+    stop_process,
+)
 from common.messages import SITE_NAME
+from common.outputs import RunOutputError, RunSummary, SiteSummary, read_summary
 from common.pki import (
     CA_CERT,
     LOOPBACK_NAMES,
     DeployError,
+    ca_fingerprint_text,
     check_private_mode,
-    fingerprint,
     load_ca_certificate,
     load_node_public_key,
     make_ca,
@@ -60,6 +75,8 @@ SETTINGS_FILE = "coordinator.json"
 REGISTRY_FILE = "sites.json"
 STATE_DIR = "state"
 DATABASE_FILE = "superlink.db"
+SUPERLINK_PID = "superlink.pid"
+RUNS_DIR = "runs"  # where the ServerApp writes runs without an out-dir (cwd: the folder)
 CONNECTION = "fedsilo"
 DEFAULT_PORT = 8000  # flower-superlink's own default: Fleet, Control and Runtime APIs
 
@@ -182,17 +199,21 @@ def init_coordinator(
 def next_steps(coord: Coordinator) -> str:
     d = coord.directory
     cmd = shlex.join(superlink_command(coord))
+    ca = ca_fingerprint_text(load_ca_certificate(d / CA_CERT))
     return f"""coordinator ready in {d}
-  CA certificate   {d / CA_CERT}  (SHA-256 {fingerprint(load_ca_certificate(d / CA_CERT))[:23]}...)
+  CA certificate   {d / CA_CERT}
+                   {ca}
   SuperLink cert   {d / SERVER_CERT}  (names: {", ".join([*coord.hosts, *LOOPBACK_NAMES])})
   Flower CLI       FLWR_HOME={coord.flwr_home}  (connection '{CONNECTION}' -> {coord.control_address})
 
 next steps
   1. start the SuperLink (TLS, node authentication, persistent database):
        fedsilo coordinator start {shlex.quote(str(d))}
-     which runs:
+     which runs, its PID in {d / SUPERLINK_PID} (`fedsilo coordinator stop` stops it):
        {cmd}
-  2. hand every site {d / CA_CERT} and the address {coord.site_address}
+  2. hand every site {d / CA_CERT} and the address {coord.site_address}; tell them the CA's
+     fingerprint above over another channel (a call): `fedsilo site init` and
+     `fedsilo site check` print it in the same form, to compare
   3. register each site's node key (its node.pub) and ledger key (its state/identity.pub,
      which auditors compare), while the SuperLink runs:
        fedsilo coordinator register node.pub --name SITE --ledger-key identity.pub --dir {shlex.quote(str(d))}
@@ -200,13 +221,14 @@ next steps
        export FLWR_HOME={shlex.quote(str(coord.flwr_home))} FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
        flwr run . {CONNECTION} --run-config "num-server-rounds=20" --stream
        flwr ls {CONNECTION}        flwr log RUN_ID {CONNECTION}
+     and the sites (online, budget left): fedsilo coordinator status --dir {shlex.quote(str(d))}
   security: port {coord.port} serves the Fleet, Control and Runtime APIs together and the
   Control API has no authentication in Flower 1.42: let sites reach only /v1/fleet/
   (reverse proxy, see docker/), keep the rest on this machine; {CA_KEY} can go offline."""
 
 
 def start_coordinator(directory: Path, *, bind: str = "0.0.0.0") -> list[str]:
-    """Check the folder and return the full SuperLink command (the caller execs it)."""
+    """Check the folder and return the full SuperLink command (``run_superlink`` runs it)."""
     coord = Coordinator.load(directory)
     d = coord.directory
     for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
@@ -284,18 +306,7 @@ def _flwr_register(coord: Coordinator, key_path: Path, name: str) -> tuple[int |
         raise DeployError(
             f"`flwr supernode register` got no answer from {coord.control_address} in 60 s"
         ) from None
-    payload: dict[str, Any] = {}
-    for line in reversed(done.stdout.splitlines()):
-        with contextlib.suppress(ValueError):
-            candidate = json.loads(line)
-            if isinstance(candidate, dict):
-                payload = candidate
-                break
-    if not payload:
-        with contextlib.suppress(ValueError):
-            candidate = json.loads(done.stdout)
-            if isinstance(candidate, dict):
-                payload = candidate
+    payload = json_object(done.stdout)
     if done.returncode == 0 and payload.get("success") and payload.get("node-id"):
         return int(payload["node-id"]), ""
     message = str(payload.get("error-message") or done.stderr or done.stdout).strip()
@@ -373,3 +384,315 @@ def register_site(
 
 def _write_registry(coord: Coordinator, registry: dict[str, dict[str, Any]]) -> None:
     write_public(coord.directory / REGISTRY_FILE, json.dumps(registry, indent=2) + "\n")
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """The JSON object ``flwr ... --format json`` printed: the whole output, one line of
+    it, or (Flower pretty-prints) an object that starts a line; {} when there is none."""
+    with contextlib.suppress(ValueError):
+        whole = json.loads(text)
+        if isinstance(whole, dict):
+            return whole
+    lines = text.splitlines()
+    for line in reversed(lines):
+        with contextlib.suppress(ValueError):
+            candidate = json.loads(line)
+            if isinstance(candidate, dict):
+                return candidate
+    decoder = json.JSONDecoder()
+    starts = [m.start() for m in re.finditer(r"(?m)^\s*\{", text)]
+    for start in reversed(starts):
+        with contextlib.suppress(ValueError):
+            candidate, _ = decoder.raw_decode(text, text.index("{", start))
+            if isinstance(candidate, dict):
+                return candidate
+    return {}
+
+
+# ---- start / stop: the SuperLink as a child of `coordinator start` -----------------
+
+
+def superlink_process(coord: Coordinator) -> FlowerProcess:
+    """This folder's SuperLink: the only one started with its database."""
+    return FlowerProcess("flower-superlink", str(coord.directory / STATE_DIR / DATABASE_FILE))
+
+
+def claim_superlink(coord: Coordinator) -> PidFile:
+    """``DIR/superlink.pid``, or a refusal that names the SuperLink already running."""
+    return PidFile.claim(
+        coord.directory / SUPERLINK_PID,
+        superlink_process(coord),
+        stop_hint=(f"stop it with `fedsilo coordinator stop {shlex.quote(str(coord.directory))}`"),
+    )
+
+
+def superlink_exit_cause(returncode: int, output: str, coord: Coordinator) -> str | None:
+    """Why ``flower-superlink`` stopped, in words (Flower exits 1 for every failure);
+    None when nothing went wrong: exit 0, or stopped by the signal we passed on."""
+    if returncode == 0:
+        return None
+    if returncode < 0:
+        sig = -returncode
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            return None
+        name = signal.Signals(sig).name if sig in signal.valid_signals() else str(sig)
+        return f"flower-superlink was killed by {name}"
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", output)
+    for line in reversed(text.splitlines()):
+        if "address already in use" in line.lower():
+            said = re.search(r"\[Errno \d+\].*", line)
+            return (
+                f"a port the SuperLink needs is taken ({(said.group(0) if said else line).strip()}): "
+                "another SuperLink or program listens there (`ss -ltnp` names it); stop it "
+                "first"
+            )
+    found = re.findall(r"Exit Code: (\d+)\s*\n(.*)", text)
+    if found:
+        code, first = found[-1]
+        return (
+            f"flower-superlink exited with status {returncode} (Flower exit code {code}: "
+            f"{first.strip()}); its log is above"
+        )
+    return f"flower-superlink exited with status {returncode}; its log is above"
+
+
+@dataclass(frozen=True)
+class SuperlinkExit:
+    returncode: int  # the SuperLink's (negative: the signal that ended it)
+    cause: str | None
+
+
+def run_superlink(
+    coord: Coordinator,
+    cmd: list[str],
+    pid_file: PidFile,
+    *,
+    env: Mapping[str, str] | None = None,
+    stdout: BinaryIO | None = None,
+    stderr: BinaryIO | None = None,
+) -> SuperlinkExit:
+    """Run the SuperLink in the coordinator folder (runs land in ``DIR/runs/``) until it
+    exits; its output passes through, SIGTERM/SIGINT are passed on."""
+    done = run_child(
+        cmd,
+        flower_env(coord.flwr_home, env),
+        pid_file=pid_file,
+        cwd=coord.directory,
+        stdout=stdout,
+        stderr=stderr,
+    )
+    return SuperlinkExit(done.returncode, superlink_exit_cause(done.returncode, done.tail, coord))
+
+
+def stop_coordinator(directory: Path, *, timeout: float = 30.0) -> str:
+    """``fedsilo coordinator stop``: SIGTERM to the SuperLink ``superlink.pid`` names
+    (only if it is this folder's flower-superlink), then wait until it is gone."""
+    coord = Coordinator.load(directory)
+    path = coord.directory / SUPERLINK_PID
+    stopped = stop_process(
+        path,
+        superlink_process(coord),
+        timeout=timeout,
+        no_file_hint=" (one started another way is stopped that way)",
+    )
+    if stopped.stale:
+        return f"flower-superlink (PID {stopped.pid}) was not running; removed the stale {path}"
+    return f"stopped flower-superlink (PID {stopped.pid})"
+
+
+# ---- status: the registered sites, online or not, and their budgets ----------------
+
+# A node's status as `flwr supernode list` reports it (flwr/cli/supernode/ls.py), in
+# the words `coordinator status` prints.
+NODE_STATES = {
+    "online": "online",
+    "offline": "offline",
+    "registered": "offline (never connected)",
+    "unregistered": "unregistered at the SuperLink",
+}
+
+
+def flwr_reason(message: str) -> str:
+    """flwr's error message in one line, without its chatter ("Using SuperLink: ...",
+    "Listing all nodes...")."""
+    text = " ".join(message.split())
+    if "Connection to the SuperLink is unavailable" in text:
+        return "nothing answers there"
+    for chatter in ("Listing all nodes...",):
+        text = text.split(chatter, 1)[-1].strip()
+    return text or "flwr reported a failure"
+
+
+def parse_node_list(stdout: str) -> dict[int, str]:
+    """Node id -> status from ``flwr supernode list --format json``: ``{"success": true,
+    "nodes": [{"node-id": "123", "status": "online", ...}]}`` (node ids as strings).
+    Raises ValueError with flwr's own message when it failed."""
+    payload = json_object(stdout)
+    if not payload:
+        raise ValueError("flwr printed no JSON")
+    if payload.get("success") is not True:
+        raise ValueError(flwr_reason(str(payload.get("error-message") or "")))
+    nodes = payload.get("nodes")
+    if not isinstance(nodes, list):
+        raise ValueError("flwr's answer has no node list")
+    out: dict[int, str] = {}
+    for node in nodes:
+        if isinstance(node, dict) and str(node.get("node-id", "")).isdigit():
+            out[int(node["node-id"])] = str(node.get("status", "unknown"))
+    return out
+
+
+def latest_site_rows(
+    summaries: Sequence[tuple[str, RunSummary]],
+) -> dict[str, tuple[str, SiteSummary]]:
+    """Per site, the run folder and its row in the newest summary that names it
+    (``summaries`` newest first); a run still going (its summary is rewritten after
+    every round) is named so."""
+    rows: dict[str, tuple[str, SiteSummary]] = {}
+    for folder, summary in summaries:
+        label = folder if getattr(summary, "complete", True) else f"{folder} (in progress)"
+        for row in summary.sites:
+            rows.setdefault(row.site, (label, row))
+    return rows
+
+
+def budget_words(seen: tuple[str, SiteSummary] | None) -> str:
+    """A site's budget as its last run reported it (the site's own declaration: its
+    signed ledger is the proof)."""
+    if seen is None:
+        return "no run yet"
+    folder, row = seen
+    head = f", ledger head {row.ledger_head[:12]}" if row.ledger_head else ""
+    if row.lifetime_epsilon is None or row.budget is None:
+        return f"no budget reported in run {folder} (no DP, or an older fedsilo){head}"
+    left = max(0.0, row.budget - row.lifetime_epsilon)
+    return (
+        f"spent {row.lifetime_epsilon:.3f} of {row.budget:g} (left {left:.3f}) as of run "
+        f"{folder}{head}"
+    )
+
+
+def status_lines(
+    coord: Coordinator,
+    registry: Mapping[str, Mapping[str, Any]],
+    nodes: dict[int, str] | None,
+    nodes_error: str,
+    rows: Mapping[str, tuple[str, SiteSummary]],
+    *,
+    running_pid: int | None = None,
+    skipped: Sequence[tuple[str, str]] = (),
+) -> list[str]:
+    """What ``coordinator status`` prints: the SuperLink, then every site registered in
+    ``sites.json`` with its node id, online or not, and its budget."""
+    d = coord.directory
+    pid = f" (PID {running_pid})" if running_pid is not None else ""
+    if nodes is None:
+        lines = [
+            f"SuperLink {coord.control_address}{pid}: not answering ({nodes_error}); "
+            + (
+                "is it stuck?"
+                if running_pid is not None
+                else f"start it with `fedsilo coordinator start {shlex.quote(str(d))}`"
+            )
+            + "; online status unknown"
+        ]
+    else:
+        registered_ids = {e.get("node_id") for e in registry.values()}
+        online = sum(1 for n in registered_ids if isinstance(n, int) and nodes.get(n) == "online")
+        lines = [
+            f"SuperLink {coord.control_address}{pid}: running; {online} of {len(registry)} "
+            "registered sites online"
+        ]
+    if not registry:
+        lines.append(
+            f"no site registered in {d / REGISTRY_FILE} yet: `fedsilo coordinator register "
+            f"node.pub --name SITE --dir {shlex.quote(str(d))}`"
+        )
+    width = max((len(name) for name in registry), default=0)
+    ids = {name: str(entry.get("node_id", "?")) for name, entry in registry.items()}
+    id_width = max((len(i) for i in ids.values()), default=0)
+    for name in sorted(registry):
+        node_id = registry[name].get("node_id")
+        if nodes is None:
+            state = "status unknown"
+        elif not isinstance(node_id, int):
+            state = "no node id in sites.json"
+        else:
+            status = nodes.get(node_id)
+            state = (
+                "not at the SuperLink (its database was replaced?)"
+                if status is None
+                else NODE_STATES.get(status, status)
+            )
+        lines.append(
+            f"  {name:<{width}}  node {ids[name]:<{id_width}}  {state:<25}  "
+            f"{budget_words(rows.get(name))}"
+        )
+    if nodes is not None:
+        known = {e.get("node_id") for e in registry.values()}
+        for node_id, status in sorted(nodes.items()):
+            if node_id not in known and status != "unregistered":
+                lines.append(
+                    f"  node {node_id} is at the SuperLink ({NODE_STATES.get(status, status)}) "
+                    f"but not in {REGISTRY_FILE}"
+                )
+    lines.extend(f"note: {path} skipped ({why})" for path, why in skipped)
+    return lines
+
+
+def _flwr_node_list(coord: Coordinator) -> tuple[dict[int, str] | None, str]:
+    """``flwr supernode list``; (node id -> status, "") or (None, why not)."""
+    cmd = [executable("flwr"), "supernode", "list", CONNECTION, "--format", "json"]
+    try:
+        done = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=flower_env(coord.flwr_home),
+            cwd=coord.directory,
+        )
+    except subprocess.TimeoutExpired:
+        return None, "no answer in 60 s"
+    try:
+        return parse_node_list(done.stdout), ""
+    except ValueError as err:
+        reason = str(err) if str(err) else (done.stderr.strip() or "flwr failed")
+        return None, " ".join(reason.split())
+
+
+def _summaries(coord: Coordinator) -> tuple[list[tuple[str, RunSummary]], list[tuple[str, str]]]:
+    """The runs' summaries, newest first, and those that could not be read."""
+    found: list[tuple[float, str, Path]] = []
+    for path in (coord.directory / RUNS_DIR).glob("*/summary.json"):
+        with contextlib.suppress(OSError):
+            found.append((path.stat().st_mtime, path.parent.name, path))
+    read: list[tuple[str, RunSummary]] = []
+    skipped: list[tuple[str, str]] = []
+    for _, folder, path in sorted(found, reverse=True):
+        try:
+            read.append((folder, read_summary(path)))
+        except RunOutputError as err:
+            skipped.append((str(path), str(err).removeprefix(f"{path}: ")))
+    return read, skipped
+
+
+def coordinator_status(directory: Path) -> list[str]:
+    """``fedsilo coordinator status``: the sites of ``sites.json``, online or not (from
+    the running SuperLink), and their budgets (from the newest run that names each)."""
+    coord = Coordinator.load(directory)
+    registry = _read_registry(coord)
+    pid = read_pid(coord.directory / SUPERLINK_PID)
+    args = process_args(pid) if pid is not None else None
+    running = pid if args is not None and superlink_process(coord).matches(args) else None
+    nodes, error = _flwr_node_list(coord)
+    summaries, skipped = _summaries(coord)
+    return status_lines(
+        coord,
+        registry,
+        nodes,
+        error,
+        latest_site_rows(summaries),
+        running_pid=running,
+        skipped=skipped,
+    )
