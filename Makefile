@@ -17,7 +17,7 @@ export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO := 0
 # (benchmarks/dp_step.py).
 export THP_MEM_ALLOC_ENABLE := 1
 
-.PHONY: run test lint setup clean flwr-run bench
+.PHONY: run test lint setup clean flwr-run flwr-stop bench
 
 setup: $(STAMP)
 
@@ -32,11 +32,17 @@ run: $(STAMP)
 	$(BIN)/fedsilo simulate --scenario default
 
 # The same apps through Flower's own CLI (a local SuperLink, Simulation Engine), with
-# pyproject.toml's run config: the bundled task's own model (tiny).
+# pyproject.toml's run config: the bundled task's own model (tiny). ROUNDS=N sets the
+# rounds; `make flwr-stop` ends the local SuperLink Flower leaves running (by its PID).
+ROUNDS ?=
 flwr-run: $(STAMP)
 	@mkdir -p $(FLWR_HOME)
-	@test -f $(FLWR_HOME)/config.toml || cp docs/flwr-config.toml $(FLWR_HOME)/config.toml
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/flwr run . --stream
+	@cmp -s docs/flwr-config.toml $(FLWR_HOME)/config.toml || cp docs/flwr-config.toml $(FLWR_HOME)/config.toml
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/flwr run . --stream $(if $(ROUNDS),--run-config "num-server-rounds=$(ROUNDS)")
+	@$(BIN)/python -m cli.local_superlink record
+
+flwr-stop: $(STAMP)
+	@$(BIN)/python -m cli.local_superlink stop
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

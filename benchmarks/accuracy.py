@@ -80,7 +80,7 @@ def central_dir(key: tuple[Any, ...]) -> str:
 def run(args: list[str], out: Path) -> tuple[RunSummary, float, bool]:
     """The run's summary, its wall seconds, and whether it was reused."""
     summary_path, wall_path = out / "summary.json", out / "wall.json"
-    if summary_path.is_file() and wall_path.is_file():
+    if summary_path.is_file() and wall_path.is_file() and read_summary(summary_path).complete:
         wall = float(json.loads(wall_path.read_text())["seconds"])
         return read_summary(summary_path), wall, True
     cmd = [str(ROOT / ".venv" / "bin" / "fedsilo"), "simulate", *args, "--out", str(out)]

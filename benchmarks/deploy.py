@@ -77,7 +77,7 @@ def deployed(root: Path, names: list[str], data: dict[str, Path], rounds: int) -
         )
         if run.returncode != 0:
             raise RuntimeError(run.stdout + run.stderr)
-        deployment.wait("the run's summary", (out / "summary.json").exists, 60 * 20, every=1)
+        deployment.wait("the run's summary", lambda: deployment.finished(out), 60 * 20, every=1)
         wall = time.monotonic() - started
         summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
         summary["wall"] = wall

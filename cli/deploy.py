@@ -197,6 +197,13 @@ def site_init(
         float,
         typer.Option(help="this site's evaluation budget (a run may ask less, never more)"),
     ] = 1.0,
+    epsilon_reserve: Annotated[
+        float,
+        typer.Option(
+            help="what the site keeps of its lifetime budget: it refuses a run that would "
+            "leave less (the coordinator cannot lower it)"
+        ),
+    ] = 0.0,
     force: Annotated[
         bool, typer.Option("--force", help="rewrite an existing site's settings (keys are kept)")
     ] = False,
@@ -223,6 +230,7 @@ def site_init(
         task=task,
         eval_fraction=eval_fraction,
         eval_epsilon=eval_epsilon,
+        reserve=epsilon_reserve,
         force=force,
     )
     print(init_summary(site))

@@ -69,12 +69,33 @@ def simulate(
             "no DP, same number of passes (the ceiling)"
         ),
     ] = "federated",
+    resume: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="RUN_DIR of a run that died: a new run takes over after its last finished "
+            "round, with its plan and sites (their ledgers keep what was spent)"
+        ),
+    ] = None,
 ) -> None:
     """Run a federation of simulated sites on the Flower Simulation Engine (or, with
     --mode central, train the same model centrally without DP)."""
-    from simulations.runner import load_scenario
+    from simulations.runner import load_scenario, resume_options
     from simulations.runner import simulate as run
 
+    if resume is not None:
+        given = {
+            "--scenario": scenario, "--rounds": rounds, "--sites": sites, "--epsilon": epsilon,
+            "--dataset": dataset, "--data": data, "--task": task, "--site-column": site_column,
+            "--partition": partition, "--alpha": alpha, "--no-dp": no_dp or None,
+            "--set": set_ or None, "--mode": None if mode == "federated" else mode,
+        }  # fmt: skip
+        others = [name for name, value in given.items() if value is not None]
+        if others:
+            raise ConfigError(
+                f"--resume takes the dead run's plan; only --out goes with it, not {others[0]}"
+            )
+        run(resume_options(resume, out))
+        return
     if mode not in ("federated", "central"):
         raise ConfigError(f"--mode must be 'federated' or 'central', got {mode!r}")
     if data is not None and dataset is not None:

@@ -192,7 +192,9 @@ def train(msg: Message, context: Context) -> Message:
 
     request = decode_train(msg.content)  # our own WireError: names no data
     pending: secure.Pending | None = None
-    if request.setup is None:
+    if request.plan.preflight:  # before the run's first round: no protocol state, no dropout
+        context.state[DROPOUT_KEY] = ConfigRecord({"stage": ""})
+    elif request.setup is None:
         _save_pending(context, None)  # a new round ends any unfinished one
         crash_at = _plan_dropout(context, request.plan.config.dropout_rate, False)
         context.state[DROPOUT_KEY] = ConfigRecord({"stage": crash_at})
@@ -210,7 +212,10 @@ def train(msg: Message, context: Context) -> Message:
     except Exception as err:
         log.exception("round %d failed at this site", request.plan.round)
         name = context.node_config.get(SITE_ID_KEY, context.node_config.get(PARTITION_ID_KEY))
-        reply = TrainReply(_failure(err, _safe_site_name(name, context.node_id)))
+        reply = TrainReply(
+            _failure(err, _safe_site_name(name, context.node_id)),
+            preflight=request.plan.preflight,
+        )
         _save_pending(context, None)
     # The ledger entry is already on disk; persist the run's calibration too.
     context.state[STATE_KEY] = ConfigRecord({"json": state.to_json()})

@@ -67,6 +67,7 @@ from client.settings import (
     EVAL_FRACTION_KEY,
     LABEL_COLUMN_KEY,
     MIN_SECURE_SITES_KEY,
+    RESERVE_KEY,
     SECAGG_REQUIRED_KEY,
     SITE_DELTA_KEY,
     SITE_EPSILON_KEY,
@@ -154,6 +155,7 @@ def render_node_config(
     task_file: Path | None = None,
     eval_fraction: float = DEFAULT_EVAL_FRACTION,
     eval_epsilon: float = DEFAULT_EVAL_EPSILON,
+    reserve: float = 0.0,
 ) -> dict[str, str | float | int]:
     """The node config, keyed exactly as ``SiteSettings.from_node_config`` reads it,
     and validated by it (so a value the ClientApp would refuse is refused now)."""
@@ -172,6 +174,7 @@ def render_node_config(
         SECAGG_REQUIRED_KEY: secagg_required,
         EVAL_FRACTION_KEY: float(eval_fraction),
         EVAL_EPSILON_KEY: float(eval_epsilon),
+        RESERVE_KEY: float(reserve),
     }
     if disjoint_data_set is not None:
         config[DISJOINT_KEY] = disjoint_data_set
@@ -196,7 +199,9 @@ def node_config_toml(config: Mapping[str, Any]) -> str:
         "# data-size: the number of examples it declares public;\n"
         "# secagg-min-sites: the fewest sites on its roster (itself included) it joins a\n"
         "# secure sum with (2 lets the other site of a pair learn its update: keep 3+);\n"
-        "# secagg-required: refuse plain rounds, where the update travels in the clear.\n"
+        "# secagg-required: refuse plain rounds, where the update travels in the clear;\n"
+        "# epsilon-reserve: what the site keeps of its budget: it refuses a run that would\n"
+        "# leave less.\n"
     )
     return header + tomli_w.dumps(dict(config))
 
@@ -265,6 +270,7 @@ def init_site(
     task: Path | None = None,
     eval_fraction: float = DEFAULT_EVAL_FRACTION,
     eval_epsilon: float = DEFAULT_EVAL_EPSILON,
+    reserve: float = 0.0,
     force: bool = False,
 ) -> Site:
     """Write the site's keys and settings. An existing site is refused unless
@@ -318,6 +324,7 @@ def init_site(
         task_file=directory / TASK_FILE if agreed_task is not None else None,
         eval_fraction=eval_fraction,
         eval_epsilon=eval_epsilon,
+        reserve=reserve,
     )
     if (directory / SITE_FILE).exists() or (directory / NODE_KEY).exists():
         if not force:
@@ -437,7 +444,7 @@ def init_summary(site: Site) -> str:
     return f"""site {cfg[SITE_ID_KEY]} ready in {d}
   node key      {d / NODE_KEY} (0600, stays here)
   ledger key    {d / STATE_DIR / KEY_FILE} (0600, stays here); auditors get {d / STATE_DIR / PUBLIC_KEY_FILE} ({ledger_key})
-  node config   {d / NODE_CONFIG_FILE}: data {cfg[DATA_PATH_KEY]}, lifetime epsilon budget {cfg[SITE_EPSILON_KEY]:g}{scope}, delta {cfg[SITE_DELTA_KEY]:g}
+  node config   {d / NODE_CONFIG_FILE}: data {cfg[DATA_PATH_KEY]}, lifetime epsilon budget {cfg[SITE_EPSILON_KEY]:g}{scope} (reserve {cfg.get(RESERVE_KEY, 0.0):g}), delta {cfg[SITE_DELTA_KEY]:g}
   public size   {cfg[DATA_SIZE_KEY]} examples: the coordinator learns this number (sample rate, weight), never the file's count
   secure sums   with at least {min_sites} sites of its roster, itself included (secagg-min-sites){pair}
   roster        {roster}
@@ -616,7 +623,9 @@ def _check_ledger(report: CheckReport, state: Path, settings: SiteSettings) -> S
     report.ok(
         f"ledger {state / LEDGER_FILE}: {len(entries)} entries, key "
         f"{keys.identity.fingerprint()[:23]}...; lifetime epsilon spent {budget.spent():.3f} "
-        f"of {settings.epsilon:g} ({scope}, adaptive filter)"
+        f"of {settings.epsilon:g} ({scope}, adaptive filter); "
+        f"{max(0.0, settings.epsilon - settings.reserve - budget.spent()):.3f} left for runs"
+        + (f" above the reserve of {settings.reserve:g}" if settings.reserve else "")
     )
     return keys
 

@@ -44,12 +44,12 @@ from common.evaluation import (
     eval_rounds,
     evaluation_modes,
 )
-from common.messages import RoundPlan, SiteReport
+from common.messages import REHEARSAL_NOTE, RoundPlan, SiteReport
 from common.privacy.budget import RunPlan, check_delta, one_run_budget
 from common.privacy.identity import exclusive
 from common.privacy.ledger import EVAL_SCOPE, LEDGER_FILE, Ledger, dataset_fingerprint, file_digest
 from common.secure_random import SecureRandom
-from common.training import default_device
+from common.training import Batchable, default_device
 
 log = logging.getLogger("fedsilo.site")
 NOISE_IGNORED = "eval-noise off ignored: a deployed site always adds its evaluation noise"
@@ -83,6 +83,8 @@ def evaluate_round(
             )
         check_global_weights(global_arrays, settings.max_global_norm)
         model = _model(task, global_arrays).to(default_device()).eval()
+        if cfg.rehearsal:
+            return _rehearse(plan, model, settings, keys.identity.fingerprint(), rng=rng)
         holdout = site_holdout(settings, plan, keys.fingerprint_key, ledger.entries())
         if holdout.late:
             raise Refused(
@@ -145,15 +147,7 @@ def evaluate_round(
     # Charged (or noise off in simulation). Now the held-out rows are read.
     if data is None:
         data = load_site_data(settings, cfg, task, holdout.holdout)
-    held = data.held_out
-    predictions = []
-    with torch.no_grad():
-        for start in range(0, len(held), 512):
-            ids = held.ids[start : start + 512].to(default_device())
-            mask = held.mask[start : start + 512].to(default_device())
-            predictions.append(model(ids, mask).argmax(1).cpu())
-    predicted = torch.cat(predictions).numpy() if predictions else np.zeros(0, np.int64)
-    counts = confusion(held.labels.numpy(), predicted, len(task.labels))
+    counts = _counts(model, data.held_out, len(task.labels))
     if entry is None or frozen is None:  # noise off: the labelled simulation option
         return SiteReport.of(
             "ok", "", settings.site_id, num_examples=size, dp=False, steps=index
@@ -177,3 +171,53 @@ def evaluate_round(
         ledger_signature=entry.signature,
         identity=keys.identity.fingerprint(),
     ), add_noise(counts, sigma, normal)
+
+
+def _counts(model: torch.nn.Module, held: Batchable, k: int) -> IntArray:
+    """The model's confusion matrix on ``held`` (exact counts, before any noise)."""
+    predictions = []
+    with torch.no_grad():
+        for start in range(0, len(held), 512):
+            ids = held.ids[start : start + 512].to(default_device())
+            mask = held.mask[start : start + 512].to(default_device())
+            predictions.append(model(ids, mask).argmax(1).cpu())
+    predicted = torch.cat(predictions).numpy() if predictions else np.zeros(0, np.int64)
+    return confusion(held.labels.numpy(), predicted, k)
+
+
+def _rehearse(
+    plan: RoundPlan,
+    model: torch.nn.Module,
+    settings: SiteSettings,
+    identity: str,
+    *,
+    rng: SecureRandom,
+) -> tuple[SiteReport, IntArray]:
+    """A rehearsal's evaluation (client/rehearsal.py): the counts on public stand-in
+    rows, with the noise a real evaluation would add; no entry, no epsilon claimed."""
+    from client.rehearsal import standin
+    from common.privacy.accounting import calibrate_noise_multiplier
+
+    cfg = plan.config
+    held = standin(plan.task, settings.site_id, held_out=True)
+    rounds = eval_rounds(cfg)
+    multiplier = calibrate_noise_multiplier(
+        target_epsilon=cfg.eval_epsilon, delta=settings.delta, sample_rate=1.0, steps=len(rounds)
+    )
+    counts = _counts(model, held, len(plan.task.labels))
+    normal = rng.normal(counts.shape, 1.0, dtype=torch.float64).numpy()
+    log.warning("round %d: evaluation, %s", plan.round, REHEARSAL_NOTE)
+    return SiteReport.of(
+        "ok",
+        REHEARSAL_NOTE,
+        settings.site_id,
+        num_examples=len(held),
+        budget=settings.eval_epsilon or cfg.eval_epsilon,
+        delta=settings.delta,
+        sample_rate=1.0,
+        epsilon=0.0,  # no private row was used
+        steps=1,
+        total_steps=rounds.index(plan.round) + 1,
+        noise_multiplier=multiplier,
+        identity=identity,
+    ), add_noise(counts, multiplier * SENSITIVITY, normal)

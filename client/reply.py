@@ -15,7 +15,7 @@ import torch
 
 from client import secure
 from client.evaluation import evaluate_round
-from client.round import SiteState, run_round
+from client.round import SiteState, preflight, run_round
 from client.settings import SECAGG_REQUIRED_KEY, SiteSettings, task_problem
 from common.arrays import clip_update, flatten
 from common.evaluation import COUNTS_KEY
@@ -44,6 +44,13 @@ def train_round(
     that requires secure aggregation refuses a plain train message."""
     plan, setup = request.plan, request.setup
     problem = task_problem(settings, plan.task)
+    if plan.preflight:  # numbers of plans and ledgers only: no secure sum is needed
+        if problem is not None:
+            log.warning("the run's pre-flight refused: %s", problem)
+            report = SiteReport.of("refused", problem, settings.site_id)
+        else:
+            report = preflight(plan, request.arrays, settings, run_id=run_id)
+        return TrainReply(report, preflight=True), None
     if problem is not None:  # before anything: the site never agreed to this task
         return TrainReply(SiteReport.of("refused", problem, settings.site_id)), None
     if setup is None and settings.secagg_required:

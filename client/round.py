@@ -35,7 +35,7 @@ from client.settings import (
     SiteConfigError,
     SiteSettings,
 )
-from common.messages import RoundPlan, SiteReport
+from common.messages import REHEARSAL_NOTE, RoundPlan, SiteReport
 from common.model import Classifier, build_model, model_spec
 from common.privacy.accounting import compute_epsilon
 from common.privacy.budget import (
@@ -44,10 +44,13 @@ from common.privacy.budget import (
     calibrate_run,
     check_delta,
     one_run_budget,
+    run_cost,
+    spent_words,
 )
 from common.privacy.errors import PrivacyError
 from common.privacy.identity import SiteKeys, exclusive, init_state, open_state
 from common.privacy.ledger import (
+    EVAL_SCOPE,
     LEDGER_FILE,
     Ledger,
     LedgerEntry,
@@ -188,7 +191,12 @@ def run_round(
         check_global_weights(global_arrays, settings.max_global_norm)
         model = _model(plan.task, global_arrays)
     except Refused as refusal:  # what was spent so far comes from the ledger, as always
-        return _refusal(settings, keys, refusal.reason, settings.epsilon, ledger), None
+        return _refusal(settings, keys, refusal.reason, settings.epsilon, ledger, plan=plan), None
+    if cfg.rehearsal:
+        return _rehearse(plan, global_arrays, model, settings, keys, ledger, rng=rng)
+    if plan.round <= cfg.resume_round:  # a resumed run's rounds come after the dead run's
+        reason = f"round {plan.round} of a run that resumes after round {cfg.resume_round}"
+        return _refusal(settings, keys, reason, settings.epsilon, ledger, plan=plan), None
     holdout = site_holdout(settings, plan, keys.fingerprint_key, ledger.entries()).holdout
     data: Batchable | None = None
     if settings.declared_size is None:  # simulation: the partition sizes are public
@@ -198,34 +206,14 @@ def run_round(
     else:  # the file's bytes are hashed, not parsed: nothing here depends on its content
         size = settings.declared_size
         digest = file_digest(Path(str(settings.data_path)))
-    check_delta(settings.delta, size)
-    q = sample_rate(size, cfg.batch_size)
-    steps = cfg.local_epochs * batches_per_epoch(size, cfg.batch_size)
-    asked = RunPlan(
-        noise_multiplier=1.0,  # replaced by the run's calibrated noise
-        sample_rate=q,
-        steps=steps,
-        rounds=cfg.num_server_rounds,
-        clip_norm=cfg.clip_norm,
-        epsilon_target=cfg.epsilon,
-        delta=settings.delta,
-        scope=scope_of(settings.disjoint_data_set),
-        public_size=size,
-    )
-    lifetime = settings.epsilon
-    if settings.one_run_budget:
-        lifetime = one_run_budget(
-            target=cfg.epsilon,
-            delta=settings.delta,
-            sample_rate=q,
-            steps=steps * cfg.num_server_rounds,
-        )
+    asked, lifetime = _asked(plan, settings, size)
     # One charge at a time per site: the budget read and the entry are one critical
     # section, so two concurrent runs cannot both spend the last of a budget.
     with exclusive(settings.state_dir / LOCK_FILE):
         try:
             entry, frozen, before = _charge(
-                plan,
+                # a resumed run numbers its own rounds from 1 in the ledger
+                replace(plan, round=plan.round - cfg.resume_round),
                 settings,
                 lifetime,
                 ledger,
@@ -234,7 +222,7 @@ def run_round(
                 fingerprint=dataset_fingerprint(keys.fingerprint_key, digest),
             )
         except Refused as refusal:
-            return _refusal(settings, keys, refusal.reason, lifetime, ledger), None
+            return _refusal(settings, keys, refusal.reason, lifetime, ledger, plan=plan), None
     # Charged. From here on a failure stays charged, and the data is touched.
     if data is None:
         data = load_site_data(settings, cfg, plan.task, holdout).train
@@ -270,6 +258,165 @@ def run_round(
     ), trainable_delta(global_arrays, model.trainable_state())
 
 
+def _asked(plan: RoundPlan, settings: SiteSettings, size: int) -> tuple[RunPlan, float]:
+    """The mechanism the plan asks of a site of public size ``size`` (its noise is fixed
+    at the run's first round) and the site's lifetime budget for it."""
+    cfg = plan.config
+    check_delta(settings.delta, size)
+    q = sample_rate(size, cfg.batch_size)
+    steps = cfg.local_epochs * batches_per_epoch(size, cfg.batch_size)
+    asked = RunPlan(
+        noise_multiplier=1.0,  # replaced by the run's calibrated noise
+        sample_rate=q,
+        steps=steps,
+        rounds=cfg.num_server_rounds - cfg.resume_round,  # a resumed run: those left
+        clip_norm=cfg.clip_norm,
+        epsilon_target=cfg.epsilon,
+        delta=settings.delta,
+        scope=scope_of(settings.disjoint_data_set),
+        public_size=size,
+    )
+    lifetime = settings.epsilon
+    if settings.one_run_budget:
+        lifetime = one_run_budget(
+            target=cfg.epsilon,
+            delta=settings.delta,
+            sample_rate=q,
+            steps=steps * cfg.num_server_rounds,
+        )
+    return asked, lifetime
+
+
+def preflight(
+    plan: RoundPlan, global_arrays: dict[str, torch.Tensor], settings: SiteSettings, *, run_id: str
+) -> SiteReport:
+    """The site's answer to a run's pre-flight: what the plan would cost it (the run's
+    noise and epsilon), what its lifetime filter would certify after the whole run,
+    its budget and reserve, and whether it would refuse the first round, with the cause
+    in words. Numbers of the plan, the public size and the ledger only: nothing is
+    trained, charged, or read of the data (a simulated site counts its partition, whose
+    size is public)."""
+    cfg = plan.config
+    if not cfg.dp:
+        return SiteReport.of(
+            "ok", "no DP: nothing is charged", settings.site_id, dp=False,
+            epsilon=math.nan, budget=math.nan, delta=math.nan, lifetime_epsilon=math.nan,
+            reserve=math.nan, lifetime_after=math.nan,
+        )  # fmt: skip
+    if settings.state_dir is None:
+        raise SiteConfigError(f"a DP site needs '{STATE_DIR_KEY}' for its privacy ledger")
+    keys = _keys(settings, settings.state_dir)
+    ledger = Ledger(settings.state_dir / LEDGER_FILE, keys.identity)
+    lifetime = settings.epsilon
+    try:
+        check_global_weights(global_arrays, settings.max_global_norm)
+        _model(plan.task, global_arrays)
+        if settings.declared_size is None:
+            holdout = site_holdout(settings, plan, keys.fingerprint_key, ledger.entries())
+            size = len(load_site_data(settings, cfg, plan.task, holdout.holdout).train)
+        else:
+            size = settings.declared_size
+        asked, lifetime = _asked(plan, settings, size)
+        frozen, budget, this_run = _admit(plan, settings, lifetime, ledger.entries(), asked, run_id)
+    except (Refused, PrivacyError) as refusal:
+        return _refusal(settings, keys, str(refusal), lifetime, ledger, plan=plan)
+    left = frozen.rounds - len(this_run)
+    run_epsilon, after = run_cost(
+        budget,
+        noise_multiplier=frozen.noise_multiplier,
+        sample_rate=frozen.sample_rate,
+        steps=frozen.steps * left,
+        resumed=[e.event for e in _resumed(budget, cfg.resumed_runs)],
+    )
+    return SiteReport.of(
+        "ok",
+        "",
+        settings.site_id,
+        num_examples=size,
+        budget=lifetime,
+        delta=settings.delta,
+        sample_rate=frozen.sample_rate,
+        epsilon=run_epsilon,
+        lifetime_epsilon=budget.spent(),
+        steps=frozen.steps,
+        total_steps=frozen.steps * left,
+        noise_multiplier=frozen.noise_multiplier,
+        identity=keys.identity.fingerprint(),
+        reserve=settings.reserve,
+        lifetime_after=after,
+    )
+
+
+def _rehearse(
+    plan: RoundPlan,
+    global_arrays: dict[str, torch.Tensor],
+    model: Classifier,
+    settings: SiteSettings,
+    keys: SiteKeys,
+    ledger: Ledger,
+    *,
+    rng: SecureRandom,
+) -> tuple[SiteReport, dict[str, torch.Tensor]]:
+    """A rehearsal round (client/rehearsal.py): the plan's mechanism on public stand-in
+    rows, at the noise of a fresh run at the plan's target; the site's file, held-out
+    pin and ledger are not touched, and the report claims no epsilon."""
+    from client.rehearsal import standin
+    from common.privacy.accounting import calibrate_noise_multiplier
+
+    cfg = plan.config
+    data = standin(plan.task, settings.site_id)
+    size = len(data)
+    q = sample_rate(size, cfg.batch_size)
+    steps = cfg.local_epochs * batches_per_epoch(size, cfg.batch_size)
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=cfg.epsilon,
+        delta=settings.delta,
+        sample_rate=q,
+        steps=steps * cfg.num_server_rounds,
+    )
+    log.warning(
+        "round %d: %s (%d public rows; the site's data file is not opened)",
+        plan.round,
+        REHEARSAL_NOTE,
+        size,
+    )
+    train_dp(
+        model,
+        data,
+        steps=steps,
+        sample_rate=q,
+        expected_batch=max(1, round(q * size)),
+        noise_multiplier=sigma,
+        clip_norm=cfg.clip_norm,
+        learning_rate=cfg.learning_rate,
+        rng=rng,
+        engine=cfg.dp_engine,
+        device=default_device(),
+    )
+    lifetime = settings.epsilon
+    spent = SiteBudget.from_ledger(
+        ledger.entries(),
+        scope=scope_of(settings.disjoint_data_set),
+        budget=lifetime,
+        delta=settings.delta,
+    ).spent()
+    return SiteReport.of(
+        "ok",
+        REHEARSAL_NOTE,
+        settings.site_id,
+        num_examples=size,
+        budget=lifetime,
+        delta=settings.delta,
+        sample_rate=q,
+        epsilon=0.0,  # no private row was used
+        lifetime_epsilon=spent,
+        steps=steps,
+        total_steps=steps * plan.round,
+        noise_multiplier=sigma,
+        identity=keys.identity.fingerprint(),
+    ), trainable_delta(global_arrays, model.trainable_state())
+
+
 def _model(task: Task, global_arrays: dict[str, torch.Tensor]) -> Classifier:
     """The task's model with the coordinator's weights; ``Refused`` (before any charge:
     public values only) when they do not fit it, so junk weights cost nothing."""
@@ -288,19 +435,17 @@ def _entries(settings: SiteSettings) -> list[LedgerEntry]:
     return read_ledger(settings.state_dir / LEDGER_FILE, missing_ok=True)
 
 
-def _charge(
+def _admit(
     plan: RoundPlan,
     settings: SiteSettings,
     lifetime: float,
-    ledger: Ledger,
+    everything: list[LedgerEntry],
     asked: RunPlan,
-    *,
     run_id: str,
-    fingerprint: str,
-) -> tuple[LedgerEntry, RunPlan, SiteBudget]:
-    """Fix or check the run's plan, admit the round by the lifetime filter and write
-    its entry; ``Refused`` (a public reason) writes nothing."""
-    everything = ledger.entries()  # a torn ledger raises LedgerError: fail closed
+) -> tuple[RunPlan, SiteBudget, list[LedgerEntry]]:
+    """The run's plan for this round: fixed at its first round (calibrated within what
+    the lifetime budget leaves above the site's reserve), checked at every later one;
+    ``Refused`` with a public reason when the site declines."""
     budget = SiteBudget.from_ledger(
         everything, scope=asked.scope, budget=lifetime, delta=settings.delta
     )
@@ -314,22 +459,59 @@ def _charge(
             raise Refused(f"the plan changed during run {run_id}: {change}")
         if len(this_run) >= frozen.rounds:
             raise Refused(f"run {run_id} already ran its {frozen.rounds} planned rounds")
-    else:
-        try:
-            sigma = calibrate_run(
-                budget,
-                target=asked.epsilon_target,
-                sample_rate=asked.sample_rate,
-                steps=asked.steps,
-                rounds=asked.rounds,
+        return frozen, budget, this_run
+    training = asked.scope != EVAL_SCOPE
+    earlier = _resumed(budget, plan.config.resumed_runs) if training else []
+    if earlier:  # the dead runs' plan, but for the rounds left
+        was = RunPlan.of_entry(earlier[0])
+        change = None if was is None else was.change(replace(asked, rounds=was.rounds))
+        if change is not None:
+            raise Refused(
+                f"the plan differs from that of run {earlier[0].run_id} it resumes: {change}"
             )
-        except PrivacyError as err:  # our own text: it names no data
-            raise Refused(str(err)) from None
-        frozen = replace(asked, noise_multiplier=sigma)
+    try:
+        sigma = calibrate_run(
+            budget,
+            target=asked.epsilon_target,
+            sample_rate=asked.sample_rate,
+            steps=asked.steps,
+            rounds=asked.rounds,
+            reserve=settings.reserve if training else 0.0,
+            resumed=[e.event for e in earlier],
+        )
+    except PrivacyError as err:  # our own text: it names no data
+        raise Refused(str(err)) from None
+    return replace(asked, noise_multiplier=sigma), budget, this_run
+
+
+def _resumed(budget: SiteBudget, runs: tuple[str, ...]) -> list[LedgerEntry]:
+    """This site's entries of the runs a resumed run continues (charged, whatever the
+    coordinator says of them: a run it names that this site never ran adds nothing)."""
+    return [e for e in budget.entries if e.run_id in runs]
+
+
+def _charge(
+    plan: RoundPlan,
+    settings: SiteSettings,
+    lifetime: float,
+    ledger: Ledger,
+    asked: RunPlan,
+    *,
+    run_id: str,
+    fingerprint: str,
+) -> tuple[LedgerEntry, RunPlan, SiteBudget]:
+    """Fix or check the run's plan, admit the round by the lifetime filter and write
+    its entry; ``Refused`` (a public reason) writes nothing."""
+    everything = ledger.entries()  # a torn ledger raises LedgerError: fail closed
+    frozen, budget, this_run = _admit(plan, settings, lifetime, everything, asked, run_id)
     fits, after = budget.allows(frozen.event)
-    if not fits:
+    # Every training round keeps the site's reserve, whatever ran since the plan was
+    # fixed (another run of the same site, concurrently).
+    reserve = settings.reserve if asked.scope != EVAL_SCOPE else 0.0
+    if not fits or after > lifetime - reserve:
+        kept = f", leaving less than its reserve of {reserve:g}" if reserve else ""
         raise Refused(
-            f"the site's lifetime budget {lifetime:g} would reach {after:.3f} "
+            f"{spent_words(budget)}: this round would bring it to {after:.3f}{kept} "
             "(its adaptive filter over every run)"
         )
     entry = ledger.append(  # written and fsync'd before the data is touched
@@ -359,10 +541,20 @@ def _refusal(
     lifetime: float,
     ledger: Ledger,
     scope: str | None = None,
+    *,
+    plan: RoundPlan | None = None,
 ) -> SiteReport:
     """A refused round's report: the reason and what the ledger already shows, public
-    numbers only."""
+    numbers only; the site's own log says it too."""
     scope = scope or scope_of(settings.disjoint_data_set)
+    what = (
+        "the run's pre-flight"
+        if plan is not None and plan.preflight
+        else f"round {plan.round}"
+        if plan is not None
+        else "the round"
+    )
+    log.warning("%s refused at site %s: %s", what, settings.site_id, reason)
     spent = SiteBudget.from_ledger(
         ledger.entries(), scope=scope, budget=lifetime, delta=settings.delta
     ).spent()
@@ -374,4 +566,5 @@ def _refusal(
         delta=settings.delta,
         lifetime_epsilon=spent,
         identity=keys.identity.fingerprint(),
+        reserve=settings.reserve,
     )

@@ -57,6 +57,9 @@ EVAL_EPSILON_KEY = "eval-epsilon"
 DEFAULT_EVAL_FRACTION = 0.2
 DEFAULT_EVAL_EPSILON = 1.0
 DEFAULT_SITE_DELTA = 1e-5
+# What the site keeps of its lifetime budget for later: it refuses a run that would leave
+# less (its own node config; the coordinator cannot lower it).
+RESERVE_KEY = "epsilon-reserve"
 DEFAULT_MAX_GLOBAL_NORM = 1e4  # the tiny model starts at 22 and trains to about 64
 
 
@@ -93,6 +96,7 @@ class SiteSettings:
     # evaluation budget only when it has a budget of its own (else this run's releases).
     eval_fraction: float | None = None
     eval_epsilon: float | None = None
+    reserve: float = 0.0
 
     @property
     def deployed(self) -> bool:
@@ -175,6 +179,12 @@ class SiteSettings:
             raise SiteConfigError(
                 f"'{SECAGG_REQUIRED_KEY}' must be true or false, got {required!r}"
             )
+        reserve = float(node.get(RESERVE_KEY, 0.0))
+        if not (math.isfinite(reserve) and 0 <= reserve < epsilon):
+            raise SiteConfigError(
+                f"'{RESERVE_KEY}' must be at least 0 and below the site's budget {epsilon:g}, "
+                f"got {reserve}"
+            )
         eval_fraction = eval_epsilon = None
         if data_path is None and (EVAL_EPSILON_KEY in node or not one_run):
             # A simulated site with a budget of its own: its evaluation is capped by its
@@ -198,6 +208,7 @@ class SiteSettings:
                     f"{epsilon:g}, got {eval_epsilon}"
                 )
         return cls(
+            reserve=reserve,
             eval_fraction=eval_fraction,
             eval_epsilon=eval_epsilon,
             task_digest=digest,

@@ -84,6 +84,7 @@ def _plan_record(plan: RoundPlan) -> ConfigRecord:
             "round": plan.round,
             "plan-task": plan.task.canonical(),
             "plan-evaluate": plan.evaluate,
+            "plan-preflight": plan.preflight,
             **plan.config.to_user_config(),
         }
     )
@@ -144,14 +145,21 @@ def _decode_plan(content: RecordDict, what: str) -> RoundPlan:
     raw = dict(content.config_records[PLAN_KEY])
     rnd = raw.pop("round", None)
     task, evaluate = raw.pop("plan-task", None), raw.pop("plan-evaluate", None)
+    preflight = raw.pop("plan-preflight", None)
     if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 1:
         raise WireError(f"{what} has a bad round number {rnd!r}")
     if not isinstance(task, str) or not isinstance(evaluate, bool):
         raise WireError(f"{what} lacks its task or its evaluate flag")
+    if not isinstance(preflight, bool) or (preflight and evaluate):
+        raise WireError(f"{what} lacks its pre-flight flag, or is both an evaluation and one")
     try:
         config = RunConfig.from_user_config(raw)
         return RoundPlan(
-            round=rnd, config=config, task=Task.from_canonical(task), evaluate=evaluate
+            round=rnd,
+            config=config,
+            task=Task.from_canonical(task),
+            evaluate=evaluate,
+            preflight=preflight,
         )
     except ConfigError as err:  # TaskError is one
         raise WireError(f"{what} carries a bad plan: {err}") from None
@@ -188,6 +196,7 @@ def encode_reply(reply: TrainReply) -> RecordDict:
                     "ledger-head": report.ledger_head,
                     "ledger-signature": report.ledger_signature,
                     "identity": report.identity,
+                    "preflight": reply.preflight,
                 }
             ),
             METRICS_KEY: MetricRecord(numbers),
@@ -215,6 +224,8 @@ def _decode_report(content: RecordDict) -> SiteReport:
         raise WireError("reply has a bad ledger head (64 hex digits or empty)")
     if not isinstance(signature, str) or not LEDGER_SIGNATURE.fullmatch(signature):
         raise WireError("reply has a bad ledger signature (base64 Ed25519 or empty)")
+    if not isinstance(status_rec.get("preflight", None), bool):
+        raise WireError("reply lacks its pre-flight flag")
     identity = status_rec.get("identity", "")
     if not isinstance(identity, str) or not KEY_FINGERPRINT.fullmatch(identity):
         raise WireError("reply has a bad ledger key fingerprint ('sha256:' and 64 hex digits)")
@@ -250,17 +261,20 @@ def _decode_report(content: RecordDict) -> SiteReport:
 
 def decode_reply(content: RecordDict) -> TrainReply:
     report = _decode_report(content)
+    preflight = bool(content.config_records[STATUS_KEY]["preflight"])
     has_update = UPDATE_KEY in content.array_records
     has_masked = STAGE_KEY in content.config_records
     if has_update and has_masked:
         raise WireError("reply carries both an update and a masked input")
-    if (has_update or has_masked) != (report.status == "ok"):
+    if preflight and (has_update or has_masked):
+        raise WireError("a pre-flight answer carries an update")
+    if (has_update or has_masked) != (report.status == "ok" and not preflight):
         raise WireError(
             f"reply with status {report.status!r} {'has' if has_update else 'lacks'} an update"
         )
     update = _record_to_arrays(content.array_records[UPDATE_KEY], "update") if has_update else None
     masked = decode_stage(content, expect="masked-input") if has_masked else None
-    return TrainReply(report, update, masked)
+    return TrainReply(report, update, masked, preflight=preflight)
 
 
 # ---- secure-aggregation stages, both directions --------------------------------------

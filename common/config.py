@@ -109,6 +109,18 @@ class RunConfig(BaseModel):
     # Simulation only, a labelled option: federated evaluation without noise (exact
     # counts, no privacy; deployed sites ignore it and say so).
     eval_noise: bool = True
+    # A rehearsal: every site trains and evaluates on a small public stand-in instead of
+    # its own data and spends nothing (client/rehearsal.py); every output says REHEARSAL.
+    rehearsal: bool = False
+    # Before a DP run's first round each site answers what the plan would cost it and
+    # what its budget leaves; sites that would refuse are named and not asked.
+    preflight: bool = True
+    # Resume a run that died (server/resume.py): its output folder. The coordinator fills
+    # in for the sites the ids of the runs this one continues (comma-separated) and the
+    # rounds they finished; a site calibrates the new run with their entries as spent.
+    resume: str = ""
+    resumes_run: str = ""
+    resume_round: int = 0
     # Output ("" = runs/<timestamp>)
     out_dir: str = ""
     # Simulation only: where simulated sites keep their identity keys and privacy
@@ -214,8 +226,24 @@ class RunConfig(BaseModel):
             raise ValueError("must be in [0, 1)")
         return v
 
+    @field_validator("resumes_run")
+    @classmethod
+    def _run_ids(cls, v: str) -> str:
+        if v and not all(part and part.isalnum() for part in v.split(",")):
+            raise ValueError("must be comma-separated run ids (letters and digits)")
+        if len(v) > 2000:
+            raise ValueError("names too many runs")
+        return v
+
     @model_validator(mode="after")
     def _coherent(self) -> RunConfig:
+        if not 0 <= self.resume_round < self.num_server_rounds:
+            raise ValueError(
+                f"resume-round {self.resume_round} must be in [0, num-server-rounds "
+                f"{self.num_server_rounds})"
+            )
+        if bool(self.resume_round) != bool(self.resumes_run):
+            raise ValueError("resume-round and resumes-run go together (the coordinator sets both)")
         if self.dataset == "20newsgroups" and self.partition == "natural":
             raise ValueError(
                 "20newsgroups has no natural grouping column: use partition 'iid' or 'dirichlet'"
@@ -228,6 +256,11 @@ class RunConfig(BaseModel):
                 f"not {self.partition!r}"
             )
         return self
+
+    @property
+    def resumed_runs(self) -> tuple[str, ...]:
+        """The runs this one continues, oldest first (empty: a run of its own)."""
+        return tuple(self.resumes_run.split(",")) if self.resumes_run else ()
 
     @property
     def bundled(self) -> bool:

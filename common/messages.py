@@ -40,6 +40,8 @@ STATUSES: tuple[Status, ...] = ("ok", "refused", "failed")
 SITE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 LEDGER_HEAD = re.compile(r"(|[0-9a-f]{64})")
 LEDGER_SIGNATURE = re.compile(r"(|[A-Za-z0-9+/]{86}==)")  # base64 of 64 bytes
+# What a site's report says in a rehearsal (client/rehearsal.py).
+REHEARSAL_NOTE = "REHEARSAL: public stand-in data, nothing charged"
 KEY_FINGERPRINT = re.compile(r"(|sha256:[0-9a-f]{64})")  # a site's ledger key
 
 
@@ -59,10 +61,16 @@ class RoundPlan:
     config: RunConfig
     task: Task = field(default=None)  # type: ignore[assignment]  # None: the config's
     evaluate: bool = False
+    # The pre-flight before a run's first round: each site answers what the plan would
+    # cost it and what its lifetime budget leaves (numbers of plans and ledgers, never of
+    # data), and whether it would refuse; nothing is trained, charged or loaded.
+    preflight: bool = False
 
     def __post_init__(self) -> None:
         if self.task is None:
             object.__setattr__(self, "task", run_task(self.config))
+        if self.evaluate and self.preflight:
+            raise ValueError("a plan is an evaluation or a pre-flight, not both")
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,10 @@ class SiteReport:
     lifetime_epsilon: float = 0.0
     # The fingerprint of the key that signs the site's ledger ("" without a ledger).
     identity: str = ""
+    # Pre-flight only: what the site keeps of its budget (its node config) and what its
+    # lifetime filter would certify after the whole planned run.
+    reserve: float = 0.0
+    lifetime_after: float = 0.0
 
     @classmethod
     def of(cls, status: Status, reason: str, site: str, **values: Any) -> SiteReport:
@@ -158,12 +170,14 @@ class TrainReply:
     report: SiteReport
     update: Arrays | None = None
     masked: StageMessage | None = None
+    preflight: bool = False  # the answer to a pre-flight: a report, nothing else
 
     def __post_init__(self) -> None:
         carries = (self.update is not None) + (self.masked is not None)
-        if carries != (1 if self.report.status == "ok" else 0):
+        if carries != (1 if self.report.status == "ok" and not self.preflight else 0):
             raise ValueError(
-                "an update or a masked input (one of them) travels exactly when status is 'ok'"
+                "an update or a masked input (one of them) travels exactly when status is "
+                "'ok', and never in a pre-flight answer"
             )
 
 

@@ -18,6 +18,9 @@ summary of a newer version than this code knows is refused by name rather than
 misread. Version 3 (issue 14) carries the run's ``task``, a round's private federated
 evaluation (``private_eval``), and no central accuracy where the task has no public
 test set (``accuracy`` None); the final record says where its accuracy comes from.
+Version 4 (issue 17) says whether the run was a ``rehearsal`` (public stand-in data,
+nothing spent), carries each site's answer to the run's ``preflight``, and whether the
+run is ``complete`` (the coordinator rewrites the summary after every round).
 
 torch is imported only where model files are written or read (and matplotlib only
 where common/plots.py draws): the auditor reads summaries without them.
@@ -51,7 +54,7 @@ if TYPE_CHECKING:
 
     from common.model import ModelSpec
 
-SUMMARY_VERSION = 3
+SUMMARY_VERSION = 4
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model/model.safetensors"
 CHECKPOINT_DIR = "checkpoints"
@@ -205,6 +208,22 @@ class SiteSummary(_Frozen):
     ledger_head: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
 
 
+class PreflightRow(_Frozen):
+    """A site's answer to the run's pre-flight: what the plan would cost it and what its
+    lifetime budget leaves (declared numbers of plans and ledgers), or why it refuses."""
+
+    site: SiteName
+    status: Literal["ok", "refused", "failed"]
+    reason: str = ""
+    epsilon: Declared | None = None  # the planned run's own epsilon (PRV)
+    noise_multiplier: Declared | None = None
+    steps: Count = 0  # the run's steps still to come
+    spent: Declared | None = None  # the lifetime filter's epsilon now
+    after: Declared | None = None  # ... and after the whole run
+    budget: Declared | None = None
+    reserve: Declared | None = None
+
+
 class FinalRecord(_Frozen):
     """The final model's scores: central on the public test set, else the last private
     federated evaluation's (``source``; its macro-F1 and noise scale beside)."""
@@ -276,6 +295,12 @@ class RunSummary(_Frozen):
     central: CentralRecord | None = None
     # The task the run trained (common/task.py's canonical fields); None before v3.
     task: dict[str, Any] | None = None
+    # v4: a rehearsal on public stand-in data (nothing spent), the pre-flight, and
+    # whether the run finished (a summary is written after every round: a run that
+    # died leaves the rounds it did).
+    rehearsal: bool = False
+    preflight: tuple[PreflightRow, ...] = ()
+    complete: bool = True
 
     @field_validator("version")
     @classmethod
@@ -392,9 +417,12 @@ def _no_constant(name: str) -> float:
 
 
 def write_summary(out_dir: Path, summary: RunSummary) -> Path:
+    """Written whole or not at all (the coordinator rewrites it after every round)."""
     path = out_dir / SUMMARY_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(summary.to_json())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(summary.to_json())
+    tmp.replace(path)
     return path
 
 

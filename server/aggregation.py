@@ -21,6 +21,12 @@ Arrays = dict[str, torch.Tensor]
 M = TypeVar("M", TrainReply, StageMessage)
 
 
+def round_group(plan: RoundPlan) -> str:
+    """The message group of a round's exchanges: ``N`` for training round N,
+    ``N/evaluation`` for the evaluation after it (stages add ``/<stage>``)."""
+    return f"{plan.round}/evaluation" if plan.evaluate else str(plan.round)
+
+
 @dataclass(frozen=True)
 class Reply(Generic[M]):
     """A site's reply to one message: the decoded message, or why there is none (no
@@ -93,7 +99,7 @@ def plain_round(
     k = len(plan.task.labels)
     expected = {COUNTS_KEY: torch.zeros(k * k)} if plan.evaluate else weights
     started = time.monotonic()
-    replies = transport.train(dict.fromkeys(chosen, request), group=str(plan.round))
+    replies = transport.train(dict.fromkeys(chosen, request), group=round_group(plan))
     stage_seconds = {"train": time.monotonic() - started}
     results, updates, counts = [], [], []
     upload: dict[int, int] = {}

@@ -19,6 +19,7 @@ from typing import TypeVar
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import HttpGrid
 
 from common.codec import (
     content_bytes,
@@ -55,13 +56,20 @@ M = TypeVar("M", TrainReply, StageMessage)
 POLL_SECONDS, MAX_POLL_SECONDS = 0.02, 0.1
 
 
+# How an exchange is going: its message group, the sites that answered, the sites
+# asked, seconds so far, and whether it is over.
+Progress = Callable[[str, int, int, float, bool], None]
+
+
 class GridTransport:
     """One message per node and stage over Flower's Grid: encodes the workflows'
-    messages, decodes (and validates) the replies, counts the bytes sites send."""
+    messages, decodes (and validates) the replies, counts the bytes sites send, and
+    tells ``progress`` how each exchange is going while it waits."""
 
-    def __init__(self, grid: Grid, *, timeout: float) -> None:
+    def __init__(self, grid: Grid, *, timeout: float, progress: Progress | None = None) -> None:
         self.grid = grid
         self.timeout = timeout
+        self.progress = progress
 
     def node_ids(self) -> list[int]:
         return list(self.grid.get_node_ids())
@@ -89,13 +97,14 @@ class GridTransport:
         contents = {nid: encode_stage(m) for nid, m in messages.items()}
         return self._exchange(contents, group, lambda c: decode_stage(c, expect=expect))
 
-    def _send_and_receive(self, messages: list[Message]) -> list[Message]:
+    def _send_and_receive(self, messages: list[Message], group: str = "") -> list[Message]:
         """Push, then pull until every reply is in or the timeout passes. Flower's Grid
         offers no blocking wait: its own ``send_and_receive`` polls every 3 s deployed
         (0.1 s in simulation), and a back-off to 1 s cost every exchange half a second
         on average (a training exchange ended on a poll tick, 6.47 s, in every round)."""
         pending = set(self.grid.push_messages(messages))
-        deadline = time.monotonic() + self.timeout
+        started = time.monotonic()
+        deadline = started + self.timeout
         delay, replies = POLL_SECONDS, []
         while pending:
             got = list(self.grid.pull_messages(list(pending)))
@@ -103,8 +112,12 @@ class GridTransport:
             pending -= {m.metadata.reply_to_message_id for m in got}
             if not pending or time.monotonic() >= deadline:
                 break
+            if self.progress is not None:
+                self.progress(group, len(replies), len(messages), time.monotonic() - started, False)
             time.sleep(delay)
             delay = min(delay * 1.5, MAX_POLL_SECONDS)
+        if self.progress is not None:
+            self.progress(group, len(replies), len(messages), time.monotonic() - started, True)
         return replies
 
     def _exchange(
@@ -114,7 +127,7 @@ class GridTransport:
             Message(content=c, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=group)
             for nid, c in contents.items()
         ]
-        replies = self._send_and_receive(messages)
+        replies = self._send_and_receive(messages, group)
         out: dict[int, Reply[M]] = {}
         for reply in replies:
             nid = reply.metadata.src_node_id
@@ -142,15 +155,22 @@ def with_run_folders(cfg: RunConfig) -> RunConfig:
     simulated sites' folder (default ``<out-dir>/sites``) resolved: the plan carries
     them (simulated sites write their ledgers there)."""
     out_dir = cfg.out_dir or str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    sites_dir = cfg.sites_dir or str(Path(out_dir) / "sites")
+    out_dir = str(Path(out_dir).resolve())  # the run prints and records where it is
+    sites_dir = str(Path(cfg.sites_dir or Path(out_dir) / "sites").resolve())
     return cfg.model_copy(update={"out_dir": out_dir, "sites_dir": sites_dir})
 
 
-def serve(grid: Grid, cfg: RunConfig) -> RunSummary:
-    """Run the federation over ``grid``; ``cfg`` was parsed once, at the edge."""
+def serve(grid: Grid, cfg: RunConfig, *, run_id: int | str = "") -> RunSummary:
+    """Run the federation over ``grid``; ``cfg`` was parsed once, at the edge. The
+    Deployment Engine's grid talks to a SuperLink over HTTP; the Simulation Engine's is
+    in memory (the banner shows only what applies to the engine in use)."""
     cfg = with_run_folders(cfg)
-    transport = GridTransport(grid, timeout=cfg.round_timeout)
-    return run_federation(cfg, transport, Path(cfg.out_dir), Reporter())
+    # Flower's logger runs at DEBUG in the ServerApp's process, and `flwr run --stream`
+    # shows it: our table says what happens, Flower's INFO and above say the rest.
+    logging.getLogger("flwr").setLevel(logging.INFO)
+    reporter = Reporter(deployed=isinstance(grid, HttpGrid))
+    transport = GridTransport(grid, timeout=cfg.round_timeout, progress=reporter.exchange)
+    return run_federation(cfg, transport, Path(cfg.out_dir).resolve(), reporter, run_id=str(run_id))
 
 
 app = ServerApp()
@@ -158,7 +178,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    serve(grid, RunConfig.from_user_config(context.run_config))
+    serve(grid, RunConfig.from_user_config(context.run_config), run_id=context.run_id)
 
 
 def make_server_app(cfg: RunConfig) -> ServerApp:
@@ -168,6 +188,6 @@ def make_server_app(cfg: RunConfig) -> ServerApp:
 
     @configured.main()
     def _main(grid: Grid, context: Context) -> None:
-        serve(grid, cfg)
+        serve(grid, cfg, run_id=context.run_id)
 
     return configured

@@ -349,6 +349,12 @@ def register_site(
             raise DeployError(
                 f"{ledger_key}: this ledger key is already registered as site {other!r}"
             )
+    if known is not None:
+        # Registered through this folder with this key: if the SuperLink still holds the
+        # node, registering again would only make it log an error ("already in use").
+        nodes, _ = _flwr_node_list(coord)
+        if nodes is not None and nodes.get(int(known.get("node_id") or 0)) in HELD_STATES:
+            return _again(coord, registry, name, fp, known, ledger_fp, recorded)
     node_id, error = _flwr_register(coord, public_key.resolve(), name)
     if node_id is None:
         if "already in use" in error.lower():
@@ -358,20 +364,7 @@ def register_site(
                     f"does not name it; find its node with `flwr supernode list` and "
                     "unregister it first"
                 )
-            # Same key, same name: registering again changes nothing, but a ledger key
-            # given for the first time is recorded.
-            added = ledger_fp is not None and recorded is None
-            if added:
-                registry[name] = {**known, "ledger_key": ledger_fp}
-                _write_registry(coord, registry)
-            return Registration(
-                name,
-                fp,
-                known.get("node_id"),
-                False,
-                ledger_key=ledger_fp or (str(recorded) if recorded is not None else None),
-                ledger_key_added=added,
-            )
+            return _again(coord, registry, name, fp, known, ledger_fp, recorded)
         raise DeployError(f"registering {name!r} failed: {error or 'no reason given by flwr'}")
     record: dict[str, Any] = {"key": fp, "node_id": node_id}
     kept = ledger_fp or (str(recorded) if recorded is not None else None)
@@ -380,6 +373,35 @@ def register_site(
     registry[name] = record
     _write_registry(coord, registry)
     return Registration(name, fp, node_id, True, ledger_key=kept)
+
+
+# The states in which the SuperLink holds a registered node key.
+HELD_STATES = ("registered", "online", "offline")
+
+
+def _again(
+    coord: Coordinator,
+    registry: dict[str, dict[str, Any]],
+    name: str,
+    fp: str,
+    known: dict[str, Any],
+    ledger_fp: str | None,
+    recorded: object,
+) -> Registration:
+    """Same key, same name: registering again changes nothing, but a ledger key given
+    for the first time is recorded."""
+    added = ledger_fp is not None and recorded is None
+    if added:
+        registry[name] = {**known, "ledger_key": ledger_fp}
+        _write_registry(coord, registry)
+    return Registration(
+        name,
+        fp,
+        known.get("node_id"),
+        False,
+        ledger_key=ledger_fp or (str(recorded) if recorded is not None else None),
+        ledger_key_added=added,
+    )
 
 
 def _write_registry(coord: Coordinator, registry: dict[str, dict[str, Any]]) -> None:

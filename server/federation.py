@@ -36,27 +36,32 @@ from common.evaluation import (
     sum_noise_std,
 )
 from common.features import PUBLIC_CACHE, batchable
-from common.messages import RoundPlan, SiteReport
+from common.messages import REHEARSAL_NOTE, RoundPlan, SiteReport, TrainRequest
 from common.model import build_model, model_spec
 from common.outputs import (
     ClassScore,
     LedgerHead,
     Note,
     NoteStatus,
+    PreflightRow,
     PrivateEval,
     RoundRecord,
+    RunOutputError,
     RunSummary,
     SiteSummary,
     checkpoint_path,
     final_record,
     save_model,
     write_run_files,
+    write_summary,
 )
 from common.task import Task, run_task, test_file_path
 from common.training import Batchable, default_device, evaluate
+from server import resume
 from server.aggregation import RoundOutcome, SiteResult, Transport, plain_round
 from server.optimizers import ServerOptimizer
 from server.report import Reporter
+from server.resume import Resumable
 from server.secure import secure_round
 
 Arrays = dict[str, torch.Tensor]
@@ -220,10 +225,17 @@ def _account(res: SiteResult, view: DeclaredSite, row: RoundTally) -> None:
 
 
 def run_federation(
-    cfg: RunConfig, transport: Transport, out_dir: Path, reporter: Reporter
+    cfg: RunConfig, transport: Transport, out_dir: Path, reporter: Reporter, *, run_id: str = ""
 ) -> RunSummary:
-    """Run all rounds; returns the summary (also written to ``out_dir``)."""
+    """Run all rounds (with ``resume``, those after the dead run's last checkpoint:
+    server/resume.py); returns the summary (also written to ``out_dir``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    resumed: Resumable | None = None
+    earlier: tuple[RoundRecord, ...] = ()
+    if cfg.resume:
+        dead, resumed, earlier = resume.load(Path(cfg.resume))
+        cfg = resume.resumed_config(cfg, dead, resumed)
+    resume.record_run(out_dir, cfg, run_id)
     task = run_task(cfg)
     central, federated = evaluation_modes(cfg, task)
     spec = model_spec(task)
@@ -240,21 +252,76 @@ def run_federation(
     sites: dict[str, DeclaredSite] = {}
     known_names: dict[int, str] = {}
     banned: dict[int, int] = {}  # node -> the round it was proven to cheat in
-    rows: list[RoundRecord] = []
+    rows: list[RoundRecord] = list(earlier)
+    if resumed is not None:  # the dead run's state after its last finished round
+        if {k: v.shape for k, v in resumed.weights.items()} != {
+            k: v.shape for k, v in weights.items()
+        }:
+            raise RunOutputError(f"resume {cfg.resume}: its weights do not fit the task's model")
+        weights, shipped = resumed.weights, resumed.shipped
+        optimizer.load_state(resumed.optimizer, weights)
+        sampler.setstate(resumed.sampler)
+        banned, known_names = dict(resumed.banned), dict(resumed.names)
+        if shipped is not None:
+            model.load_trainable_state(shipped)
+    first = cfg.resume_round + 1
     reporter.start(cfg, num_params=sum(v.numel() for v in weights.values()), task=task)
+    # Before anything is spent: what the plan would cost each site, and who would refuse
+    # (not asked this run; a rehearsal spends nothing, so it asks everyone).
+    checked: tuple[PreflightRow, ...] = ()
+    declined: dict[int, str] = {}
+    if cfg.dp and cfg.preflight:
+        present = _wait_for_sites(transport, cfg.min_sites, cfg.round_timeout)
+        checked, refusing = run_preflight(transport, present, cfg, task, weights, known_names)
+        reporter.preflight(checked, rehearsal=cfg.rehearsal)
+        declined = {} if cfg.rehearsal else refusing
+    accepting = len(_wait_for_sites(transport, 0, 0)) - len(declined)
+    stop = ""
+    if declined and accepting < cfg.min_sites:
+        stop = (
+            f"only {accepting} connected sites accept the plan ({len(declined)} refused it at "
+            f"the pre-flight), min-sites is {cfg.min_sites}: the run stops before its first "
+            "round; nothing was spent"
+        )
+        reporter.stopped(stop)
+    else:
+        reporter.round_header()
 
-    for rnd in range(1, cfg.num_server_rounds + 1):
+    def summarize(complete: bool) -> RunSummary:
+        site_rows = tuple(
+            view.summary(cfg) for view in sorted(sites.values(), key=lambda v: _site_order(v.site))
+        )
+        return RunSummary(
+            dp=cfg.dp,
+            mode="federated-dp" if cfg.dp else "federated-no-dp",
+            config=cfg.to_user_config(),
+            rounds=tuple(rows),
+            sites=site_rows,
+            final=final_record(tuple(rows), site_rows),
+            task=json.loads(task.canonical()),
+            rehearsal=cfg.rehearsal,
+            preflight=checked,
+            complete=complete,
+        )
+
+    for rnd in range(first, first if stop else cfg.num_server_rounds + 1):
         started = time.monotonic()
         # Deployed sites connect when they start: give them one round timeout to reach
         # min-sites before the first round, rather than failing it at once.
-        available = _wait_for_sites(transport, cfg.min_sites, cfg.round_timeout if rnd == 1 else 0)
-        # A site proven to cheat in secure aggregation is not asked again this run.
-        available = [n for n in available if n not in banned]
+        wait = cfg.round_timeout if rnd == first else 0
+        available = _wait_for_sites(transport, cfg.min_sites, wait)
+        # A site proven to cheat in secure aggregation is not asked again this run, nor
+        # one that refused the plan at the pre-flight.
+        available = [n for n in available if n not in banned and n not in declined]
         k = max(1, math.ceil(cfg.fraction_train * len(available)))
         chosen = sorted(sampler.sample(available, min(k, len(available))))
         row = RoundTally(round=rnd, sites_asked=len(chosen))
+        if rnd == first:
+            for nid, why in sorted(declined.items()):
+                row.note(known_names.get(nid, f"node-{nid}"), "refused", why)
         if len(available) < cfg.min_sites:
-            row.fail(f"only {len(available)} sites connected, min-sites is {cfg.min_sites}")
+            but = f" ({len(declined)} refused the plan at the pre-flight)" if declined else ""
+            row.fail(f"only {len(available)} sites connected{but}, min-sites is {cfg.min_sites}")
             outcome = RoundOutcome(results=[], mean=None)
         else:
             plan = RoundPlan(round=rnd, config=cfg, task=task)
@@ -287,7 +354,9 @@ def run_federation(
             shipped = _ema(shipped, weights, cfg.server_ema)
             model.load_trainable_state(shipped)
         elif row.status == "ok":
-            row.fail("no site trained this round; the global model is unchanged")
+            refused = sorted({n.site for n in row.notes if n.status == "refused"})
+            why = f" ({len(refused)} refused: see the notes)" if refused else ""
+            row.fail(f"no site trained this round{why}; the global model is unchanged")
         final = shipped if shipped is not None else weights
         result = evaluate(model, test_data, device=device) if test_data is not None else None
         private = None
@@ -310,24 +379,87 @@ def run_federation(
         )
         save_model(checkpoint_path(out_dir, rnd), final, spec, task.labels, rnd)
         rows.append(record)
+        # A run that dies leaves what it did so far (`fedsilo audit verify` reads it),
+        # then the state a new run resumes from (server/resume.py).
+        write_summary(out_dir, summarize(False))
+        resume.save_state(
+            out_dir,
+            Resumable(
+                round=rnd,
+                run_id=run_id,
+                weights=weights,
+                shipped=shipped,
+                optimizer=optimizer.state(),
+                sampler=sampler.getstate(),
+                banned=banned,
+                names=known_names,
+            ),
+        )
         reporter.round(record)
 
     final = shipped if shipped is not None else weights
-    site_rows = tuple(
-        view.summary(cfg) for view in sorted(sites.values(), key=lambda v: _site_order(v.site))
-    )
-    summary = RunSummary(
-        dp=cfg.dp,
-        mode="federated-dp" if cfg.dp else "federated-no-dp",
-        config=cfg.to_user_config(),
-        rounds=tuple(rows),
-        sites=site_rows,
-        final=final_record(tuple(rows), site_rows),
-        task=json.loads(task.canonical()),
-    )
+    summary = summarize(True)
     write_run_files(out_dir, summary, final, spec, task.labels)
     reporter.finish(summary, out_dir)
     return summary
+
+
+def run_preflight(
+    transport: Transport,
+    nodes: list[int],
+    cfg: RunConfig,
+    task: Task,
+    weights: Arrays,
+    known: dict[int, str],
+) -> tuple[tuple[PreflightRow, ...], dict[int, str]]:
+    """Ask every connected site what the run's plan would cost it (client/round.py
+    ``preflight``): nothing is trained or charged. Returns each site's answer and the
+    nodes that refused it, with their reasons."""
+    plan = RoundPlan(round=cfg.resume_round + 1, config=cfg, task=task, preflight=True)
+    replies = transport.train(
+        {nid: TrainRequest(plan, weights) for nid in nodes}, group="preflight"
+    )
+    rows: list[PreflightRow] = []
+    refused: dict[int, str] = {}
+    for nid in sorted(replies):
+        reply = replies[nid]
+        message = reply.message
+        if message is not None:
+            known[nid] = message.report.site
+        name = known.get(nid, f"node-{nid}")
+        if message is None or message.update is not None or message.masked is not None:
+            why = reply.error or "answered the pre-flight with an update (not used)"
+            rows.append(PreflightRow(site=name, status="failed", reason=why or "no reply"))
+            continue
+        r = message.report
+        if r.status == "refused":
+            refused[nid] = f"refused the plan at the pre-flight: {r.reason}"
+        if r.status != "ok" or not r.dp:
+            rows.append(
+                PreflightRow(
+                    site=name,
+                    status=r.status,
+                    reason=r.reason,
+                    spent=_declared(r.lifetime_epsilon) if r.status == "refused" else None,
+                    budget=_declared(r.budget) if r.status == "refused" else None,
+                )
+            )
+            continue
+        rows.append(
+            PreflightRow(
+                site=name,
+                status="ok",
+                epsilon=r.epsilon,
+                noise_multiplier=r.noise_multiplier,
+                steps=r.total_steps,
+                spent=r.lifetime_epsilon,
+                after=r.lifetime_after,
+                budget=r.budget,
+                reserve=r.reserve,
+            )
+        )
+    rows.sort(key=lambda row: _site_order(row.site))
+    return tuple(rows), refused
 
 
 def _public_test_set(cfg: RunConfig, task: Task) -> Batchable:
@@ -390,7 +522,7 @@ def federated_evaluation(
             notes.append(Note(site=name, status=status, reason=why or "not in the sum"))
             continue
         sites.append(name)
-        if report.reason:  # e.g. a deployed site that ignored eval-noise off
+        if report.reason and report.reason != REHEARSAL_NOTE:  # e.g. ignored eval-noise off
             notes.append(Note(site=name, status="said", reason=report.reason))
         sigma = report.noise_multiplier * SENSITIVITY if report.dp else 0.0
         if sigma > MAX_DECLARED_SIGMA:  # a false declaration: reported, not squared

@@ -58,6 +58,19 @@ class ServerOptimizer:
         self._m: Arrays = {}
         self._v: Arrays = {}
 
+    def state(self) -> dict[str, Arrays]:
+        """The moments a resumed run needs to go on exactly (server/resume.py)."""
+        return {"m": dict(self._m), "v": dict(self._v)}
+
+    def load_state(self, state: dict[str, Arrays], weights: Arrays) -> None:
+        """Restore ``state()``; its arrays must be the weights' (names and shapes)."""
+        for part, arrays in (("m", state.get("m", {})), ("v", state.get("v", {}))):
+            for k, v in arrays.items():
+                if k not in weights or v.shape != weights[k].shape:
+                    raise ValueError(f"optimizer state {part}/{k} does not fit the weights")
+        self._m = {k: v.clone() for k, v in state.get("m", {}).items()}
+        self._v = {k: v.clone() for k, v in state.get("v", {}).items()}
+
     def step(self, weights: Arrays, update: Arrays) -> Arrays:
         if set(weights) != set(update):
             raise ValueError("update and weights disagree on their arrays")

@@ -38,7 +38,7 @@ from common.secagg.coordinator import CoordinatorSession
 from common.secagg.encoding import encoding_spec, payload_shape, site_weight
 from common.secagg.errors import SecAggAbort, SecAggError
 from common.secagg.params import Advert, SecAggParams
-from server.aggregation import Arrays, RoundOutcome, SiteResult, Transport
+from server.aggregation import Arrays, RoundOutcome, SiteResult, Transport, round_group
 
 log = logging.getLogger("fedsilo.coordinator")
 
@@ -94,7 +94,7 @@ class _Round:
         """Send one stage message per protocol index; ``accept`` each valid reply."""
         outgoing = {self.node_of[u]: m for u, m in messages.items()}
         started = time.monotonic()
-        replies = self.transport.stage(outgoing, group=f"{self.plan.round}/{stage}")
+        replies = self.transport.stage(outgoing, group=f"{round_group(self.plan)}/{stage}")
         self.seconds[stage] = time.monotonic() - started
         for u in sorted(messages):
             nid = self.node_of[u]
@@ -240,7 +240,7 @@ def secure_round(
             for u in members
         }
         started = time.monotonic()
-        replies = transport.train(train, group=str(plan.round))
+        replies = transport.train(train, group=round_group(plan))
         state.seconds["train"] = time.monotonic() - started
         masked: dict[int, tuple[bytes, bytes]] = {}
         for nid in train:

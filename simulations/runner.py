@@ -7,6 +7,7 @@ keys plus ``num-sites``; command-line options override it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tomllib
@@ -22,6 +23,7 @@ from common.task import TaskError, resolve_task, run_task
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 SIMULATION_KEYS = {"num-sites"}
+SIMULATION_FILE = "simulation.json"  # what a resumed simulation needs beyond run.json
 DEFAULT_SITES = 10
 TASK_FILE = "task.toml"
 NOTICE = (
@@ -68,6 +70,33 @@ def _drop_python_api_deprecation(record: logging.LogRecord) -> bool:
     """Flower deprecates its Python simulation entry point in favour of `flwr run`;
     fedsilo uses it on purpose (in-process table and outputs), so the notice is noise."""
     return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def resume_options(run_dir: str, out: str | None = None) -> dict[str, Any]:
+    """The options of a simulation that takes over where the one in ``run_dir`` died:
+    its plan and number of sites, its sites' folder (their ledgers go on), and a new
+    output folder (``out``, default runs/<timestamp>); server/resume.py does the rest."""
+    from server.resume import OPERATIONAL_KEYS, RUN_FILE
+
+    path = Path(run_dir).resolve()
+    try:
+        config = json.loads((path / RUN_FILE).read_text())["config"]
+        num_sites = json.loads((path / SIMULATION_FILE).read_text())["num-sites"]
+    except FileNotFoundError as err:
+        raise ConfigError(
+            f"--resume {path}: not the folder of a simulation ({Path(str(err.filename)).name} "
+            "missing)"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"--resume {path}: unreadable ({err})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--resume {path}: {RUN_FILE} holds no config")
+    kept = {
+        k: v
+        for k, v in config.items()
+        if k not in OPERATIONAL_KEYS and k not in ("resumes-run", "resume-round")
+    }
+    return {**kept, "num-sites": num_sites, "resume": str(path), "out-dir": out or ""}
 
 
 def check_options(options: Mapping[str, Any]) -> tuple[RunConfig, int]:
@@ -208,6 +237,9 @@ def simulate(options: Mapping[str, Any]) -> RunSummary:
     from server.app import make_server_app, with_run_folders
 
     cfg = prepare_task(with_run_folders(cfg), num_sites)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SIMULATION_FILE).write_text(json.dumps({"num-sites": num_sites}) + "\n")
     gpus = 1.0 / max(1, min(num_sites, 4)) if torch.cuda.is_available() else 0.0
     run_simulation(
         server_app=make_server_app(cfg),
@@ -221,4 +253,10 @@ def simulate(options: Mapping[str, Any]) -> RunSummary:
     summary_path = Path(cfg.out_dir) / SUMMARY_FILE
     if not summary_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {summary_path}")
-    return read_summary(summary_path)
+    summary = read_summary(summary_path)
+    if not summary.complete:
+        raise RuntimeError(
+            f"the simulation stopped after round {summary.rounds[-1].round if summary.rounds else 0}"
+            f" of {cfg.num_server_rounds}; `fedsilo simulate --resume {cfg.out_dir}` goes on"
+        )
+    return summary

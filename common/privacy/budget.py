@@ -142,34 +142,96 @@ class RunPlan:
 PLAN_FIELDS = tuple(f.name for f in fields(RunPlan))
 
 
+def spent_words(budget: SiteBudget) -> str:
+    """The budget's state in words, the start of every refusal for want of budget."""
+    n = len(budget.entries)
+    return (
+        f"budget spent: {budget.spent():.3f} of {budget.budget:.3f} on this site "
+        f"({n} earlier round{'' if n == 1 else 's'}, as its adaptive filter certifies)"
+    )
+
+
 def calibrate_run(
-    budget: SiteBudget, *, target: float, sample_rate: float, steps: int, rounds: int
+    budget: SiteBudget,
+    *,
+    target: float,
+    sample_rate: float,
+    steps: int,
+    rounds: int,
+    reserve: float = 0.0,
+    resumed: Sequence[SubsampledGaussianEvent] = (),
 ) -> float:
-    """The noise multiplier of a new run: the run alone reaches ``target`` (PRV) at its
-    last round, and the lifetime filter over everything charged before stays within the
-    budget. Refuses, with the cause in words, a run asking more than remains."""
+    """The noise multiplier of a new run: the run (after the ``resumed`` runs' events,
+    when it continues runs that died) reaches ``target`` (PRV) at its last round, and
+    the lifetime filter over everything charged before stays within the budget less
+    the site's ``reserve`` (what it keeps for later runs; its own node config).
+    Refuses, with the cause in words, a run asking more than remains above the
+    reserve, or one whose steps what remains cannot pay for at any noise."""
     from common.privacy.accounting import calibrate_filter_noise, calibrate_noise_multiplier
 
+    if not (0 <= reserve < budget.budget):
+        raise PrivacyError(f"the site's reserve {reserve:g} is not in [0, {budget.budget:g})")
     spent = budget.spent()
-    left = budget.budget - spent
-    if target > left:
+    usable = budget.budget - reserve
+    left = usable - spent
+    kept = f" above its reserve of {reserve:g}" if reserve else ""
+    # A resumed run asks only what its target leaves after the runs it continues.
+    already = _prv(list(resumed), budget.delta) if resumed else 0.0
+    if target - already > left:
+        part = f" ({already:.3f} of it spent by the runs it resumes)" if resumed else ""
         raise PrivacyError(
-            f"the run asks for epsilon {target:g} but the site's lifetime budget "
-            f"{budget.budget:g} has {max(left, 0.0):.3f} left ({spent:.3f} spent over "
-            f"{len(budget.entries)} earlier rounds, as its adaptive filter certifies)"
+            f"{spent_words(budget)}: the run asks for epsilon {target:g}{part}, "
+            f"{max(left, 0.0):.3f} is left{kept}"
         )
     total = steps * rounds
-    for_target = calibrate_noise_multiplier(
-        target_epsilon=target, delta=budget.delta, sample_rate=sample_rate, steps=total
-    )
-    for_budget = calibrate_filter_noise(
-        budget=budget.budget,
-        delta=budget.delta,
-        sample_rate=sample_rate,
-        steps=total,
-        prior=tuple(budget.events),
-    )
+    try:
+        for_target = calibrate_noise_multiplier(
+            target_epsilon=target,
+            delta=budget.delta,
+            sample_rate=sample_rate,
+            steps=total,
+            prior=tuple(resumed),
+        )
+    except PrivacyError:
+        if resumed:
+            raise PrivacyError(
+                f"the runs this one resumes spent {already:.3f} of "
+                f"the target epsilon {target:g}: too little is left for {total} more steps "
+                f"at sample rate {sample_rate:.4g}"
+            ) from None
+        raise PrivacyError(
+            f"the run's target epsilon {target:g} is too small for its {total} steps at "
+            f"sample rate {sample_rate:.4g} at any noise: ask for fewer rounds or a larger "
+            "target"
+        ) from None
+    try:
+        for_budget = calibrate_filter_noise(
+            budget=usable,
+            delta=budget.delta,
+            sample_rate=sample_rate,
+            steps=total,
+            prior=tuple(budget.events),
+        )
+    except PrivacyError:
+        raise PrivacyError(
+            f"{spent_words(budget)}: the {max(left, 0.0):.3f} left{kept} cannot pay for "
+            f"{total} steps at sample rate {sample_rate:.4g} at any noise"
+        ) from None
     return max(for_target, for_budget)
+
+
+def run_cost(
+    budget: SiteBudget,
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    resumed: Sequence[SubsampledGaussianEvent] = (),
+) -> tuple[float, float]:
+    """What a whole run of ``steps`` steps at ``noise_multiplier`` costs: its epsilon
+    (PRV, after the ``resumed`` runs' events) and the lifetime filter's after it."""
+    event = SubsampledGaussianEvent(noise_multiplier, sample_rate, steps)
+    return _prv([*resumed, event], budget.delta), _filter([*budget.events, event], budget.delta)
 
 
 def one_run_budget(*, target: float, delta: float, sample_rate: float, steps: int) -> float:

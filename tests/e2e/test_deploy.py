@@ -29,6 +29,7 @@ pytestmark = pytest.mark.e2e
 
 GENERIC_DATA_FAILURE = "site data failed validation (details in the site's log)"
 SECRET = "SECRET-PATIENT-4711"
+CLIENTAPP_STARTS = "Start `flwr-clientapp`"  # a SuperNode's log line for each message
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +53,30 @@ def test_sites_with_an_unregistered_key_or_the_wrong_ca_are_refused(
     wrong_ca = fed.site("wrong-ca", data, ca=other_ca / "ca.crt", min_sites=2)
     fed.roster([unregistered, wrong_ca], "roster-refused.json")  # else `site start` refuses
 
-    # Execute: both pass their local checks and start a SuperNode.
+    # Execute: `site check --connect` meets the SuperLink; then each starts a SuperNode.
+    checks = {
+        name: deployment.fedsilo_result("site", "check", "--connect", str(site))
+        for name, site in (("unregistered", unregistered), ("wrong-ca", wrong_ca))
+    }
     procs = [fed.start_site(unregistered), fed.start_site(wrong_ca)]
     codes = [p.wait_exit(timeout=120) for p in procs]
 
-    # Assert: each SuperNode gave up on its own, with the reason in its log.
+    # Assert: the check finds each problem before `site start`, in words, and prints the
+    # CA fingerprint to compare; each SuperNode gives up on its own and `site start`
+    # says why in one line.
+    ours = deployment.ca_fingerprint(fed.coord / "ca.crt")
+    theirs = deployment.ca_fingerprint(other_ca / "ca.crt")
+    check = checks["unregistered"]
+    assert check.returncode != 0, check.stdout
+    assert f"certificate verified against the CA, CA fingerprint {ours}" in check.stdout
+    assert "this node's key is not registered at the coordinator" in check.stdout
+    check = checks["wrong-ca"]
+    assert check.returncode != 0 and "ok    TLS handshake" not in check.stdout
+    assert "not signed by this site's CA" in check.stdout and theirs in check.stdout
     assert codes[0] != 0 and "Failed to activate SuperNode" in procs[0].text()
+    assert "error: this node's key is not registered at the coordinator" in procs[0].text()
     assert codes[1] != 0 and "CERTIFICATE_VERIFY_FAILED" in procs[1].text()
+    assert "error: the SuperLink's certificate is not signed by this site's CA" in procs[1].text()
     assert fed.superlink.popen.poll() is None
     assert fed.online_nodes() == set()
 
@@ -102,12 +120,33 @@ def test_a_run_survives_a_stopped_site_and_a_corrupt_one(federation: Federation)
     deployment.wait(
         "four sites online", lambda: fed.online_nodes() == set(node_ids.values()), 120, every=2
     )
+    # A rehearsal first: the whole path (TLS, node auth, secure aggregation, the
+    # coordinator's outputs) on public stand-in data, nothing spent.
+    rehearsal_dir = fed.root / "rehearsal"
+    rehearsal = fed.flwr(
+        "run", ".", "fedsilo", "--format", "json", "--run-config",
+        f"rehearsal=true num-server-rounds=1 min-sites=2 round-timeout=120.0 "
+        f"out-dir='{rehearsal_dir}'",
+        timeout=120,
+    )  # fmt: skip
+    assert rehearsal.returncode == 0, rehearsal.stdout + rehearsal.stderr
+    deployment.wait("the rehearsal", lambda: deployment.finished(rehearsal_dir), 300, every=1)
+    rehearsed = json.loads((rehearsal_dir / "summary.json").read_text())
+    assert rehearsed["rehearsal"] is True and rehearsed["rounds"][0]["trained"] == 4
+    assert rehearsed["rounds"][0]["ledger_heads"] == {}
+    for n in names:  # ledgers untouched
+        ledger = sites[n] / "state" / "ledger.jsonl"
+        assert not ledger.exists() or ledger.read_text() == "", n
+    shown = _run_log(fed, json.loads(rehearsal.stdout)["run-id"], "final accuracy")
+    assert "REHEARSAL: every site trains on public stand-in data" in shown
+    assert "REHEARSAL (public stand-in data, nothing spent): final accuracy" in shown
     out_dir = fed.root / "run"
     marks: dict[str, float] = {}
 
     # Execute: a two-round run. site-c is stopped (SIGTERM) as round 1 reaches it and
     # restarted once the SuperLink has seen it go; site-d's data file goes bad after
     # round 1 (a broken nightly export), so round 2 reaches a corrupt file.
+    started_apps = procs["site-c"].text().count(CLIENTAPP_STARTS)  # the rehearsal's
     started = time.monotonic()
     run = fed.flwr(
         "run",
@@ -122,8 +161,12 @@ def test_a_run_survives_a_stopped_site_and_a_corrupt_one(federation: Federation)
     assert run.returncode == 0, run.stdout + run.stderr
     run_id = str(json.loads(run.stdout)["run-id"])
     site_c = procs["site-c"]
+    # The run's pre-flight starts one ClientApp at site-c, its round 1 the next.
     deployment.wait(
-        "round 1 at site-c", lambda: "Start `flwr-clientapp`" in site_c.text(), 180, every=0.2
+        "round 1 at site-c",
+        lambda: site_c.text().count(CLIENTAPP_STARTS) >= started_apps + 2,
+        180,
+        every=0.2,
     )
     site_c.stop()
     deployment.wait(
@@ -144,19 +187,9 @@ def test_a_run_survives_a_stopped_site_and_a_corrupt_one(federation: Federation)
     marks["round 1 done"] = time.monotonic() - started
     with data["site-d"].open("a", newline="") as handle:
         csv.writer(handle).writerow([f"notes of {SECRET}", SECRET])
-    deployment.wait("the run's summary", lambda: (out_dir / "summary.json").exists(), 300, every=1)
+    deployment.wait("the run's summary", lambda: deployment.finished(out_dir), 300, every=1)
     marks["run done"] = time.monotonic() - started
-    # summary.json is written just before the final line is printed, and the ServerApp's
-    # output reaches the SuperLink's log a moment later: wait for that line.
-    log_lines = ""
-
-    def final_line_logged() -> bool:
-        nonlocal log_lines
-        log_lines = fed.flwr("log", run_id, "fedsilo", "--show").stdout
-        return "final accuracy" in log_lines
-
-    deployment.wait("the final line in the run's log", final_line_logged, 60, every=2)
-    logs = log_lines
+    logs = _run_log(fed, run_id, "final accuracy")
     print("deployment run, seconds from `flwr run`:", {k: round(v) for k, v in marks.items()})
 
     # Assert: per round, which sites trained (their signed ledger heads reached the
@@ -169,7 +202,8 @@ def test_a_run_survives_a_stopped_site_and_a_corrupt_one(federation: Federation)
     assert set(rounds[0]["ledger_heads"]) == {"site-a", "site-b", "site-d"}, rounds[0]
     assert set(rounds[1]["ledger_heads"]) == {"site-a", "site-b", "site-c"}, rounds[1]
     stopped = {n["site"] for n in rounds[0]["notes"] if n["status"] == "failed"}
-    assert stopped == {f"node-{node_ids['site-c']}"}, rounds[0]["notes"]  # no report: gone
+    # No report from it this round; its name is its pre-flight answer's.
+    assert stopped == {"site-c"}, rounds[0]["notes"]
     assert rounds[1]["notes"] == [
         {"site": "site-d", "status": "failed", "reason": GENERIC_DATA_FAILURE}
     ]
@@ -192,6 +226,53 @@ def test_a_run_survives_a_stopped_site_and_a_corrupt_one(federation: Federation)
     assert "DataValidationError" in site_log and f"{data['site-d'].name} line" in site_log
     assert "final accuracy" in logs
     assert restarted.popen.poll() is None
+    # The pre-flight said what the run would cost each site before anything was spent,
+    # and the console showed the secure-aggregation stages as they happened.
+    preflight = {row["site"]: row for row in summary["preflight"]}
+    assert set(preflight) == set(names), summary["preflight"]
+    for n in names:
+        row = preflight[n]
+        assert row["status"] == "ok" and row["spent"] == 0.0 and row["budget"] == 8.0
+        assert 0 < row["epsilon"] <= 8.0 + 1e-6 and row["after"] <= 8.0
+        assert f"{n}: run epsilon {row['epsilon']:.3f}" in logs
+    assert "pre-flight: what this run will cost each site" in logs
+    assert "round 1 advertise: " in logs and "round 2 unmask: " in logs
+
+    # Execute: a third run of the same plan would overspend every site.
+    again_dir = fed.root / "again"
+    third = fed.flwr(
+        "run", ".", "fedsilo", "--format", "json", "--run-config",
+        f"num-server-rounds=2 min-sites=2 round-timeout=120.0 out-dir='{again_dir}'",
+        timeout=120,
+    )  # fmt: skip
+    assert third.returncode == 0, third.stdout + third.stderr
+    deployment.wait("the refused run", lambda: deployment.finished(again_dir), 300, every=1)
+    refused = json.loads((again_dir / "summary.json").read_text())
+    shown = _run_log(fed, json.loads(third.stdout)["run-id"], "outputs in")
+
+    # Assert: each site refused at the pre-flight, naming its spent budget, and the run
+    # stopped before its first round.
+    assert refused["rounds"] == []
+    for row in refused["preflight"]:
+        assert row["status"] == "refused", row
+        assert row["reason"].startswith(f"budget spent: {row['spent']:.3f} of 8.000 on this site")
+        assert f"{row['site']} REFUSED: budget spent: {row['spent']:.3f} of 8.000" in shown
+    assert "the run stops before its first round; nothing was spent" in shown
+    assert "budget spent" in procs["site-a"].text()  # the site's own log says it too
+
+
+def _run_log(fed: Federation, run_id: object, last: str) -> str:
+    """A run's ServerApp output, once ``last`` has reached the SuperLink's log (it
+    arrives a moment after the run's files), with narrow-console line breaks undone."""
+    text = ""
+
+    def logged() -> bool:
+        nonlocal text
+        text = " ".join(fed.flwr("log", str(run_id), "fedsilo", "--show").stdout.split())
+        return last in text
+
+    deployment.wait(f"{last!r} in the run's log", logged, 60, every=2)
+    return text
 
 
 TICKETS = {
@@ -245,7 +326,7 @@ def test_a_task_of_our_own_trains_and_evaluates_privately_at_three_sites(
         timeout=120,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
-    deployment.wait("the run's summary", lambda: (out_dir / "summary.json").exists(), 300, every=1)
+    deployment.wait("the run's summary", lambda: deployment.finished(out_dir), 300, every=1)
 
     # Assert: the three desks trained in the secure sum and evaluated privately.
     summary = json.loads((out_dir / "summary.json").read_text())

@@ -97,16 +97,21 @@ def test_a_site_with_bad_data_fails_sanitized_and_the_round_goes_on(tmp_path: Pa
 
 
 def test_no_site_trains_leaves_the_model_unchanged(tmp_path: Path) -> None:
-    # Every site's own budget is too small for even one round of this plan.
+    # Every site's own budget is too small for even one round of this plan; no pre-flight
+    # keeps them out (tests/integration/test_day_to_day.py has the run that stops there).
     nodes = [{"partition-id": i, "num-partitions": 3, "epsilon": 1e-6} for i in range(3)]
     grid = InProcessGrid(
         client_app,
         num_nodes=3,
         node_configs=nodes,
-        run_config={**SMALL_RUN, "num-server-rounds": 1, "out-dir": str(tmp_path)},
-    )
+        run_config={
+            **SMALL_RUN, "num-server-rounds": 1, "out-dir": str(tmp_path), "preflight": False
+        },
+    )  # fmt: skip
     summary = _run(tmp_path, grid)
     row = summary["rounds"][0]
     assert row["status"] == "failed" and "unchanged" in row["reason"]
+    assert row["reason"].startswith("no site trained this round (3 refused: see the notes)")
+    assert [n["status"] for n in row["notes"]] == ["refused"] * 3
     assert row["trained"] == 0
     assert not math.isnan(row["accuracy"])

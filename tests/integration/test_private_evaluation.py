@@ -159,7 +159,12 @@ def test_with_noise_the_counts_are_noisy_charged_and_audited(tmp_path: Path, dat
     # 16 cells of a sum with std noise_std (+ rounding): none beyond 6 std
     assert np.abs(residual).max() <= 6 * private["noise_std"] + 2
     # a simulated site's evaluation budget covers this run's releases only
-    again = _run(tmp_path / "again", data, **{"eval-epsilon": 2.0, "sites-dir": str(out / "sites")})
+    # (past a pre-flight, which would stop the run: its training budget is spent too)
+    again = _run(
+        tmp_path / "again",
+        data,
+        **{"eval-epsilon": 2.0, "sites-dir": str(out / "sites"), "preflight": False},
+    )
     notes = again["rounds"][-1].get("private_eval")
     assert notes is None or not notes["sites"]
 

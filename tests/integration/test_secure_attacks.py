@@ -87,7 +87,7 @@ def test_key_substitution_is_refused_by_the_victim_before_it_trains(tmp_path: Pa
 
     row = _summary(out)["rounds"][0]
     notes = {n["site"]: n for n in row["notes"]}
-    victim = notes[f"node-{NODE_ID_OFFSET}"]  # it never trained, so it never reported
+    victim = notes["site-0"]  # it never trained; its name is its pre-flight answer's
     assert victim["status"] == "failed"
     assert "left at share-keys" in victim["reason"]
     assert "site-1's identity key is not on this site's roster" in victim["reason"]

@@ -32,6 +32,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def finished(out_dir: Path) -> bool:
+    """Whether the run writing ``out_dir`` finished: its summary says it is complete
+    (the coordinator rewrites it after every round)."""
+    try:
+        return bool(json.loads((out_dir / "summary.json").read_text())["complete"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 # ---- processes --------------------------------------------------------------------
 
 
@@ -168,6 +177,25 @@ def fedsilo(*args: str) -> str:
     if result.exit_code != 0:
         raise AssertionError(f"fedsilo {' '.join(args)} failed:\n{result.output}")
     return result.output
+
+
+def fedsilo_result(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The ``fedsilo`` command as a process of its own, whatever its exit status."""
+    return subprocess.run(
+        [str(BIN / "fedsilo"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env(),
+        cwd=ROOT,
+    )
+
+
+def ca_fingerprint(path: Path) -> str:
+    """The CA's fingerprint as both sides print it (``SHA-256 AB:CD:...``)."""
+    from common.pki import ca_fingerprint_text, load_ca_certificate
+
+    return ca_fingerprint_text(load_ca_certificate(path))
 
 
 # ---- the federation ---------------------------------------------------------------

@@ -19,6 +19,22 @@ def reference_epsilon(sigma: float, q: float, steps: int, delta: float = DELTA) 
     return float(accountant.get_epsilon(delta))
 
 
+def reference_history_epsilon(
+    history: list[tuple[float, float, int]], delta: float = DELTA
+) -> float:
+    """Google's PLD accountant over a history of (sigma, q, steps): a fixed sequence of
+    mechanisms, composed."""
+    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+    for sigma, q, steps in history:
+        accountant.compose(
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
+                steps,
+            )
+        )
+    return float(accountant.get_epsilon(delta))
+
+
 def reference_filter_epsilon(
     history: list[tuple[float, float, int]], delta: float = DELTA
 ) -> float:

@@ -682,3 +682,32 @@ def test_flowers_own_exit_message_for_a_refused_activation_is_recognised() -> No
     )
     assert done.returncode == 1  # Flower's exit status for every failure
     assert activation_refused(done.stdout + done.stderr)
+
+
+def test_a_site_keeps_the_reserve_it_declares_at_init(
+    tmp_path: Path, coord: coordinator.Coordinator
+) -> None:
+    site = init_site(
+        tmp_path / "site",
+        site_id="site-r",
+        data=make_site_data(tmp_path / "r.csv"),
+        ca=coord.directory / "ca.crt",
+        superlink="localhost:9092",
+        epsilon=8.0,
+        reserve=2.0,
+    )
+    settings = SiteSettings.from_node_config(site.node_config, RunConfig())
+    assert settings.reserve == 2.0
+    text = "\n".join(check_site(site.directory).lines)
+    assert "lifetime epsilon spent 0.000 of 8 (site, adaptive filter); 6.000 left for runs " in text
+    assert "above the reserve of 2" in text
+    with pytest.raises(DeployError, match=r"'epsilon-reserve' must be at least 0 and below"):
+        init_site(
+            tmp_path / "other",
+            site_id="site-s",
+            data=make_site_data(tmp_path / "s.csv"),
+            ca=coord.directory / "ca.crt",
+            superlink="localhost:9092",
+            epsilon=2.0,
+            reserve=2.0,
+        )

@@ -138,7 +138,7 @@ def test_a_run_spends_its_target_exactly_at_the_last_planned_round(cfg: RunConfi
     assert _ledger(cfg).read_bytes() == before  # a refusal spends and writes nothing
     # A new run on the same state folder finds the one run's worth spent.
     again, _ = _round(1, SiteState(), cfg, run_id="run-b")
-    assert again.status == "refused" and "lifetime budget" in again.reason
+    assert again.status == "refused" and again.reason.startswith("budget spent: ")
 
 
 def test_a_run_asking_the_whole_lifetime_budget_is_bound_by_the_filter(cfg: RunConfig) -> None:
@@ -211,7 +211,8 @@ def test_a_second_run_spends_only_what_the_first_left(cfg: RunConfig) -> None:
 
     # Assert: the refusal says why in words; run C composes after A within the budget.
     assert greedy.status == "refused"
-    assert "asks for epsilon 4 but the site's lifetime budget 4 has" in greedy.reason
+    assert greedy.reason.startswith("budget spent: ") and " of 4.000 on this site" in greedy.reason
+    assert "the run asks for epsilon 4, " in greedy.reason
     assert b2.status == "ok" and b2.lifetime_epsilon <= cfg.epsilon
     both = _history(a2, 2) + _history(b2, 2)
     assert b2.lifetime_epsilon == pytest.approx(reference_filter_epsilon(both), rel=1e-6)
@@ -231,7 +232,7 @@ def test_a_row_added_to_the_file_opens_no_new_budget(cfg: RunConfig, tmp_path: P
 
     assert [r.status for r in first] == ["ok", "ok"]
     assert again.status == "refused" and update is None
-    assert "lifetime budget 2 has" in again.reason
+    assert "of 2.000 on this site" in again.reason
 
 
 def test_a_declared_disjoint_data_set_has_its_own_budget(cfg: RunConfig, tmp_path: Path) -> None:
@@ -550,3 +551,19 @@ def test_a_site_that_requires_secure_aggregation_refuses_a_plain_round(cfg: RunC
     assert reply.report.status == "refused" and reply.update is None and pending is None
     assert "joins only secure rounds" in reply.report.reason
     assert not _ledger(cfg).exists()  # nothing charged, nothing trained
+
+
+def test_a_reserve_raised_mid_run_holds_from_the_next_round(cfg: RunConfig) -> None:
+    # A run planned to spend nearly all of the budget; after its first round the site's
+    # operator raises the reserve: every later round is checked against it, not only
+    # the first (the same check stops runs interleaved by the coordinator).
+    node = {**NODE, "epsilon": 4.0}
+    r1, _ = _round(1, SiteState(), cfg, node=node)
+    r2, update = _round(2, SiteState(), cfg, node={**node, "epsilon-reserve": 1.0})
+
+    assert r1.status == "ok" and r2.status == "refused" and update is None
+    assert "leaving less than its reserve of 1" in r2.reason
+    entries = read_ledger(_ledger(cfg))
+    history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+    assert len(entries) == 1  # nothing charged for the refused round
+    assert reference_filter_epsilon(history) == pytest.approx(r1.lifetime_epsilon, rel=1e-6)

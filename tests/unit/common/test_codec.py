@@ -289,3 +289,27 @@ def test_a_stage_message_of_another_stage_is_rejected() -> None:
     content = encode_stage(StageMessage("unmask", "s1"))
     with pytest.raises(WireError, match="expected secagg stage 'masked-input'"):
         decode_stage(content, expect="masked-input")
+
+
+def test_a_preflight_plan_and_its_answer_round_trip_and_the_answer_carries_nothing() -> None:
+    plan = RoundPlan(round=1, config=RunConfig(), preflight=True)
+    assert decode_train(encode_plan(plan, ARRAYS)).plan == plan
+    answer = TrainReply(report(reserve=1.0, lifetime_after=6.5), preflight=True)
+    got = decode_reply(encode_reply(answer))
+    assert got == answer and got.update is None and got.report.lifetime_after == 6.5
+    # An answer to a pre-flight that smuggles an update is refused, as is a plan that is
+    # both a pre-flight and an evaluation, or one without the flag.
+    content = encode_reply(answer)
+    content[UPDATE_KEY] = ArrayRecord(torch_state_dict=ARRAYS)
+    with pytest.raises(WireError, match="pre-flight answer carries an update"):
+        decode_reply(content)
+    both = encode_plan(plan, ARRAYS)
+    both.config_records[PLAN_KEY]["plan-evaluate"] = True
+    with pytest.raises(WireError, match="pre-flight"):
+        decode_train(both)
+    bare = encode_plan(plan, ARRAYS)
+    del bare.config_records[PLAN_KEY]["plan-preflight"]
+    with pytest.raises(WireError, match="lacks its pre-flight flag"):
+        decode_train(bare)
+    with pytest.raises(ValueError, match="never in a pre-flight answer"):
+        TrainReply(report(), ARRAYS, preflight=True)

@@ -113,16 +113,52 @@ def test_a_run_asking_more_than_remains_is_refused_in_words(
         _charge(ledger, "run-a", r)
     budget = _budget(path)
     left = budget.budget - budget.spent()
-    with pytest.raises(
-        PrivacyError, match=r"asks for epsilon 8 but the site's lifetime budget 8 has"
-    ):
+    with pytest.raises(PrivacyError) as refused:
         calibrate_run(budget, target=8.0, sample_rate=0.25, steps=4, rounds=2)
+    # The cause first, in words, with the numbers an administrator compares.
+    spent = f"{budget.spent():.3f}"
+    assert str(refused.value) == (
+        f"budget spent: {spent} of 8.000 on this site (8 earlier rounds, as its adaptive "
+        f"filter certifies): the run asks for epsilon 8, {8 - float(spent):.3f} is left"
+    )
     sigma = calibrate_run(budget, target=left * 0.99, sample_rate=0.25, steps=4, rounds=2)
     run = SubsampledGaussianEvent(sigma, 0.25, 8)
     # Both hold: the run's own epsilon within its target, the lifetime filter within 8.
     assert compute_epsilon([run], DELTA) <= left * 0.99 * 1.0001
     history = [(1.5, 0.25, 32), (sigma, 0.25, 8)]
     assert reference_filter_epsilon(history) <= 8.0 * 1.0001
+
+
+def test_a_site_keeps_its_reserve_out_of_every_run(tmp_path: Path, identity: SiteIdentity) -> None:
+    path = tmp_path / "ledger.jsonl"
+    ledger = Ledger(path, identity)
+    for r in range(1, 3):
+        _charge(ledger, "run-a", r)
+    budget = _budget(path)
+    left = 8.0 - budget.spent()
+    assert left > 4
+    # A target that fits the budget but not the budget less the reserve is refused...
+    with pytest.raises(PrivacyError, match=r"^budget spent: .* is left above its reserve of 3$"):
+        calibrate_run(budget, target=left - 1.0, sample_rate=0.25, steps=4, rounds=2, reserve=3.0)
+    # ... and a run that fits is calibrated so that the reserve stays: the filter after
+    # the whole run, by Google's RDP accountant, is within the budget less the reserve.
+    sigma = calibrate_run(
+        budget, target=left - 3.5, sample_rate=0.25, steps=4, rounds=20, reserve=3
+    )
+    history = [(1.5, 0.25, 8), (sigma, 0.25, 80)]
+    assert reference_filter_epsilon(history) <= (8.0 - 3.0) * 1.0001
+    with pytest.raises(PrivacyError, match=r"reserve 8 is not in \[0, 8\)"):
+        calibrate_run(budget, target=0.1, sample_rate=0.25, steps=4, rounds=2, reserve=8.0)
+
+
+def test_a_target_too_small_for_the_plan_is_named_as_such() -> None:
+    fresh = SiteBudget((), 8.0, DELTA, SITE_SCOPE)
+    with pytest.raises(PrivacyError) as refused:
+        calibrate_run(fresh, target=0.001, sample_rate=1.0, steps=1000, rounds=4)
+    assert str(refused.value) == (
+        "the run's target epsilon 0.001 is too small for its 4000 steps at sample rate 1 at "
+        "any noise: ask for fewer rounds or a larger target"
+    )
 
 
 def test_a_fresh_site_whose_run_asks_the_whole_budget_is_bound_by_the_filter() -> None:
