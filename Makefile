@@ -35,10 +35,11 @@ run: $(STAMP)
 # pyproject.toml's run config: the bundled task's own model (tiny). ROUNDS=N sets the
 # rounds; `make flwr-stop` ends the local SuperLink Flower leaves running (by its PID).
 ROUNDS ?=
+SIM_FEDERATION := num-supernodes=10 client-resources-num-cpus=1 client-resources-num-gpus=0.0
 flwr-run: $(STAMP)
 	@mkdir -p $(FLWR_HOME)
 	@cmp -s docs/flwr-config.toml $(FLWR_HOME)/config.toml || cp docs/flwr-config.toml $(FLWR_HOME)/config.toml
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/flwr run . --stream $(if $(ROUNDS),--run-config "num-server-rounds=$(ROUNDS)")
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/flwr run . --stream --federation-config "$(SIM_FEDERATION)" $(if $(ROUNDS),--run-config "num-server-rounds=$(ROUNDS)")
 	@$(BIN)/python -m cli.local_superlink record
 
 flwr-stop: $(STAMP)

@@ -77,7 +77,7 @@ def evaluate_round(
         log.warning("round %d: %s", plan.round, note)
     cap = settings.eval_epsilon
     try:
-        if not federated or plan.round not in rounds:
+        if not federated or plan.round not in rounds or plan.round <= cfg.resume_round:
             raise Refused(
                 f"round {plan.round} is not an evaluation round of this plan (rounds {list(rounds)})"
             )
@@ -93,7 +93,8 @@ def evaluate_round(
             )
         if holdout.holdout.fraction == 0:
             raise Refused("this site holds no rows out for evaluation")
-        index = rounds.index(plan.round) + 1
+        # a resumed run numbers its own releases from 1, as its training rounds
+        index = [r for r in rounds if r > cfg.resume_round].index(plan.round) + 1
         done = [e.round for e in ledger.entries() if e.run_id == f"{run_id}/eval"]
         if done and index <= max(done):
             raise Refused(f"evaluation {index} of run {run_id} was already released")
@@ -118,7 +119,7 @@ def evaluate_round(
             noise_multiplier=1.0,
             sample_rate=1.0,
             steps=1,
-            rounds=len(rounds),
+            rounds=sum(r > cfg.resume_round for r in rounds),  # a resumed run: those left
             clip_norm=SENSITIVITY,
             epsilon_target=cfg.eval_epsilon,
             delta=settings.delta,

@@ -239,6 +239,18 @@ def run_round(
         engine=cfg.dp_engine,
         device=default_device(),
     )
+    # A resumed run's epsilon is that of the runs it continues and its own together
+    # (what the plan's target bounds, and what its pre-flight said); the ledger entry
+    # keeps the run's own (what `audit verify` recomputes per run).
+    chain = {run_id, *cfg.resumed_runs}
+    epsilon = (
+        compute_epsilon(
+            [*(e.event for e in before.entries if e.run_id in chain), frozen.event],
+            frozen.delta,
+        )
+        if cfg.resumed_runs
+        else entry.epsilon_run
+    )
     return SiteReport.of(
         "ok",
         "",
@@ -247,7 +259,7 @@ def run_round(
         budget=lifetime,
         delta=settings.delta,
         sample_rate=frozen.sample_rate,
-        epsilon=entry.epsilon_run,
+        epsilon=epsilon,
         lifetime_epsilon=entry.spent,
         steps=frozen.steps,
         total_steps=before.steps + frozen.steps,
@@ -297,6 +309,9 @@ def preflight(
     trained, charged, or read of the data (a simulated site counts its partition, whose
     size is public)."""
     cfg = plan.config
+    if not cfg.dp and not settings.allow_no_dp:
+        reason = f"the plan asks for no DP; this site requires DP ('{ALLOW_NO_DP_KEY}')"
+        return SiteReport.of("refused", reason, settings.site_id)
     if not cfg.dp:
         return SiteReport.of(
             "ok", "no DP: nothing is charged", settings.site_id, dp=False,
@@ -459,9 +474,15 @@ def _admit(
             raise Refused(f"the plan changed during run {run_id}: {change}")
         if len(this_run) >= frozen.rounds:
             raise Refused(f"run {run_id} already ran its {frozen.rounds} planned rounds")
+        if plan.round <= this_run[-1].round:  # a replayed or renumbered round
+            raise Refused(
+                f"round {plan.round} of run {run_id} comes after its round "
+                f"{this_run[-1].round}: rounds must increase"
+            )
         return frozen, budget, this_run
     training = asked.scope != EVAL_SCOPE
-    earlier = _resumed(budget, plan.config.resumed_runs) if training else []
+    runs = plan.config.resumed_runs
+    earlier = _resumed(budget, runs if training else tuple(f"{r}/eval" for r in runs))
     if earlier:  # the dead runs' plan, but for the rounds left
         was = RunPlan.of_entry(earlier[0])
         change = None if was is None else was.change(replace(asked, rounds=was.rounds))

@@ -242,6 +242,8 @@ class RunConfig(BaseModel):
                 f"resume-round {self.resume_round} must be in [0, num-server-rounds "
                 f"{self.num_server_rounds})"
             )
+        if self.rehearsal and not self.dp:
+            raise ValueError("a rehearsal rehearses a DP run: it needs dp = true")
         if bool(self.resume_round) != bool(self.resumes_run):
             raise ValueError("resume-round and resumes-run go together (the coordinator sets both)")
         if self.dataset == "20newsgroups" and self.partition == "natural":

@@ -288,6 +288,7 @@ def export_run(
         partition = "none (central training on the pooled data)"
     private = [r.private_eval for r in summary.rounds if r.private_eval is not None]
     card = ModelCard(
+        rehearsal=summary.rehearsal,
         source_run=str(run.run_dir),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         dataset=cfg.dataset if cfg.bundled else task.name,

@@ -35,6 +35,7 @@ class ModelCard:
     version: int = EXPORT_VERSION
     task: dict[str, Any] | None = None  # the task's canonical fields
     private_eval: dict[str, Any] | None = None  # the run's last private evaluation
+    rehearsal: bool = False  # trained on public stand-in data (a rehearsal), not the sites'
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,6 +44,12 @@ class ModelCard:
         acc, size, lat = self.accuracy, self.size_bytes, self.latency_ms
         name = self.task["name"] if self.task else self.dataset
         lines = [f"# Model card: fedsilo {name} classifier", ""]
+        if self.rehearsal:
+            lines += [
+                "> **REHEARSAL.** This model comes from a rehearsal: every site trained on",
+                "> public stand-in data, not its own. It says nothing about the sites' data.",
+                "",
+            ]
         if not self.dp:
             lines += [
                 "> **NO DIFFERENTIAL PRIVACY.** This model comes from a baseline run without DP:",

@@ -42,7 +42,8 @@ def plot_run(out_dir: Path, summary: RunSummary) -> None:
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"{summary.config.get('dataset')} ({summary.mode})")
+    kind = f"REHEARSAL, {summary.mode}" if summary.rehearsal else summary.mode
+    ax.set_title(f"{summary.config.get('dataset')} ({kind})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "accuracy.png", dpi=120)

@@ -203,7 +203,7 @@ def next_steps(coord: Coordinator) -> str:
     return f"""coordinator ready in {d}
   CA certificate   {d / CA_CERT}
                    {ca}
-  SuperLink cert   {d / SERVER_CERT}  (names: {", ".join([*coord.hosts, *LOOPBACK_NAMES])})
+  SuperLink cert   {d / SERVER_CERT}  (names: {", ".join(dict.fromkeys([*coord.hosts, *LOOPBACK_NAMES]))})
   Flower CLI       FLWR_HOME={coord.flwr_home}  (connection '{CONNECTION}' -> {coord.control_address})
 
 next steps
@@ -217,8 +217,10 @@ next steps
   3. register each site's node key (its node.pub) and ledger key (its state/identity.pub,
      which auditors compare), while the SuperLink runs:
        fedsilo coordinator register node.pub --name SITE --ledger-key identity.pub --dir {shlex.quote(str(d))}
-  4. run the federation from the project folder and watch it:
+  4. run the federation from the project folder (a rehearsal on public stand-in data
+     first: it spends nothing) and watch it:
        export FLWR_HOME={shlex.quote(str(coord.flwr_home))} FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+       flwr run . {CONNECTION} --run-config "rehearsal=true num-server-rounds=1" --stream
        flwr run . {CONNECTION} --run-config "num-server-rounds=20" --stream
        flwr ls {CONNECTION}        flwr log RUN_ID {CONNECTION}
      and the sites (online, budget left): fedsilo coordinator status --dir {shlex.quote(str(d))}

@@ -196,6 +196,9 @@ class Reporter:
     def finish(self, summary: RunSummary, out_dir: Path) -> None:
         if self._progress is not None:
             self._progress.stop()
+        if not summary.rounds:  # stopped before its first round (the pre-flight)
+            self.console.print(f"no round ran; outputs in {out_dir.resolve()}", highlight=False)
+            return
         shown = summary.sites[:MAX_SITE_ROWS]
         more = len(summary.sites) - len(shown)
         caption = f"... and {more} more sites in {SUMMARY_FILE}" if more else None
@@ -223,8 +226,8 @@ class Reporter:
                 _fmt(s.sample_rate, 3),
                 str(s.steps),
                 _fmt(s.epsilon, 3) if s.epsilon is not None else "no-DP",
-                _fmt(s.lifetime_epsilon, 2),
-                _fmt(s.budget, 2),
+                _fmt(s.lifetime_epsilon, 3),  # 7.996 of 8 must not read as 8.00
+                _fmt(s.budget, 3),
                 str(s.rounds_trained),
                 str(s.rounds_refused),
                 str(s.rounds_failed),

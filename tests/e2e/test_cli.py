@@ -99,8 +99,7 @@ def test_flwr_run_runs_the_same_apps(tmp_path: Path) -> None:
     # process, stopped by PID below) runs the Simulation Engine with 3 sites.
     home, out = tmp_path / "flwr", tmp_path / "run"
     home.mkdir()
-    config = (ROOT / "docs" / "flwr-config.toml").read_text()
-    (home / "config.toml").write_text(config.replace("num-supernodes = 10", "num-supernodes = 3"))
+    (home / "config.toml").write_text((ROOT / "docs" / "flwr-config.toml").read_text())
     http_port, control_port = _free_port(), _free_port()
     env = {
         **os.environ,
@@ -123,6 +122,8 @@ def test_flwr_run_runs_the_same_apps(tmp_path: Path) -> None:
                 str(ROOT),
                 "--run-config",
                 overrides,
+                "--federation-config",
+                "num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.0",
                 "--stream",
             ],
             capture_output=True,
@@ -143,3 +144,4 @@ def test_flwr_run_runs_the_same_apps(tmp_path: Path) -> None:
     assert summary["rounds"][0]["trained"] == 3
     assert 0 < summary["final"]["epsilon_max"] <= 8.0
     assert "final accuracy" in result.stdout
+    assert "deprecated" not in result.stdout + result.stderr

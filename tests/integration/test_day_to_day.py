@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from client.app import app as client_app
+from common.export import export_run
 from common.messages import REHEARSAL_NOTE
 from common.privacy.ledger import LEDGER_FILE, read_ledger
 from server.app import app as server_app
@@ -94,6 +95,10 @@ def test_rehearse_run_then_be_refused_by_name(
     # Its pre-flight says what a real run would cost, and spends nothing either.
     assert [p["status"] for p in rehearsal["preflight"]] == ["ok"] * 3
     assert "what a real run of this plan would cost" in shown
+    # Its model, exported, says so too (the card and the plot).
+    export_run(tmp_path / "rehearsal", latency_repeats=1)
+    card = (tmp_path / "rehearsal" / "export" / "MODEL_CARD.md").read_text()
+    assert card.startswith("# Model card") and "> **REHEARSAL.**" in card
 
     # Execute 2: the files arrive; a real run.
     for n in names:

@@ -21,7 +21,7 @@ from server.app import app as server_app
 from server.resume import STATE_FILE
 from tests.support.inprocess_grid import InProcessGrid
 from tests.support.reference import reference_filter_epsilon, reference_history_epsilon
-from tests.support.runs import SMALL_RUN
+from tests.support.runs import SMALL_RUN, fedsilo
 
 
 class CoordinatorDied(Exception):
@@ -90,9 +90,27 @@ def test_a_run_killed_in_round_2_resumes_and_finishes_its_rounds(tmp_path: Path)
         assert reference_history_epsilon(events) <= 4.0 * 1.02
         assert reference_filter_epsilon(events) <= entries[-1].budget * 1.0001
         assert verify(path).ok, [f.message for f in verify(path).findings]
+    # The resumed run publishes the epsilon of the model it ends with: the dead run's
+    # charged rounds and its own together (what its pre-flight said, and what summary.json
+    # and the model card quote), not the new run's part alone.
+    preflight = {p["site"]: p for p in summary["preflight"]}
+    for site in summary["sites"]:
+        entries = read_ledger(sites_dir / site["site"] / LEDGER_FILE)
+        chain = reference_history_epsilon(
+            [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+        )
+        assert preflight[site["site"]]["epsilon"] == pytest.approx(chain, rel=0.02)
+        assert site["epsilon"] == pytest.approx(chain, rel=0.02), site
+    assert summary["final"]["epsilon_max"] == max(s["epsilon"] for s in summary["sites"])
     ledgers = [sites_dir / f"site-{i}" / LEDGER_FILE for i in range(3)]
     for run_dir in (dead_dir, new_dir):
         audit = audit_against_summary(ledgers, read_summary(run_dir))
         assert audit.ok, [f.message for a in audit.ledgers for f in a.findings] + [
             f.message for f in audit.findings
         ]
+    # And as an auditor runs it: `fedsilo audit verify --summary` on both runs.
+    for run_dir in (dead_dir, new_dir):
+        done = fedsilo(
+            "audit", "verify", *map(str, ledgers), "--summary", str(run_dir / "summary.json")
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
