@@ -32,7 +32,6 @@ import json
 import math
 import re
 import shlex
-import signal
 import socket
 import ssl
 import struct
@@ -88,6 +87,8 @@ from common.flower_cli import (
     PidFile,
     executable,
     flower_env,
+    killed_by,
+    plain,
     run_child,
     stop_process,
 )
@@ -994,7 +995,6 @@ def check_connection(report: CheckReport, site: Site, *, timeout: float = CONNEC
 
 # ---- site start / stop: the SuperNode as a child, and why it stopped ---------------------
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _EXIT_CODE = re.compile(r"Exit Code: (\d+)\s*\n(.*)")
 # The line Flower's SuperNode logs while it cannot reach the SuperLink (it retries
 # without end unless started with --max-retries; flwr/supercore/retry/http_retry.py).
@@ -1007,11 +1007,6 @@ _UNRESOLVED = (
     "nodename nor servname",
     "No address associated with hostname",
 )
-
-
-def plain(output: str) -> str:
-    """Flower's log without its colour codes."""
-    return _ANSI.sub("", output)
 
 
 def activation_refused(output: str) -> bool:
@@ -1038,10 +1033,9 @@ def supernode_exit_cause(
     if returncode == 0:
         return None
     if returncode < 0:
-        sig = -returncode
-        if sig in (signal.SIGTERM, signal.SIGINT):
+        name = killed_by(returncode)
+        if name is None:
             return None
-        name = signal.Signals(sig).name if sig in signal.valid_signals() else str(sig)
         return (
             f"flower-supernode was killed by {name}: the coordinator holds the node as "
             "online for about a minute more; wait before starting it again"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -76,6 +77,24 @@ def executable(name: str) -> str:
 # `flower-supernode` as a child, not in their own place: so that when it exits they can
 # say why in words (Flower's own exit status is 1 for every failure), and so that
 # `... stop` finds it by the PID file the starter keeps in the folder.
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def plain(output: str) -> str:
+    """Flower's log without its colour codes."""
+    return _ANSI.sub("", output)
+
+
+def killed_by(returncode: int) -> str | None:
+    """The signal that ended a Flower child (a negative return code), by name; None
+    when it exited, or when it was the SIGTERM/SIGINT its starter passed on (a stop on
+    request, not a failure)."""
+    if returncode >= 0 or -returncode in (signal.SIGTERM, signal.SIGINT):
+        return None
+    sig = -returncode
+    return signal.Signals(sig).name if sig in signal.valid_signals() else str(sig)
 
 
 @dataclass(frozen=True)

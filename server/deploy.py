@@ -27,7 +27,6 @@ import ipaddress
 import json
 import re
 import shlex
-import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,8 @@ from common.flower_cli import (
     PidFile,
     executable,
     flower_env,
+    killed_by,
+    plain,
     process_args,
     read_pid,
     run_child,
@@ -296,14 +297,7 @@ def _flwr_register(coord: Coordinator, key_path: Path, name: str) -> tuple[int |
         "json",
     ]
     try:
-        done = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=flower_env(coord.flwr_home),
-            cwd=coord.directory,
-        )
+        done = _flwr(coord, cmd)
     except subprocess.TimeoutExpired:
         raise DeployError(
             f"`flwr supernode register` got no answer from {coord.control_address} in 60 s"
@@ -456,12 +450,9 @@ def superlink_exit_cause(returncode: int, output: str, coord: Coordinator) -> st
     if returncode == 0:
         return None
     if returncode < 0:
-        sig = -returncode
-        if sig in (signal.SIGTERM, signal.SIGINT):
-            return None
-        name = signal.Signals(sig).name if sig in signal.valid_signals() else str(sig)
-        return f"flower-superlink was killed by {name}"
-    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", output)
+        name = killed_by(returncode)
+        return None if name is None else f"flower-superlink was killed by {name}"
+    text = plain(output)
     for line in reversed(text.splitlines()):
         if "address already in use" in line.lower():
             said = re.search(r"\[Errno \d+\].*", line)
@@ -664,18 +655,24 @@ def status_lines(
     return lines
 
 
+def _flwr(coord: Coordinator, cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """A ``flwr`` command against this coordinator's SuperLink (its Flower CLI
+    connection), with 60 s to answer (``TimeoutExpired`` beyond)."""
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=flower_env(coord.flwr_home),
+        cwd=coord.directory,
+    )
+
+
 def _flwr_node_list(coord: Coordinator) -> tuple[dict[int, str] | None, str]:
     """``flwr supernode list``; (node id -> status, "") or (None, why not)."""
     cmd = [executable("flwr"), "supernode", "list", CONNECTION, "--format", "json"]
     try:
-        done = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=flower_env(coord.flwr_home),
-            cwd=coord.directory,
-        )
+        done = _flwr(coord, cmd)
     except subprocess.TimeoutExpired:
         return None, "no answer in 60 s"
     try:
